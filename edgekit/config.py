@@ -1,0 +1,228 @@
+"""Typed pipeline config: validated on load, unknown keys and wrong types are one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from edgekit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["digits", "npz", "imagefolder"] = "digits"
+    path: str | None = None  # .npz file or ImageFolder root, relative to the config file
+    image_size: int = 32  # imagefolder: images are resized to image_size x image_size
+    grayscale: bool = False  # imagefolder: one channel instead of three
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    calib_samples: int = 256  # taken from the train split, for int8 calibration
+    limit: int | None = None  # use only this many samples (quick runs, tests)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["small_cnn"] = "small_cnn"  # built-in model, used when no factory is given
+    width: int = 32  # channels of the first conv of the built-in model
+    factory: str | None = None  # path/to/file.py:function returning an nn.Module
+    checkpoint: str | None = None  # .pt/.pth state_dict (loaded weights_only) or .safetensors
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12  # 0 keeps the (checkpoint) weights as they are
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    enabled: bool = True
+    method: Literal["l1"] = "l1"
+    ratio: float = 0.5  # fraction of channels removed from each prunable layer
+    round_to: int | None = None  # keep channel counts a multiple of this
+    ignore: list[str] = field(default_factory=list)  # module names never pruned (the classifier always is)
+    finetune_epochs: int = 6
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    enabled: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the soft-target loss; 1 - alpha goes to the hard labels
+    epochs: int = 6
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    enabled: bool = True
+    subset_size: int = 256  # calibration samples for NNCF's initial ranges
+    qat_epochs: int = 3
+    lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    warmup_runs: int = 10
+    min_runs: int = 100
+    min_seconds: float = 1.0
+    max_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    targets: list[str] = field(default_factory=lambda: ["x86-64", "rpi5"])
+    run_local: bool = True  # run the bundles this machine can run with the on-device runner
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    base_dir: str = "."  # directory relative paths are resolved against (set on load, not a config key)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def _type_ok(value: object, hint: object) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)  # type: ignore[arg-type]
+
+
+def _describe(hint: object) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build_section(cls: type, values: object, where: str) -> object:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: '{where}' must be a mapping of keys, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"config: unknown key '{where}.{key}'; valid keys: {', '.join(names)}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"config: '{where}.{key}' is {value!r}; expected {_describe(hints[key])}"
+            )
+    return cls(**values)
+
+
+def _check_ranges(cfg: Config) -> None:
+    checks = [
+        ("data.val_fraction", 0 < cfg.data.val_fraction < 0.5),
+        ("data.test_fraction", 0 < cfg.data.test_fraction < 0.5),
+        ("prune.ratio", 0 <= cfg.prune.ratio < 1),
+        ("distill.alpha", 0 <= cfg.distill.alpha <= 1),
+        ("distill.temperature", cfg.distill.temperature > 0),
+        ("train.batch_size", cfg.train.batch_size > 0),
+        ("data.calib_samples", cfg.data.calib_samples > 0),
+        ("run.min_runs", cfg.run.min_runs > 0),
+    ]
+    for key, ok in checks:
+        if not ok:
+            raise ConfigError(f"config: '{key}' is out of range; see `edgekit config --default` for sane values")
+    if cfg.data.source != "digits" and not cfg.data.path:
+        raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
+    if not cfg.build.targets:
+        raise ConfigError("config: build.targets is empty; list at least one target (see `edgekit targets`)")
+
+
+def from_dict(raw: dict | None, base_dir: str | Path = ".") -> Config:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the file must hold a mapping of sections (data, model, train, ...)")
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "base_dir"}
+    built = {}
+    for key, value in raw.items():
+        if key not in sections:
+            raise ConfigError(f"config: unknown section '{key}'; valid sections: {', '.join(sections)}")
+        built[key] = _build_section(sections[key].default_factory, value, key)  # type: ignore[misc]
+    cfg = Config(**built, base_dir=str(base_dir))
+    _check_ranges(cfg)
+    return cfg
+
+
+def load(path: str | Path | None) -> Config:
+    """Load a YAML config; None gives the built-in default."""
+    if path is None:
+        return from_dict({})
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; write one from `edgekit config --default`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from exc
+    return from_dict(raw, base_dir=path.parent.resolve())
+
+
+def to_dict(cfg: Config) -> dict:
+    data = dataclasses.asdict(cfg)
+    data.pop("base_dir")
+    return data
+
+
+def absolute(cfg: Config) -> Config:
+    """The same config with every path made absolute, so a copy saved elsewhere still points at the files."""
+    data, model = cfg.data, cfg.model
+    if data.path:
+        data = dataclasses.replace(data, path=str(cfg.resolve(data.path).resolve()))
+    if model.checkpoint:
+        model = dataclasses.replace(model, checkpoint=str(cfg.resolve(model.checkpoint).resolve()))
+    if model.factory:
+        file, _, func = model.factory.rpartition(":")
+        model = dataclasses.replace(model, factory=f"{cfg.resolve(file).resolve()}:{func}")
+    return dataclasses.replace(cfg, data=data, model=model)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def default_yaml() -> str:
+    return yaml.safe_dump(to_dict(Config()), sort_keys=False)

@@ -1,0 +1,121 @@
+"""Datasets: the built-in offline digits, a user's .npz, an ImageFolder directory.
+
+Every source ends as float32 arrays (N, *sample_shape) and int64 labels, split once with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.config import Config, DataConfig
+from edgekit.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray  # float32 (N, *sample_shape), already preprocessed
+    y: np.ndarray  # int64 (N,)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    val: Split
+    test: Split
+    calib: Split  # a subset of train, for int8 calibration
+    labels: list[str]
+    preprocessing: str  # what was done to raw inputs, written into bundle manifests
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    return x, bunch.target.astype(np.int64), [str(c) for c in range(10)], "pixel / 16 (0..1), shape (1, 8, 8)"
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    if not path.is_file():
+        raise DataError(f"data file '{path}' not found; set data.path to a .npz with arrays 'x' and 'y'")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise DataError(f"'{path}' has arrays {sorted(f.files)}; it needs 'x' (float32) and 'y' (labels)")
+            x, y = f["x"], f["y"]
+            labels = [str(v) for v in f["labels"]] if "labels" in f else None
+    except (ValueError, OSError) as exc:
+        raise DataError(f"'{path}' is not a readable .npz file ({exc}); save it with numpy.savez") from exc
+    if x.ndim < 2 or len(x) != len(y) or y.ndim != 1:
+        raise DataError(f"'{path}': x has shape {x.shape} and y {y.shape}; need x (N, ...) and y (N,) with equal N")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise DataError(f"'{path}': y must hold non-negative integer class ids, got dtype {y.dtype}")
+    n_classes = int(y.max()) + 1
+    labels = labels or [str(c) for c in range(n_classes)]
+    if len(labels) < n_classes:
+        raise DataError(f"'{path}': {len(labels)} labels for {n_classes} classes; give one label per class")
+    return x.astype(np.float32), y.astype(np.int64), labels, "as stored in the .npz"
+
+
+def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    from PIL import Image
+
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' not found; set data.path to a folder with one subfolder per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"'{root}' has {len(classes)} class folders; an ImageFolder needs at least two")
+    xs, ys = [], []
+    for idx, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(file) as img:
+                img = img.convert("L" if grayscale else "RGB").resize((size, size))
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+            xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+            ys.append(idx)
+    if not xs:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
+    mode = "grayscale" if grayscale else "RGB"
+    return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {size}x{size}, pixel / 255, CHW"
+
+
+def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig) -> tuple[Split, Split, Split, Split]:
+    order = np.random.default_rng(cfg.seed).permutation(len(x))
+    if cfg.limit:
+        order = order[: cfg.limit]
+    n = len(order)
+    n_test, n_val = max(1, int(n * cfg.test_fraction)), max(1, int(n * cfg.val_fraction))
+    if n - n_test - n_val < 2:
+        raise DataError(f"only {n} samples; need enough for train, validation and test splits")
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    calib = train[: cfg.calib_samples]
+    return tuple(Split(x[i], y[i]) for i in (train, val, test, calib))  # type: ignore[return-value]
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    d = cfg.data
+    if d.source == "digits":
+        x, y, labels, prep = _digits()
+    elif d.source == "npz":
+        x, y, labels, prep = _npz(cfg.resolve(d.path))
+    else:
+        x, y, labels, prep = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
+    if not np.isfinite(x).all():
+        raise DataError("the data holds NaN or infinite values; clean it before building")
+    train, val, test, calib = _split(x, y, d)
+    return Dataset(train, val, test, calib, labels, prep)

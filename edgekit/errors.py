@@ -1,0 +1,25 @@
+"""Errors a user can act on. Only the CLI turns them into an exit code."""
+
+
+class EdgekitError(Exception):
+    """A problem the user can fix; the message says what is wrong and what to do."""
+
+
+class ConfigError(EdgekitError):
+    """The config file or a command-line option is invalid."""
+
+
+class DataError(EdgekitError):
+    """The dataset is missing or has the wrong form."""
+
+
+class ModelError(EdgekitError):
+    """The model factory or checkpoint cannot be used."""
+
+
+class TargetError(EdgekitError):
+    """A target profile is missing or invalid."""
+
+
+class BundleError(EdgekitError):
+    """A bundle is missing files or a file does not match its manifest."""

@@ -1,0 +1,128 @@
+"""Models: the built-in small CNN, a user's own factory and checkpoint, saving pruned models."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from edgekit.config import Config
+from edgekit.errors import ModelError
+
+
+def _conv_block(conv: type[nn.Module], bn: type[nn.Module], c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(conv(c_in, c_out, 3, stride=stride, padding=1, bias=False), bn(c_out), nn.ReLU())
+
+
+def small_cnn(sample_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
+    """Three conv-BN-ReLU blocks and a linear head; 2-D convs for (C,H,W), 1-D for (C,L), an MLP for (F,)."""
+    if len(sample_shape) == 1:
+        (f,) = sample_shape
+        return nn.Sequential(
+            nn.Linear(f, width * 2), nn.ReLU(), nn.Linear(width * 2, width * 2), nn.ReLU(), nn.Linear(width * 2, num_classes)
+        )
+    if len(sample_shape) not in (2, 3):
+        raise ModelError(f"the built-in model takes samples of rank 1-3, got shape {sample_shape}; use model.factory")
+    conv, bn, pool = (
+        (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if len(sample_shape) == 3
+        else (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
+    )
+    c = sample_shape[0]
+    return nn.Sequential(
+        _conv_block(conv, bn, c, width, 1),
+        _conv_block(conv, bn, width, width * 2, 2),
+        _conv_block(conv, bn, width * 2, width * 2, 1),
+        pool(1),
+        nn.Flatten(),
+        nn.Linear(width * 2, num_classes),
+    )
+
+
+def _load_factory(spec: str, base: Config) -> object:
+    file, sep, func = spec.rpartition(":")
+    if not sep or not file or not func:
+        raise ModelError(f"model.factory '{spec}' must look like path/to/file.py:function")
+    path = base.resolve(file)
+    if not path.is_file():
+        raise ModelError(f"model.factory file '{path}' not found")
+    module_spec = importlib.util.spec_from_file_location(f"edgekit_user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+    try:
+        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as exc:  # the user's file can raise anything; report it in one line
+        raise ModelError(f"importing '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(module, func, None)):
+        raise ModelError(f"'{path}' has no function '{func}'")
+    return getattr(module, func)
+
+
+def _call_factory(factory: object, sample_shape: tuple[int, ...], num_classes: int, spec: str) -> nn.Module:
+    offered = {"num_classes": num_classes, "input_shape": sample_shape, "in_channels": sample_shape[0]}
+    params = inspect.signature(factory).parameters  # type: ignore[arg-type]
+    kwargs = {k: v for k, v in offered.items() if k in params}
+    try:
+        model = factory(**kwargs)  # type: ignore[operator]
+    except Exception as exc:
+        raise ModelError(f"model.factory '{spec}' raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"checkpoint '{path}' not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); save a state_dict") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"checkpoint '{path}' does not fit the model: {first}") from exc
+
+
+def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *, with_checkpoint: bool = True) -> nn.Module:
+    """The model the config names, with its checkpoint loaded; checked with one forward pass."""
+    if cfg.model.factory:
+        model = _call_factory(_load_factory(cfg.model.factory, cfg), sample_shape, num_classes, cfg.model.factory)
+    else:
+        model = small_cnn(sample_shape, num_classes, cfg.model.width)
+    if with_checkpoint and cfg.model.checkpoint:
+        _load_checkpoint(model, cfg.resolve(cfg.model.checkpoint))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *sample_shape))
+    except Exception as exc:
+        raise ModelError(f"the model cannot take samples of shape {sample_shape}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the model must return logits (batch, {num_classes}); it returned {shape}")
+    return model
+
+
+def save_model(model: nn.Module, path: Path) -> None:
+    """Save weights and pruned shapes (torch-pruning's state dict), atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(tp.state_dict(model), tmp)
+    tmp.replace(path)
+
+
+def load_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, path: Path) -> nn.Module:
+    """Rebuild the config's model and load a (possibly pruned) saved state into it."""
+    model = build_model(cfg, sample_shape, num_classes, with_checkpoint=False)
+    tp.load_state_dict(model, state_dict=torch.load(path, map_location="cpu", weights_only=False))
+    return model.eval()

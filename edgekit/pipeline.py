@@ -1,0 +1,76 @@
+"""The build: an ordered list of stages, each writing its own folder; --resume skips finished ones."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from edgekit import bundle, config, targets
+from edgekit.config import Config
+from edgekit.data import load_dataset
+from edgekit.stages import distill, export, prune, quantize, train, verify
+from edgekit.stages.base import METRICS_FILE, Context, write_bytes, write_json
+
+STAGES = [train, prune, distill, quantize, export, verify, bundle]
+STAGE_NAMES = [s.name for s in STAGES]
+OPTIONAL = {"prune": "prune", "distill": "distill", "quantize": "quantize"}  # stage -> config section
+
+
+def enabled(cfg: Config, stage_name: str) -> bool:
+    section = OPTIONAL.get(stage_name)
+    if section is None:
+        return True
+    if stage_name == "distill" and not cfg.prune.enabled:
+        return False  # nothing smaller than the teacher to distil into
+    return getattr(cfg, section).enabled
+
+
+def run_stages(ctx: Context, log=print) -> list[dict]:
+    done = []
+    for stage in STAGES:
+        if not enabled(ctx.cfg, stage.name):
+            log(f"[{stage.name}] skipped (disabled in config)")
+            continue
+        if ctx.done(stage.name):
+            log(f"[{stage.name}] finished earlier, kept (resume)")
+            done.append(ctx.metrics(stage.name))
+            continue
+        log(f"[{stage.name}] running")
+        t0 = time.perf_counter()
+        result = stage.run(ctx)
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(ctx.stage_dir(stage.name) / METRICS_FILE, result)
+        done.append(result)
+    return done
+
+
+def make_context(cfg: Config, out: Path, target_names: list[str] | None) -> Context:
+    chosen = targets.get(target_names or cfg.build.targets)
+    return Context(cfg, load_dataset(cfg), out, chosen)
+
+
+def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resume: bool = False,
+          log=print) -> dict:
+    """Run every stage into `out`, run the bundles this machine can run, write report.json."""
+    from edgekit import measure, report
+
+    if out.exists() and any(out.iterdir()) and not resume:
+        from edgekit.errors import EdgekitError
+
+        raise EdgekitError(f"'{out}' already holds a build; use --resume to continue it or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_bytes(out / "config.yaml", config.dump(config.absolute(cfg)).encode())
+    ctx = make_context(cfg, out, target_names)
+    stage_metrics = run_stages(ctx, log)
+    runs = {}
+    if cfg.build.run_local:
+        for target in ctx.targets:
+            if target.runs_here:
+                runs[target.name] = measure.run_bundle(out / "bundles" / target.name, log=log)
+            else:
+                log(f"[run] {target.name}: {target.arch} bundle, not runnable on this machine; "
+                    f"measure it on the device with `edgekit run`")
+    result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
+    write_json(out / "report.json", result)
+    return result

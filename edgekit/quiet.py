@@ -1,0 +1,69 @@
+"""Keep TensorFlow, absl and onnx2tf log noise off the terminal.
+
+Call `setup()` before anything imports tensorflow (the environment variables only work then), and wrap
+calls into onnx2tf or the TFLite converter in `silenced()`: they print from C++ and Python alike, so only
+redirecting the file descriptors 1 and 2 catches everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # TensorFlow's C++ INFO/WARNING/ERROR lines
+    "TF_CPP_MIN_VLOG_LEVEL": "0",
+    "GRPC_VERBOSITY": "ERROR",
+    "GLOG_minloglevel": "3",
+    "ABSL_MIN_LOG_LEVEL": "3",
+}
+_NOISY_LOGGERS = ("tensorflow", "absl", "h5py", "onnx2tf", "tf_keras", "keras")
+
+
+def setup() -> None:
+    """Quiet what can be quieted without redirecting output; a user's own settings win."""
+    for key, value in _ENV.items():
+        os.environ.setdefault(key, value)
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (printf from native code)
+
+
+@contextlib.contextmanager
+def silenced(log: str | Path | None = None) -> Iterator[None]:
+    """Send everything written to fd 1 and 2 (Python, C++, child processes) to `log` or /dev/null."""
+    setup()
+    _flush()
+    target = open(log, "ab") if log else open(os.devnull, "wb")  # closed in finally
+    saved = (os.dup(1), os.dup(2))
+    try:
+        os.dup2(target.fileno(), 1)
+        os.dup2(target.fileno(), 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        target.close()

@@ -1,0 +1,117 @@
+"""The stage contract: a stage reads earlier stages' files through the Context and writes its own folder.
+
+A stage is a module-level object with a `name` and a `run(ctx) -> dict` that returns its metrics.
+The pipeline writes `metrics.json` last, so a folder with it is a finished stage (used by --resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgekit import models
+from edgekit.config import Config
+from edgekit.data import Dataset
+from edgekit.targets import Target
+
+MODEL_FILE = "model.pt"  # torch-pruning state dict of a stage's torch model
+LOGITS_FILE = "test_logits.npy"  # the stage's torch model on the test split: the reference for fidelity
+METRICS_FILE = "metrics.json"
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, ctx: Context) -> dict: ...
+
+
+@dataclass
+class Context:
+    cfg: Config
+    data: Dataset
+    out: Path  # the build directory
+    targets: list[Target]
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.out / "stages" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def done(self, name: str) -> bool:
+        return (self.out / "stages" / name / METRICS_FILE).is_file()
+
+    def metrics(self, name: str) -> dict:
+        return json.loads((self.out / "stages" / name / METRICS_FILE).read_text())
+
+    def has_model(self, name: str) -> bool:
+        return (self.out / "stages" / name / MODEL_FILE).is_file()
+
+    def load_model(self, name: str) -> nn.Module:
+        return models.load_model(self.cfg, self.data.sample_shape, self.data.num_classes,
+                                 self.out / "stages" / name / MODEL_FILE)
+
+    def latest_model_stage(self, before: str | None = None) -> str:
+        """The last finished stage (in pipeline order, before `before`) that produced a torch model."""
+        from edgekit.pipeline import STAGE_NAMES
+
+        names = STAGE_NAMES[: STAGE_NAMES.index(before)] if before else STAGE_NAMES
+        found = [n for n in names if self.has_model(n)]
+        if not found:
+            raise RuntimeError("no finished stage has produced a model yet")
+        return found[-1]
+
+    def reference_logits(self, name: str) -> np.ndarray:
+        return np.load(self.out / "stages" / name / LOGITS_FILE)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.from_numpy(self.data.train.x[:batch])
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON atomically: a crash leaves the old file or none, never half of one."""
+    write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+
+
+def write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def finish_torch_stage(ctx: Context, name: str, model: nn.Module, **extra: object) -> dict:
+    """Save a stage's torch model and its test logits; return the stage metrics."""
+    from edgekit import metrics
+
+    out_dir = ctx.stage_dir(name)
+    models.save_model(model, out_dir / MODEL_FILE)
+    test_logits = metrics.logits(model, ctx.data.test.x)
+    np.save(out_dir / LOGITS_FILE, test_logits)
+    macs, params = metrics.macs_and_params(model, ctx.data.sample_shape)
+    return {
+        "name": name,
+        "accuracy": metrics.accuracy(test_logits, ctx.data.test.y),
+        "params": params,
+        "macs": macs,
+        "size_bytes": params * 4,  # fp32 weights
+        **extra,
+    }

@@ -1,0 +1,329 @@
+"""Export stage: the fp32 torch model to ONNX and TFLite (fp32, full-int8); the quantize stage's ONNX copied.
+
+Only the artifacts the chosen targets list are made. TFLite goes through onnx2tf (ONNX -> float SavedModel)
+and then TensorFlow's own converter, with a representative dataset for int8. onnx2tf turns channels-first
+inputs channels-last; the permutation from the dataset's layout to the artifact's input is recorded as
+`input.transpose` and checked by running the float model against onnxruntime.
+
+Nothing here touches the network: onnx2tf's download of a sample image is replaced by local data and every
+socket connect is refused while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+from edgekit import quiet
+from edgekit.errors import EdgekitError
+from edgekit.stages.base import Context, write_bytes, write_json
+
+name = "export"
+
+ARTIFACT_FILE = "artifacts.json"
+LOG_FILE = "convert.log"  # what onnx2tf and the TFLite converter printed, for when they fail
+KEY_ORDER = ("onnx_fp32", "onnx_int8", "tflite_fp32", "tflite_int8", "tflite_int8_int8io")
+LAYOUTS = {1: ("NF", "NF"), 2: ("NCL", "NLC"), 3: ("NCHW", "NHWC"), 4: ("NCDHW", "NDHWC")}
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
+BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # float <-> int8 at the edges of a float-I/O int8 model
+CHECK_SAMPLES = 16  # calibration samples used to check an export against its source
+
+
+# --- entry point --------------------------------------------------------------------------------------------
+
+def run(ctx: Context) -> dict:
+    """Write every artifact the targets need, with artifacts.json describing each one."""
+    keys = needed_keys(ctx)
+    out = ctx.stage_dir(name)
+    source = ctx.latest_model_stage(before="quantize")
+    model = ctx.load_model(source).eval()
+    if "onnx_int8" in keys and not ctx.done("quantize"):
+        raise EdgekitError("a target needs an int8 ONNX artifact; set quantize.enabled: true in the config")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="edgekit-export-") as tmp:
+        work = Path(tmp)
+        onnx_fp32 = _torch_to_onnx(model, ctx, work / "fp32.onnx", dynamic_batch=True)
+        _check_onnx(onnx_fp32, model, ctx.data.calib.x[:CHECK_SAMPLES])
+        if "onnx_fp32" in keys:
+            records.append(_emit_onnx(out, "onnx_fp32", onnx_fp32.read_bytes(), source))
+        if "onnx_int8" in keys:
+            qdq = (ctx.out / "stages" / "quantize" / "model_int8.onnx").read_bytes()
+            records.append(_emit_onnx(out, "onnx_int8", qdq, "quantize"))
+        tflite_keys = [k for k in keys if k.startswith("tflite_")]
+        if tflite_keys:
+            records += _emit_tflite_all(ctx, model, work, tflite_keys, source)
+    write_json(out / ARTIFACT_FILE, records)
+    return {"name": name, "artifacts": records, "accuracy": None, "params": None, "macs": None,
+            "size_bytes": sum(r["size_bytes"] for r in records)}
+
+
+def needed_keys(ctx: Context) -> list[str]:
+    """The artifact keys the targets list, in a fixed order (ONNX first, then TFLite)."""
+    wanted = {a.key for t in ctx.targets for a in t.artifacts}
+    unknown = wanted - set(KEY_ORDER)
+    if unknown:
+        raise EdgekitError(f"no exporter for artifact '{sorted(unknown)[0]}'; valid: {', '.join(KEY_ORDER)}")
+    return [k for k in KEY_ORDER if k in wanted]
+
+
+def _progress(key: str, t0: float, size: int) -> None:
+    print(f"export: {key:<20} {size / 1024:8.1f} KB  {time.perf_counter() - t0:5.1f} s", file=sys.stderr)
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------------
+
+def _torch_to_onnx(model: torch.nn.Module, ctx: Context, path: Path, *, dynamic_batch: bool) -> Path:
+    example = torch.from_numpy(np.ascontiguousarray(ctx.data.calib.x[:1]))
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=ctx.cfg.export.opset,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
+        raise EdgekitError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from exc
+
+
+def _check_onnx(path: Path, model: torch.nn.Module, x: np.ndarray) -> None:
+    """The fp32 ONNX loads in onnxruntime, takes a whole batch and matches torch."""
+    sess = _ort_session(path)
+    got = sess.run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    if got.shape != want.shape or not _close(got, want):
+        raise EdgekitError(f"the ONNX export differs from the torch model (max abs diff "
+                           f"{np.abs(got - want).max():.3g}); the model has an op the exporter mistranslates")
+
+
+def _close(got: np.ndarray, want: np.ndarray, rel: float = 1e-3) -> bool:
+    return bool(np.abs(got - want).max() <= rel * max(1.0, float(np.abs(want).max())))
+
+
+def _emit_onnx(out: Path, key: str, payload: bytes, source: str) -> dict:
+    t0 = time.perf_counter()
+    file = f"{key}.onnx"
+    write_bytes(out / file, payload)
+    sess = _ort_session(out / file)  # also proves the written file loads
+    record = _record(key, file, "onnx", source, len(payload))
+    inp, outp = sess.get_inputs()[0], sess.get_outputs()[0]
+    record["input"] = {"name": inp.name, "shape": _batch1(inp.shape), "dtype": "float32",
+                       "layout": _layout(len(inp.shape) - 1, channels_last=False), "transpose": None,
+                       "scale": None, "zero_point": None}
+    record["output"] = {"name": outp.name, "shape": _batch1(outp.shape), "dtype": "float32",
+                        "scale": None, "zero_point": None}
+    record["graph"] = {"ops": _onnx_ops(out / file)}
+    _progress(key, t0, len(payload))
+    return record
+
+
+def _layout(rank: int, *, channels_last: bool) -> str | None:
+    return LAYOUTS[rank][int(channels_last)] if rank in LAYOUTS else None
+
+
+def _batch1(shape: list) -> list[int]:
+    return [1, *(int(d) if isinstance(d, int) else -1 for d in shape[1:])]
+
+
+def _onnx_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    return dict(sorted(Counter(n.op_type for n in onnx.load(str(path)).graph.node).items()))
+
+
+def _record(key: str, file: str, fmt: str, source: str, size: int) -> dict:
+    precision = "int8" if "_int8" in key else "fp32"
+    io = "int8" if key.endswith("_int8io") else "float32"
+    return {"name": key, "file": file, "format": fmt, "precision": precision, "io": io,
+            "source_stage": source, "size_bytes": size}
+
+
+# --- TFLite -------------------------------------------------------------------------------------------------
+
+def _emit_tflite_all(ctx: Context, model: torch.nn.Module, work: Path, keys: list[str],
+                     source: str) -> list[dict]:
+    t0 = time.perf_counter()
+    static = _torch_to_onnx(model, ctx, work / "static.onnx", dynamic_batch=False)
+    reference = _ort_session(work / "fp32.onnx")
+    log = ctx.stage_dir(name) / LOG_FILE
+    log.write_bytes(b"")  # this run's converter output only
+    saved = _onnx_to_saved_model(static, work, ctx.data.calib.x, log)
+    fp32 = _tflite_convert(saved, None, int8_io=False, log=log)
+    perm = _find_transpose(fp32, reference, ctx.data.calib.x[:CHECK_SAMPLES])
+    calib = ctx.data.calib.x.transpose(perm) if perm else ctx.data.calib.x
+    records = []
+    for key in keys:
+        int8_io = key.endswith("_int8io")
+        payload = fp32 if key == "tflite_fp32" else _tflite_convert(saved, calib, int8_io, log)
+        records.append(_emit_tflite(ctx.stage_dir(name), key, payload, source, perm, t0))
+        t0 = time.perf_counter()
+    return records
+
+
+@contextlib.contextmanager
+def _no_network() -> Iterator[None]:
+    """Refuse every socket connect: onnx2tf must never fetch anything."""
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("edgekit export makes no network calls (a converter tried to connect)")
+
+    with mock.patch.object(socket.socket, "connect", refuse), \
+            mock.patch.object(socket.socket, "connect_ex", refuse), \
+            mock.patch.object(socket, "create_connection", refuse):
+        yield
+
+
+def _local_sample_images(calib: np.ndarray):
+    """Stands in for onnx2tf's download_test_image_data: our own calibration samples, NHWC."""
+    def sample_images() -> np.ndarray:
+        if calib.ndim != 4:
+            raise EdgekitError("onnx2tf asked for sample images for a non-image input; report this as a bug")
+        return np.ascontiguousarray(calib[:20].transpose(0, 2, 3, 1))
+
+    return sample_images
+
+
+def _onnx_to_saved_model(onnx_path: Path, work: Path, calib: np.ndarray, log: Path) -> Path:
+    """onnx2tf: ONNX (static batch 1) -> float SavedModel with a serving_default signature."""
+    npy = work / "calib_input.npy"
+    np.save(npy, np.ascontiguousarray(calib[:CHECK_SAMPLES]))
+    saved = work / "saved_model"
+    with quiet.silenced(log):
+        import onnx2tf  # noqa: F401 - imports tensorflow, so only under silenced()
+
+        module = importlib.import_module("onnx2tf.onnx2tf")
+        local = mock.patch.object(module, "download_test_image_data", _local_sample_images(calib))
+        with _no_network(), local:
+            try:
+                module.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(saved),
+                               output_signaturedefs=True, non_verbose=True,
+                               custom_input_op_name_np_data_path=[["input", str(npy)]])
+            except SystemExit as exc:  # onnx2tf reports failures with sys.exit
+                raise EdgekitError(f"onnx2tf could not convert the model (exit {exc.code}); "
+                                   f"see {log}") from exc
+    if not (saved / "saved_model.pb").is_file():
+        raise EdgekitError(f"onnx2tf wrote no SavedModel; see {log}")
+    return saved
+
+
+def _tflite_convert(saved: Path, calib: np.ndarray | None, int8_io: bool, log: Path) -> bytes:
+    """TensorFlow's converter: plain float, or full-int8 (builtin int8 ops only) when calib is given."""
+    with quiet.silenced(log):
+        import tensorflow as tf
+
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        if calib is not None:
+            io_type = tf.int8 if int8_io else tf.float32
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([s[None].astype(np.float32)] for s in calib)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        try:
+            return converter.convert()
+        except Exception as exc:  # ConverterError and friends; the full text is in the log
+            print(exc, file=sys.stderr)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgekitError(f"the TFLite converter failed: {first[:300]}; see {log}") from exc
+
+
+def _interpreter(payload: bytes):
+    from ai_edge_litert import interpreter as litert
+
+    interp = litert.Interpreter(
+        model_content=payload, num_threads=1,
+        experimental_op_resolver_type=litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    return interp
+
+
+def _run_tflite(interp, x: np.ndarray) -> np.ndarray:
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    rows = []
+    for sample in x:
+        interp.set_tensor(inp["index"], np.ascontiguousarray(sample[None], dtype=np.float32))
+        interp.invoke()
+        rows.append(interp.get_tensor(outp["index"])[0].copy())
+    return np.stack(rows)
+
+
+def _candidate_perms(rank: int) -> list[list[int] | None]:
+    """Identity or channels-last: the two layouts onnx2tf gives an input of this rank (batch included)."""
+    return [None] + ([[0, *range(2, rank), 1]] if rank >= 3 else [])
+
+
+def _find_transpose(fp32: bytes, reference, x: np.ndarray) -> list[int] | None:
+    """The permutation from the dataset layout to the TFLite input, proven by matching onnxruntime."""
+    interp = _interpreter(fp32)
+    shape = tuple(int(d) for d in interp.get_input_details()[0]["shape"])
+    want = reference.run(None, {"input": x})[0]
+    errors = {}
+    for perm in _candidate_perms(x.ndim):
+        xt = x.transpose(perm) if perm else x
+        if xt.shape[1:] != shape[1:]:
+            continue
+        got = _run_tflite(interp, xt)
+        if _close(got, want):
+            return perm
+        errors[str(perm)] = float(np.abs(got - want).max())
+    raise EdgekitError(f"the float TFLite model does not match the ONNX model for input {shape} (max abs "
+                       f"diff by permutation: {errors or 'no permutation fits'}); onnx2tf mistranslated it")
+
+
+def _emit_tflite(out: Path, key: str, payload: bytes, source: str, perm: list[int] | None, t0: float) -> dict:
+    interp = _interpreter(payload)
+    ops = _tflite_ops(interp)
+    if key != "tflite_fp32":
+        _assert_full_int8(ops, key)
+    file = f"{key}.tflite"
+    write_bytes(out / file, payload)
+    record = _record(key, file, "tflite", source, len(payload))
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    layout = _layout(len(inp["shape"]) - 1, channels_last=perm is not None)
+    record["input"] = {**_tensor(inp), "layout": layout, "transpose": perm}
+    record["output"] = _tensor(outp)
+    record["graph"] = {"ops": dict(sorted(Counter(op["op_name"] for op in ops).items()))}
+    _progress(key, t0, len(payload))
+    return record
+
+
+def _tensor(detail: dict) -> dict:
+    dtype = np.dtype(detail["dtype"]).name
+    scale, zero = detail["quantization"]
+    quantized = dtype != "float32"
+    return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]], "dtype": dtype,
+            "scale": float(scale) if quantized else None, "zero_point": int(zero) if quantized else None}
+
+
+def _tflite_ops(interp) -> list[dict]:
+    return interp._get_ops_details()  # noqa: SLF001 - the public API has no per-op tensor types
+
+
+def _assert_full_int8(ops: list[dict], key: str) -> None:
+    """Every weighted op has int8 weights and no op but the I/O (de)quantizers computes in float."""
+    for op in ops:
+        types = [np.dtype(t).name for t in op["operand_types"]]
+        if op["op_name"] in WEIGHTED_OPS and (len(types) < 2 or types[1] != "int8"):
+            raise EdgekitError(f"{key}: {op['op_name']} (op {op['index']}) has weights {types[1:2]}, "
+                               "not int8")
+        floats = "float32" in types or "float32" in (np.dtype(t).name for t in op["result_types"])
+        if floats and op["op_name"] not in BOUNDARY_OPS:
+            raise EdgekitError(f"{key}: {op['op_name']} (op {op['index']}) still computes in float; "
+                               "the model is not full-int8")

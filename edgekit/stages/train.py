@@ -1,0 +1,19 @@
+"""Train the fp32 model (or take the user's checkpoint as it is when train.epochs is 0)."""
+
+from __future__ import annotations
+
+from edgekit import models, training
+from edgekit.stages.base import Context, finish_torch_stage
+
+name = "train"
+
+
+def run(ctx: Context) -> dict:
+    cfg, data = ctx.cfg, ctx.data
+    training.seed_everything(cfg.train.seed)
+    model = models.build_model(cfg, data.sample_shape, data.num_classes)
+    t = cfg.train
+    best_val = training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+                            weight_decay=t.weight_decay, seed=t.seed, desc="train")
+    return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method="adam+cosine",
+                              settings={"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size})

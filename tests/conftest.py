@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny configs, a network guard, and one real end-to-end build shared by the e2e tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+TINY = {
+    "data": {"limit": 500, "calib_samples": 64},
+    "model": {"width": 8},
+    "train": {"epochs": 3},
+    "prune": {"finetune_epochs": 1},
+    "distill": {"epochs": 1},
+    "quantize": {"qat_epochs": 1, "subset_size": 64},
+    "run": {"warmup_runs": 2, "min_runs": 5, "min_seconds": 0.05, "max_seconds": 2.0},
+}
+
+
+def tiny(**sections: dict) -> dict:
+    """The tiny test config with some sections overridden."""
+    merged = {k: dict(v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        merged.setdefault(key, {}).update(value)
+    return merged
+
+
+class NetworkUsed(AssertionError):
+    pass
+
+
+@pytest.fixture(scope="session")
+def no_network():
+    """Any attempt to open an internet connection fails the test that made it."""
+    attempts: list[object] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise NetworkUsed(f"network use at run time: connect to {address}")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        attempts.append(host)
+        raise NetworkUsed(f"network use at run time: DNS lookup of {host}")
+
+    socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+    yield attempts
+    socket.socket.connect, socket.getaddrinfo = real_connect, real_getaddrinfo
+
+
+@pytest.fixture(scope="session")
+def e2e_build(tmp_path_factory, no_network):
+    """The default pipeline (every stage, default targets) on a small subset, with the network blocked."""
+    from edgekit import config, pipeline
+
+    out = tmp_path_factory.mktemp("e2e") / "build"
+    report = pipeline.build(config.from_dict(tiny()), out)
+    assert no_network == [], f"the build tried to reach the network: {no_network}"
+    return out, report

@@ -1,0 +1,48 @@
+import pytest
+import yaml
+
+from edgekit import config
+from edgekit.errors import ConfigError
+
+
+def test_default_config_round_trips():
+    text = config.default_yaml()
+    assert config.from_dict(yaml.safe_load(text)) == config.Config()
+    for section in ("data", "model", "train", "prune", "distill", "quantize", "export", "run", "build"):
+        assert f"{section}:" in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"prune": {"metod": "l1"}}, "unknown key 'prune.metod'; valid keys: enabled, method"),
+        ({"pruning": {}}, "unknown section 'pruning'; valid sections: data, model"),
+        ({"train": {"epochs": "ten"}}, "'train.epochs' is 'ten'; expected int"),
+        ({"prune": {"method": "magic"}}, "expected one of 'l1'"),
+        ({"train": {"epochs": True}}, "'train.epochs' is True"),
+        ({"prune": {"ratio": 1.5}}, "'prune.ratio' is out of range"),
+        ({"data": {"source": "npz"}}, "needs data.path"),
+    ],
+)
+def test_bad_config_names_key_and_valid_choices(raw, needle):
+    with pytest.raises(ConfigError) as err:
+        config.from_dict(raw)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_int_accepted_for_float_and_paths_resolved(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill: {temperature: 2}\ndata: {source: npz, path: d.npz}\n")
+    cfg = config.load(path)
+    assert cfg.distill.temperature == 2
+    assert config.absolute(cfg).data.path == str(tmp_path / "d.npz")
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [epochs: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)

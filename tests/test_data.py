@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgekit import config, data
+from edgekit.errors import DataError
+
+
+def test_digits_default_split_is_fixed_and_disjoint():
+    a = data.load_dataset(config.from_dict({}))
+    b = data.load_dataset(config.from_dict({}))
+    assert a.sample_shape == (1, 8, 8) and a.num_classes == 10
+    assert len(a.train.y) + len(a.val.y) + len(a.test.y) == 1797
+    np.testing.assert_array_equal(a.test.x, b.test.x)
+    assert 0 <= a.train.x.min() and a.train.x.max() <= 1
+    assert len(a.calib.y) == 256
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (5,), (3, 6, 6)])
+def test_npz_any_sample_shape(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, *shape)).astype(np.float32), y=rng.integers(0, 3, 60))
+    ds = data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "d.npz")}}))
+    assert ds.sample_shape == shape and ds.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    ("arrays", "needle"),
+    [
+        ({"x": np.zeros((4, 2), np.float32)}, "it needs 'x' (float32) and 'y'"),
+        ({"x": np.zeros((4, 2), np.float32), "y": np.zeros(3, int)}, "equal N"),
+        ({"x": np.zeros((4, 2), np.float32), "y": np.full(4, 0.5)}, "integer class ids"),
+        ({"x": np.full((40, 2), np.nan, np.float32), "y": np.zeros(40, int)}, "NaN"),
+    ],
+)
+def test_bad_npz_is_a_clear_error(tmp_path, arrays, needle):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "d.npz")}}))
+    assert needle in str(err.value)
+
+
+def test_imagefolder(tmp_path):
+    for cls, value in (("cat", 30), ("dog", 220)):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.new("RGB", (20, 12), (value, i, 0)).save(tmp_path / cls / f"{i}.png")
+    cfg = config.from_dict({"data": {"source": "imagefolder", "path": str(tmp_path), "image_size": 16}})
+    ds = data.load_dataset(cfg)
+    assert ds.sample_shape == (3, 16, 16) and ds.labels == ["cat", "dog"]
+    assert "RGB" in ds.preprocessing
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "x.npz")}}))

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from edgekit import config, models
+from edgekit.errors import ModelError
+
+FACTORY = """
+import torch.nn as nn
+
+def make(num_classes, in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+def broken():
+    raise ValueError("no weights here")
+
+def not_a_model():
+    return 42
+"""
+
+
+@pytest.fixture
+def factory_file(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def test_user_factory_and_checkpoint_round_trip(factory_file, tmp_path):
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make"}})
+    model = models.build_model(cfg, (1, 8, 8), 10)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    cfg2 = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / "w.pt")}})
+    loaded = models.build_model(cfg2, (1, 8, 8), 10)
+    assert torch.equal(loaded[0].weight, model[0].weight)
+
+
+def test_safetensors_checkpoint(factory_file, tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make"}})
+    model = models.build_model(cfg, (1, 8, 8), 3)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    cfg2 = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / "w.safetensors")}})
+    assert torch.equal(models.build_model(cfg2, (1, 8, 8), 3)[3].bias, model[3].bias)
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("{f}:broken", "raised ValueError: no weights here"),
+        ("{f}:not_a_model", "returned int, not a torch.nn.Module"),
+        ("{f}:missing", "has no function 'missing'"),
+        ("nofile.py:make", "not found"),
+        ("{f}", "must look like path/to/file.py:function"),
+    ],
+)
+def test_factory_errors(factory_file, spec, needle):
+    cfg = config.from_dict({"model": {"factory": spec.format(f=factory_file)}})
+    with pytest.raises(ModelError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        models.build_model(cfg, (1, 8, 8), 10)
+
+
+def test_checkpoint_that_does_not_fit(factory_file, tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "bad.pt")
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / "bad.pt")}})
+    with pytest.raises(ModelError, match="does not fit the model"):
+        models.build_model(cfg, (1, 8, 8), 10)
+
+
+def test_wrong_input_shape_is_reported():
+    cfg = config.from_dict({})
+    with pytest.raises(ModelError, match="rank 1-3"):
+        models.build_model(cfg, (1, 2, 8, 8), 10)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (2, 16), (6,)])
+def test_small_cnn_any_rank(shape):
+    model = models.build_model(config.from_dict({"model": {"width": 4}}), shape, 5)
+    assert model(torch.zeros(3, *shape)).shape == (3, 5)
