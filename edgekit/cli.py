@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
 
+from edgekit import quiet
 from edgekit.errors import EdgekitError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports tensorflow
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+quiet.setup()  # before anything imports tensorflow
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -41,8 +40,9 @@ def _print_next(out: Path, result: dict) -> None:
         if b["target"] in result["runs"]:
             print(f"  edgekit run {b['path']}            # measure again on this machine")
         else:
-            print(f"  copy {b['archive']} to the {b['target']} device, then there: "
-                  f"python3 {b['target']}/runner.py {b['target']}")
+            t = b["target"]
+            print(f"  copy {b['archive']} to the {t} device, then there: "
+                  f"tar xzf {t}.tar.gz && python3 {t}/runner.py {t}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

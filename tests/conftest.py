@@ -11,10 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 TINY = {
     "data": {"limit": 500, "calib_samples": 64},
-    "model": {"width": 8},
-    "train": {"epochs": 3},
-    "prune": {"finetune_epochs": 1},
-    "distill": {"epochs": 1},
+    "model": {"width": 16},
+    "train": {"epochs": 10, "lr": 0.01, "batch_size": 32},
+    "prune": {"finetune_epochs": 5, "lr": 0.005},
+    "distill": {"epochs": 3, "lr": 0.005},
     "quantize": {"qat_epochs": 1, "subset_size": 64},
     "run": {"warmup_runs": 2, "min_runs": 5, "min_seconds": 0.05, "max_seconds": 2.0},
 }

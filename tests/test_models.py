@@ -41,7 +41,8 @@ def test_safetensors_checkpoint(factory_file, tmp_path):
     cfg = config.from_dict({"model": {"factory": f"{factory_file}:make"}})
     model = models.build_model(cfg, (1, 8, 8), 3)
     save_file(model.state_dict(), tmp_path / "w.safetensors")
-    cfg2 = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / "w.safetensors")}})
+    ckpt = str(tmp_path / "w.safetensors")
+    cfg2 = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": ckpt}})
     assert torch.equal(models.build_model(cfg2, (1, 8, 8), 3)[3].bias, model[3].bias)
 
 

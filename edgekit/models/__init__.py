@@ -22,9 +22,9 @@ def small_cnn(sample_shape: tuple[int, ...], num_classes: int, width: int = 32) 
     """Three conv-BN-ReLU blocks and a linear head; 2-D convs for (C,H,W), 1-D for (C,L), an MLP for (F,)."""
     if len(sample_shape) == 1:
         (f,) = sample_shape
-        return nn.Sequential(
-            nn.Linear(f, width * 2), nn.ReLU(), nn.Linear(width * 2, width * 2), nn.ReLU(), nn.Linear(width * 2, num_classes)
-        )
+        hidden = width * 2
+        return nn.Sequential(nn.Linear(f, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                             nn.Linear(hidden, num_classes))
     if len(sample_shape) not in (2, 3):
         raise ModelError(f"the built-in model takes samples of rank 1-3, got shape {sample_shape}; use model.factory")
     conv, bn, pool = (
@@ -94,7 +94,8 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         raise ModelError(f"checkpoint '{path}' does not fit the model: {first}") from exc
 
 
-def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *, with_checkpoint: bool = True) -> nn.Module:
+def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *,
+                with_checkpoint: bool = True) -> nn.Module:
     """The model the config names, with its checkpoint loaded; checked with one forward pass."""
     if cfg.model.factory:
         model = _call_factory(_load_factory(cfg.model.factory, cfg), sample_shape, num_classes, cfg.model.factory)

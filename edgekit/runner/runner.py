@@ -51,11 +51,11 @@ def _tflite_interpreter(preferred: str):
     for name in order:
         try:
             if name == "litert":
-                from ai_edge_litert import interpreter as mod
                 import ai_edge_litert as pkg
+                from ai_edge_litert import interpreter as mod
             else:
-                from tflite_runtime import interpreter as mod
                 import tflite_runtime as pkg
+                from tflite_runtime import interpreter as mod
         except ImportError:
             continue
         return mod.Interpreter, {"name": name, "version": getattr(pkg, "__version__", "unknown")}
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
-    print(json.dumps({k: result[k] for k in ("artifact", "accuracy", "load_ms")} | {"p90_ms": result["latency_ms"]["p90"]}))
+    brief = {k: result[k] for k in ("artifact", "accuracy", "load_ms")} | {"p90_ms": result["latency_ms"]["p90"]}
+    print(json.dumps(brief))
     return 0
 
 

@@ -38,32 +38,35 @@ KEY_ORDER = ("onnx_fp32", "onnx_int8", "tflite_fp32", "tflite_int8", "tflite_int
 LAYOUTS = {1: ("NF", "NF"), 2: ("NCL", "NLC"), 3: ("NCHW", "NHWC"), 4: ("NCDHW", "NDHWC")}
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # float <-> int8 at the edges of a float-I/O int8 model
+QUANTIZED_ONNX = "model_int8.onnx"  # written by the quantize stage
 CHECK_SAMPLES = 16  # calibration samples used to check an export against its source
 
 
 # --- entry point --------------------------------------------------------------------------------------------
 
 def run(ctx: Context) -> dict:
-    """Write every artifact the targets need, with artifacts.json describing each one."""
+    """Make every artifact the targets need and check it; only then write them and artifacts.json."""
     keys = needed_keys(ctx)
-    out = ctx.stage_dir(name)
-    source = ctx.latest_model_stage(before="quantize")
-    model = ctx.load_model(source).eval()
     if "onnx_int8" in keys and not ctx.done("quantize"):
         raise EdgekitError("a target needs an int8 ONNX artifact; set quantize.enabled: true in the config")
-    records = []
+    source = ctx.latest_model_stage(before="quantize")
+    model = ctx.load_model(source).eval()
+    built: list[tuple[dict, bytes]] = []
     with tempfile.TemporaryDirectory(prefix="edgekit-export-") as tmp:
         work = Path(tmp)
-        onnx_fp32 = _torch_to_onnx(model, ctx, work / "fp32.onnx", dynamic_batch=True)
-        _check_onnx(onnx_fp32, model, ctx.data.calib.x[:CHECK_SAMPLES])
+        fp32 = _torch_to_onnx(model, ctx, work / "fp32.onnx", dynamic_batch=True)
+        _check_onnx(fp32, model, ctx.data.calib.x[:CHECK_SAMPLES])
         if "onnx_fp32" in keys:
-            records.append(_emit_onnx(out, "onnx_fp32", onnx_fp32.read_bytes(), source))
+            built.append(_onnx_artifact("onnx_fp32", fp32.read_bytes(), source))
         if "onnx_int8" in keys:
-            qdq = (ctx.out / "stages" / "quantize" / "model_int8.onnx").read_bytes()
-            records.append(_emit_onnx(out, "onnx_int8", qdq, "quantize"))
+            built.append(_onnx_artifact("onnx_int8", _quantized_onnx(ctx), "quantize"))
         tflite_keys = [k for k in keys if k.startswith("tflite_")]
         if tflite_keys:
-            records += _emit_tflite_all(ctx, model, work, tflite_keys, source)
+            built += _tflite_artifacts(ctx, model, work, tflite_keys, source)
+    out = ctx.stage_dir(name)
+    for record, payload in built:
+        write_bytes(out / record["file"], payload)
+    records = [record for record, _ in built]
     write_json(out / ARTIFACT_FILE, records)
     return {"name": name, "artifacts": records, "accuracy": None, "params": None, "macs": None,
             "size_bytes": sum(r["size_bytes"] for r in records)}
@@ -82,6 +85,17 @@ def _progress(key: str, t0: float, size: int) -> None:
     print(f"export: {key:<20} {size / 1024:8.1f} KB  {time.perf_counter() - t0:5.1f} s", file=sys.stderr)
 
 
+def _record(key: str, fmt: str, source: str, size: int) -> dict:
+    precision = "int8" if "_int8" in key else "fp32"
+    io = "int8" if key.endswith("_int8io") else "float32"
+    return {"name": key, "file": f"{key}.{fmt}", "format": fmt, "precision": precision, "io": io,
+            "source_stage": source, "size_bytes": size}
+
+
+def _layout(rank: int, *, channels_last: bool) -> str | None:
+    return LAYOUTS[rank][int(channels_last)] if rank in LAYOUTS else None
+
+
 # --- ONNX ---------------------------------------------------------------------------------------------------
 
 def _torch_to_onnx(model: torch.nn.Module, ctx: Context, path: Path, *, dynamic_batch: bool) -> Path:
@@ -94,19 +108,33 @@ def _torch_to_onnx(model: torch.nn.Module, ctx: Context, path: Path, *, dynamic_
     return path
 
 
-def _ort_session(path: Path):
+def _quantized_onnx(ctx: Context) -> bytes:
+    path = ctx.out / "stages" / "quantize" / QUANTIZED_ONNX
+    if not path.is_file():
+        raise EdgekitError(f"{path} is missing though quantize finished; rebuild without --resume")
+    return path.read_bytes()
+
+
+def _ort_session(model: Path | bytes, what: str):
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # failures come back as exceptions; do not also print them
+        source = model if isinstance(model, bytes) else str(model)
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
-        raise EdgekitError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from exc
+        raise EdgekitError(f"onnxruntime cannot load {what}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _check_onnx(path: Path, model: torch.nn.Module, x: np.ndarray) -> None:
     """The fp32 ONNX loads in onnxruntime, takes a whole batch and matches torch."""
-    sess = _ort_session(path)
-    got = sess.run(None, {"input": x})[0]
+    try:
+        got = _ort_session(path, "the fp32 ONNX export").run(None, {"input": x})[0]
+    except Exception as exc:  # onnxruntime's own exception types
+        raise EdgekitError(f"the fp32 ONNX export cannot run a batch of {len(x)} "
+                           f"({str(exc).strip().splitlines()[0][:200]}); the model must not fix the batch size "
+                           "(write x.flatten(1), not x.view(1, -1))") from exc
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     if got.shape != want.shape or not _close(got, want):
@@ -118,64 +146,50 @@ def _close(got: np.ndarray, want: np.ndarray, rel: float = 1e-3) -> bool:
     return bool(np.abs(got - want).max() <= rel * max(1.0, float(np.abs(want).max())))
 
 
-def _emit_onnx(out: Path, key: str, payload: bytes, source: str) -> dict:
-    t0 = time.perf_counter()
-    file = f"{key}.onnx"
-    write_bytes(out / file, payload)
-    sess = _ort_session(out / file)  # also proves the written file loads
-    record = _record(key, file, "onnx", source, len(payload))
-    inp, outp = sess.get_inputs()[0], sess.get_outputs()[0]
-    record["input"] = {"name": inp.name, "shape": _batch1(inp.shape), "dtype": "float32",
-                       "layout": _layout(len(inp.shape) - 1, channels_last=False), "transpose": None,
-                       "scale": None, "zero_point": None}
-    record["output"] = {"name": outp.name, "shape": _batch1(outp.shape), "dtype": "float32",
-                        "scale": None, "zero_point": None}
-    record["graph"] = {"ops": _onnx_ops(out / file)}
-    _progress(key, t0, len(payload))
-    return record
-
-
-def _layout(rank: int, *, channels_last: bool) -> str | None:
-    return LAYOUTS[rank][int(channels_last)] if rank in LAYOUTS else None
-
-
-def _batch1(shape: list) -> list[int]:
-    return [1, *(int(d) if isinstance(d, int) else -1 for d in shape[1:])]
-
-
-def _onnx_ops(path: Path) -> dict[str, int]:
+def _onnx_artifact(key: str, payload: bytes, source: str) -> tuple[dict, bytes]:
     import onnx
 
-    return dict(sorted(Counter(n.op_type for n in onnx.load(str(path)).graph.node).items()))
+    t0 = time.perf_counter()
+    sess = _ort_session(payload, key)  # proves onnxruntime loads exactly these bytes
+    record = _record(key, "onnx", source, len(payload))
+    record["input"] = {**_onnx_tensor(sess.get_inputs()[0], key), "transpose": None,
+                       "layout": _layout(len(sess.get_inputs()[0].shape) - 1, channels_last=False)}
+    record["output"] = _onnx_tensor(sess.get_outputs()[0], key)
+    ops = Counter(n.op_type for n in onnx.load_from_string(payload).graph.node)
+    record["graph"] = {"ops": dict(sorted(ops.items()))}
+    _progress(key, t0, len(payload))
+    return record, payload
 
 
-def _record(key: str, file: str, fmt: str, source: str, size: int) -> dict:
-    precision = "int8" if "_int8" in key else "fp32"
-    io = "int8" if key.endswith("_int8io") else "float32"
-    return {"name": key, "file": file, "format": fmt, "precision": precision, "io": io,
-            "source_stage": source, "size_bytes": size}
+def _onnx_tensor(arg, key: str) -> dict:
+    if arg.type != "tensor(float)":
+        raise EdgekitError(f"{key}: {arg.name} is {arg.type}; edgekit's ONNX artifacts take and give float32")
+    shape = [1, *(d if isinstance(d, int) else -1 for d in arg.shape[1:])]
+    return {"name": arg.name, "shape": shape, "dtype": "float32", "scale": None, "zero_point": None}
 
 
 # --- TFLite -------------------------------------------------------------------------------------------------
 
-def _emit_tflite_all(ctx: Context, model: torch.nn.Module, work: Path, keys: list[str],
-                     source: str) -> list[dict]:
+def _tflite_artifacts(ctx: Context, model: torch.nn.Module, work: Path, keys: list[str],
+                      source: str) -> list[tuple[dict, bytes]]:
+    """onnx2tf once to a float SavedModel, then one TFLite conversion per key."""
     t0 = time.perf_counter()
     static = _torch_to_onnx(model, ctx, work / "static.onnx", dynamic_batch=False)
-    reference = _ort_session(work / "fp32.onnx")
     log = ctx.stage_dir(name) / LOG_FILE
     log.write_bytes(b"")  # this run's converter output only
     saved = _onnx_to_saved_model(static, work, ctx.data.calib.x, log)
     fp32 = _tflite_convert(saved, None, int8_io=False, log=log)
+    reference = _ort_session(work / "fp32.onnx", "the fp32 ONNX export")
     perm = _find_transpose(fp32, reference, ctx.data.calib.x[:CHECK_SAMPLES])
     calib = ctx.data.calib.x.transpose(perm) if perm else ctx.data.calib.x
-    records = []
+    built = []
     for key in keys:
         int8_io = key.endswith("_int8io")
         payload = fp32 if key == "tflite_fp32" else _tflite_convert(saved, calib, int8_io, log)
-        records.append(_emit_tflite(ctx.stage_dir(name), key, payload, source, perm, t0))
+        built.append(_tflite_artifact(key, payload, source, perm))
+        _progress(key, t0, len(payload))
         t0 = time.perf_counter()
-    return records
+    return built
 
 
 @contextlib.contextmanager
@@ -287,21 +301,21 @@ def _find_transpose(fp32: bytes, reference, x: np.ndarray) -> list[int] | None:
                        f"diff by permutation: {errors or 'no permutation fits'}); onnx2tf mistranslated it")
 
 
-def _emit_tflite(out: Path, key: str, payload: bytes, source: str, perm: list[int] | None, t0: float) -> dict:
+def _tflite_artifact(key: str, payload: bytes, source: str, perm: list[int] | None) -> tuple[dict, bytes]:
     interp = _interpreter(payload)
     ops = _tflite_ops(interp)
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
     if key != "tflite_fp32":
         _assert_full_int8(ops, key)
-    file = f"{key}.tflite"
-    write_bytes(out / file, payload)
-    record = _record(key, file, "tflite", source, len(payload))
-    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    record = _record(key, "tflite", source, len(payload))
     layout = _layout(len(inp["shape"]) - 1, channels_last=perm is not None)
     record["input"] = {**_tensor(inp), "layout": layout, "transpose": perm}
     record["output"] = _tensor(outp)
+    if {record["input"]["dtype"], record["output"]["dtype"]} != {record["io"]}:
+        raise EdgekitError(f"{key}: the converter gave {record['input']['dtype']} input and "
+                           f"{record['output']['dtype']} output, not {record['io']}")
     record["graph"] = {"ops": dict(sorted(Counter(op["op_name"] for op in ops).items()))}
-    _progress(key, t0, len(payload))
-    return record
+    return record, payload
 
 
 def _tensor(detail: dict) -> dict:
@@ -325,5 +339,5 @@ def _assert_full_int8(ops: list[dict], key: str) -> None:
                                "not int8")
         floats = "float32" in types or "float32" in (np.dtype(t).name for t in op["result_types"])
         if floats and op["op_name"] not in BOUNDARY_OPS:
-            raise EdgekitError(f"{key}: {op['op_name']} (op {op['index']}) still computes in float; "
-                               "the model is not full-int8")
+            raise EdgekitError(f"{key}: {op['op_name']} (op {op['index']}) still computes in float, so the "
+                               "model is not full-int8; replace that op or pick targets without int8 TFLite")

@@ -7,11 +7,12 @@ import logging
 import numpy as np
 import torch
 
-from edgekit import metrics, training
+from edgekit import metrics, quiet, training
 from edgekit.stages.base import LOGITS_FILE, Context
 
 name = "quantize"
 ONNX_FILE = "model_int8.onnx"
+LOG_FILE = "quantize.log"  # what NNCF printed
 
 
 def _nncf():
@@ -56,14 +57,16 @@ def export_qdq(qmodel: torch.nn.Module, example: torch.Tensor, path, opset: int)
 def run(ctx: Context) -> dict:
     q, data = ctx.cfg.quantize, ctx.data
     source = ctx.latest_model_stage(before=name)
-    qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size)
+    out_dir = ctx.stage_dir(name)
+    with quiet.silenced(out_dir / LOG_FILE):  # NNCF, torchao and torch.onnx print a lot
+        qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size)
     ptq_acc = metrics.accuracy(metrics.logits(qmodel, data.test.x), data.test.y)
     best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
                             batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat")
-    out_dir = ctx.stage_dir(name)
     test_logits = metrics.logits(qmodel, data.test.x)
     np.save(out_dir / LOGITS_FILE, test_logits)
-    export_qdq(qmodel, ctx.example_input(), out_dir / ONNX_FILE, ctx.cfg.export.opset)
+    with quiet.silenced(out_dir / LOG_FILE):
+        export_qdq(qmodel, ctx.example_input(), out_dir / ONNX_FILE, ctx.cfg.export.opset)
     src = ctx.metrics(source)
     return {
         "name": name, "accuracy": metrics.accuracy(test_logits, data.test.y), "ptq_accuracy": ptq_acc,

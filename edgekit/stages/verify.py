@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgekit import metrics
+from edgekit import metrics, quiet
 from edgekit.errors import EdgekitError
 from edgekit.runner.runner import Artifact
 from edgekit.stages.base import Context
@@ -14,7 +14,8 @@ MIN_AGREEMENT = 0.95  # below this the artifact is not the model that was valida
 
 def check(ctx: Context, spec: dict) -> dict:
     path = ctx.stage_dir("export") / spec["file"]
-    artifact = Artifact(path, spec | {"runtime": HOST_RUNTIME[spec["format"]]}, threads=None)
+    with quiet.silenced():  # LiteRT announces its XNNPACK delegate on stderr
+        artifact = Artifact(path, spec | {"runtime": HOST_RUNTIME[spec["format"]]}, threads=None)
     out = artifact.predict(ctx.data.test.x)
     fid = metrics.fidelity(ctx.reference_logits(spec["source_stage"]), out)
     return {**spec, "accuracy": metrics.accuracy(out, ctx.data.test.y), **fid,
