@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/edgekit build
 
+# System packages (sshd, dockerd, qemu) and the offline base images' Debian packages and wheels come from the
+# package registries here, once; the tests themselves reach nothing beyond 127.0.0.1.
 test: $(STAMP)
+	bash tests/system_deps.sh
+	$(PY) -m edgekit.images fetch x86-64 rpi5
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

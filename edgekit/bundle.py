@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tarfile
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit import __version__
+from edgekit import __version__, recommend
 from edgekit.runner import runner
 from edgekit.stages.base import Context, write_json
 from edgekit.targets import Target
@@ -28,11 +29,19 @@ def _artifact_entries(ctx: Context, target: Target) -> list[dict]:
         reference = {k: v[k] for k in ("accuracy", "top1_agreement", "max_abs_diff", "sqnr_db")}
         entries.append({k: v[k] for k in ("name", "file", "format", "precision", "io", "source_stage", "size_bytes",
                                           "input", "output", "graph")}
-                       | {"runtime": spec.runtime, "runtime_version": spec.runtime_version, "reference": reference})
+                       | {"runtime": spec.runtime, "runtime_version": spec.runtime_version, "reference": reference}
+                       | ({"int8": _int8_record(v["int8"])} if v.get("int8") else {}))
     return entries
 
 
-def _manifest(ctx: Context, target: Target, entries: list[dict], files: dict[str, str]) -> dict:
+def _int8_record(info: dict) -> dict:
+    """How an ONNX int8 artifact was quantized and what onnxruntime fused of it."""
+    fusion = info["fusion"]
+    return {"settings": info["settings"], "kept_float": info["kept_float"], "fused": fusion["fused"],
+            "unfused_count": fusion["unfused_count"], "size_vs_fp32": info["size_vs_fp32"]}
+
+
+def _manifest(ctx: Context, target: Target, entries: list[dict], files: dict[str, str], recommended: dict) -> dict:
     run = ctx.cfg.run
     return {
         "edgekit_version": __version__,
@@ -44,6 +53,7 @@ def _manifest(ctx: Context, target: Target, entries: list[dict], files: dict[str
                    "budgets": {"memory_mb": target.memory_mb, "latency_ms": target.latency_ms},
                    "accuracy_tolerance_pp": target.accuracy_tolerance_pp},
         "primary": entries[0]["name"],
+        "recommended": recommended,
         "artifacts": entries,
         "input": {"shape": [1, *ctx.data.sample_shape], "dtype": "float32",
                   "layout": {3: "NCHW", 2: "NCL", 1: "NF"}.get(len(ctx.data.sample_shape), "N..."),
@@ -55,7 +65,28 @@ def _manifest(ctx: Context, target: Target, entries: list[dict], files: dict[str
         "run": {"warmup_runs": run.warmup_runs, "min_runs": run.min_runs, "min_seconds": run.min_seconds,
                 "max_seconds": run.max_seconds},
         "files": files,
+        **_tensorrt(entries),
     }
+
+
+def _tensorrt(entries: list[dict]) -> dict:
+    """How the device builds its TensorRT engines: engines are specific to GPU and TensorRT version, so a
+    bundle carries ONNX plus the commands, never an engine."""
+    onnx_gpu = [e for e in entries if e["runtime"] == "onnxruntime-gpu"]
+    if not onnx_gpu:
+        return {}
+    flags = {"int8": "--int8 --fp16", "fp16": "--fp16", "fp32": ""}  # int8 QDQ: explicit quantization
+    commands = {e["name"]: f"trtexec --onnx={e['file']} {flags[e['precision']]} --saveEngine={e['name']}.engine "
+                           f"--shapes={e['input']['name']}:{'x'.join(str(d) for d in [1, *e['input']['shape'][1:]])}"
+                for e in onnx_gpu}
+    return {"tensorrt": {
+        "note": "build the engine on the device (not portable across GPUs / TensorRT versions)",
+        "trtexec": {name: " ".join(cmd.split()) for name, cmd in commands.items()},
+        "onnxruntime_tensorrt_ep": {"providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+                                    "options": {"trt_int8_enable": True, "trt_fp16_enable": True,
+                                                "trt_engine_cache_enable": True,
+                                                "trt_engine_cache_path": "trt_cache"}},
+    }}
 
 
 def build_bundle(ctx: Context, target: Target, dest: Path) -> Path:
@@ -68,10 +99,12 @@ def build_bundle(ctx: Context, target: Target, dest: Path) -> Path:
         shutil.copy2(ctx.stage_dir("export") / e["file"], tmp / e["file"])
     np.savez_compressed(tmp / EVAL_FILE, x=ctx.data.test.x, y=ctx.data.test.y)
     shutil.copy2(RUNNER_SRC, tmp / "runner.py")
+    shutil.copy2(RUNNER_SRC.with_name(runner.SCHEMA_FILE), tmp / runner.SCHEMA_FILE)
     files = {p.name: runner.sha256(p) for p in sorted(tmp.iterdir())}
     for e in entries:
         e["sha256"] = files[e["file"]]
-    write_json(tmp / "manifest.json", _manifest(ctx, target, entries, files))
+    recommended = recommend.recommend(tmp, entries, target, ctx.data.test.x, ctx.cfg.run)
+    write_json(tmp / "manifest.json", _manifest(ctx, target, entries, files, recommended))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return pack(dest)
@@ -92,6 +125,9 @@ def run(ctx: Context) -> dict:
         dest = ctx.out / "bundles" / target.name
         archive = build_bundle(ctx, target, dest)
         size = sum(p.stat().st_size for p in dest.iterdir())
-        out.append({"target": target.name, "path": str(dest), "archive": str(archive), "size_bytes": size})
+        rec = json.loads((dest / "manifest.json").read_text())["recommended"]
+        out.append({"target": target.name, "path": str(dest), "archive": str(archive), "size_bytes": size,
+                    "recommended": rec})
         print(f"  {target.name:<18} {dest}  ({size / 1024:.0f} KB)")
+        print(f"  {'':<18} recommended: {rec['artifact'] or '-'} ({rec['reason']})")
     return {"name": name, "accuracy": None, "params": None, "macs": None, "size_bytes": None, "bundles": out}

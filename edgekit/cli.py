@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from datetime import datetime
@@ -26,6 +27,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config)
         out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    if args.allow_fidelity_miss:
+        cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, allow_fidelity_miss=True))
     result = pipeline.build(cfg, out, args.target, resume=bool(args.resume))
     print()
     print(report.summary_table(result))
@@ -45,19 +48,158 @@ def _print_next(out: Path, result: dict) -> None:
                   f"tar xzf {t}.tar.gz && python3 {t}/runner.py {t}")
 
 
+def _cmd_debug(args: argparse.Namespace) -> int:
+    import json
+
+    from edgekit import config, fidelity, pipeline
+    from edgekit.stages import verify
+
+    out = Path(args.build_dir)
+    if not (out / "config.yaml").is_file() or not (out / "stages" / "export" / "metrics.json").is_file():
+        raise EdgekitError(f"'{out}' is not a build directory with exported artifacts; run `edgekit build` first")
+    saved = out / "fidelity" / f"{args.artifact}.json"
+    if saved.is_file():
+        record = json.loads(saved.read_text())
+    else:
+        ctx = pipeline.make_context(config.load(out / "config.yaml"), out, None)
+        specs = {s["name"]: s for s in ctx.metrics("export")["artifacts"]}
+        if args.artifact not in specs:
+            raise EdgekitError(f"no artifact '{args.artifact}' in '{out}'; valid: {', '.join(specs)}")
+        if specs[args.artifact]["precision"] != "int8":
+            raise EdgekitError(f"{args.artifact} is not int8; layer-wise comparison is for int8 artifacts")
+        record = {"artifact": args.artifact, "misses": [], "layers": verify.localise(ctx, specs[args.artifact])}
+    print(f"{record['artifact']}: {', '.join(record['misses']) or 'meets its thresholds'}")
+    print(fidelity.table(record["layers"], args.top))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgekit import measure
 
-    result = measure.run_bundle(Path(args.bundle), Path(args.out) if args.out else None, args.artifact,
-                                args.threads)
-    print(f"{'artifact':<20} {'runtime':<22} {'acc':>6} {'load ms':>8} {'p50 ms':>7} {'p90 ms':>7} {'RSS MB':>7}")
-    for name, r in result["artifacts"].items():
-        rt = f"{r['runtime']['name']} {r['runtime']['version']}"
-        lat = r["latency_ms"]
-        print(f"{name:<20} {rt:<22} {r['accuracy']:>6.3f} {r['load_ms']:>8.1f} {lat['p50']:>7.3f} "
-              f"{lat['p90']:>7.3f} {r['peak_rss_mb']:>7.1f}")
-    print(f"results: {args.out or Path(args.bundle) / 'results.json'}")
+    overrides = {k: getattr(args, k) for k in ("warmup_runs", "warmup_seconds", "min_runs", "min_seconds",
+                                               "max_seconds")}
+    out = Path(args.out) if args.out else None
+    if args.host:
+        from edgekit import remote
+
+        conn = remote.Connection(args.host, port=args.port, identity=args.identity,
+                                 accept_new_host_key=args.accept_new_host_key)
+        result, path = remote.run_remote(Path(args.bundle), conn, python=args.python, setup=args.setup,
+                                         artifacts=args.artifact, threads=args.threads, mode=args.mode,
+                                         overrides=overrides, out=out, keep=args.keep)
+    else:
+        path = out or Path(args.bundle) / "results.json"
+        result = measure.run_bundle(Path(args.bundle), out, args.artifact, args.threads, mode=args.mode,
+                                    overrides=overrides)
+    print(measure.compare_table(result))
+    print(f"results: {path}")
     return 0
+
+
+def _run_options(r: argparse.ArgumentParser) -> None:
+    r.add_argument("bundle")
+    r.add_argument("--out", help="results file (default: BUNDLE/results.json; with --host BUNDLE/results-HOST.json)")
+    r.add_argument("--artifact", action="append", help="artifact name (repeatable; default: all)")
+    r.add_argument("--threads", type=int, help="override the target's thread count")
+    r.add_argument("--mode", choices=("all", "latency", "accuracy"), help="what to measure (default: all)")
+    for key, kind in (("warmup-runs", int), ("warmup-seconds", float), ("min-runs", int), ("min-seconds", float),
+                      ("max-seconds", float)):
+        r.add_argument(f"--{key}", type=kind, help=f"override the bundle's run.{key.replace('-', '_')}")
+    ssh = r.add_argument_group("on a device over SSH (keys only; host keys are checked)")
+    ssh.add_argument("--host", help="user@host of the device: copy the bundle there, run it, bring results back")
+    ssh.add_argument("--port", type=int, help="SSH port (default: 22 or ~/.ssh/config)")
+    ssh.add_argument("--identity", metavar="FILE", help="private key file (default: ssh-agent / ~/.ssh)")
+    ssh.add_argument("--python", default="python3", help="Python on the device (default: python3)")
+    ssh.add_argument("--setup", action="store_true",
+                     help="make a venv on the device and pip install numpy and the runtime the target pins")
+    ssh.add_argument("--keep", action="store_true", help="keep the remote folder (default: removed)")
+    ssh.add_argument("--accept-new-host-key", action="store_true",
+                     help="trust an unknown host key and pin it in edgekit's known-hosts file")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from edgekit import measure
+
+    csv_path = Path(args.csv)
+    print(measure.compare([Path(p) for p in args.results], csv_path))
+    print(f"csv: {csv_path}")
+    return 0
+
+
+def _cmd_docker(args: argparse.Namespace) -> int:
+    from edgekit import images, targets
+
+    if args.write_dockerfiles:
+        for path in images.write_repo_files(list(targets.available().values())):
+            print(f"wrote {path}")
+        return 0
+    if not args.target:
+        raise EdgekitError("name a target (edgekit targets lists them), or pass --write-dockerfiles")
+    target = targets.get([args.target])[0]
+    bundle = Path(args.bundle) if args.bundle else None
+    out = Path(args.out or (bundle.parent.parent / "docker" / target.name if bundle else f"docker-{target.name}"))
+    done = images.make(target, out, bundle=bundle, tag=args.tag, base=args.base, build=args.build,
+                       offline=args.offline_base)
+    print(f"context: {done['context']}")
+    if done.get("message"):
+        print(done["message"])
+    elif not done["built"]:
+        print(f"build with: {done['command']}")
+    else:
+        print(f"built {done['tag']} ({done['builder']}: {done['command']})")
+    print(f"run with:  docker run --rm --network none --user \"$(id -u):$(id -g)\" -v \"$PWD/results:/results\" "
+          f"{done['tag']}"
+          + ("   # arm64: add --platform linux/arm64 (QEMU here; timings are not the device's)"
+             if done["emulated"] else ""))
+    return 0
+
+
+def _add_docker(sub) -> None:
+    d = sub.add_parser("docker", help="Docker build context (and image) of a target's runtime, with a bundle")
+    d.add_argument("target", nargs="?", help="target name")
+    d.add_argument("--bundle", help="bundle folder to bake into the image (default: none; mount one at run time)")
+    d.add_argument("--tag", help="image tag (default: edgekit-runner-TARGET:BUNDLE_ID)")
+    d.add_argument("--out", help="context folder (default: BUILD/docker/TARGET, or ./docker-TARGET)")
+    d.add_argument("--base", help="base image with Python and the runtime (default: edgekit-base-TARGET:...)")
+    d.add_argument("--build", action="store_true", help="build the image (docker buildx build --platform ...)")
+    d.add_argument("--offline-base", action="store_true",
+                   help="make the base image from Debian packages and wheels (no image registry needed), then build")
+    d.add_argument("--write-dockerfiles", action="store_true", help="regenerate docker/ from targets/*.yaml")
+    d.set_defaults(func=_cmd_docker)
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser("compare", help="side-by-side table (and CSV) of several results.json files")
+    c.add_argument("results", nargs="+", help="results files written by `edgekit run`")
+    c.add_argument("--csv", default="compare.csv", help="CSV file to write (default: compare.csv)")
+    c.set_defaults(func=_cmd_compare)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from edgekit import measure, runtime_check
+    from edgekit.stages.base import write_json
+
+    bundle = Path(args.bundle)
+    measure.read_manifest(bundle)  # a clear error when the folder is not a bundle
+    result = runtime_check.verify_bundle(bundle, args.emulate)
+    out = Path(args.out) if args.out else bundle / "verify.json"
+    write_json(out, result)
+    print(runtime_check.table(result))
+    print(f"results: {out}")
+    failed = [f"{n}: {c.get('hint') or c.get('error')}" for n, c in result["artifacts"].items() if c["ok"] is False]
+    if failed:
+        raise EdgekitError("the target's pinned runtime cannot run this bundle as built:\n  " + "\n  ".join(failed))
+    return 0
+
+
+def _add_verify(sub) -> None:
+    v = sub.add_parser("verify", help="load and run a bundle with the runtime version its target pins "
+                                      "(isolated, cached); --emulate: an aarch64 bundle under qemu")
+    v.add_argument("bundle")
+    v.add_argument("--emulate", action="store_true",
+                   help="also run an aarch64 bundle's runner under qemu-aarch64-static and compare with x86")
+    v.add_argument("--out", help="results file (default: BUNDLE/verify.json)")
+    v.set_defaults(func=_cmd_verify)
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
@@ -81,6 +223,29 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from edgekit import config, models, sensitivity, training
+    from edgekit.data import load_dataset
+    from edgekit.stages.base import write_json
+
+    cfg = config.load(args.config)
+    data = load_dataset(cfg)
+    training.seed_everything(cfg.train.seed)
+    model = models.build_model(cfg, data.sample_shape, data.num_classes)
+    t = cfg.train
+    training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
+                 weight_decay=t.weight_decay, seed=t.seed)
+    result = sensitivity.analyse(model, data, protect_stem=cfg.prune.protect_stem)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sensitivity.json", {**result, "layer_ratios": sensitivity.to_ratios(result)})
+    sensitivity.plot(result, out / "sensitivity.png")
+    for name, drops in result["layers"].items():
+        print(f"{name:<28} " + "  ".join(f"{r}: {100 * d:+.1f} pp" for r, d in drops.items()))
+    print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgekit", description="Take a PyTorch model and its data to devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,13 +254,20 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--target", action="append", help="target name (repeatable; default: build.targets)")
     b.add_argument("--out", help="build directory (default: runs/<timestamp>)")
     b.add_argument("--resume", metavar="DIR", help="continue an interrupted build from its last finished stage")
+    b.add_argument("--allow-fidelity-miss", action="store_true",
+                   help="keep going when an artifact misses its fidelity thresholds (recorded in the report)")
     b.set_defaults(func=_cmd_build)
-    r = sub.add_parser("run", help="measure a bundle on this machine with its runner")
-    r.add_argument("bundle")
-    r.add_argument("--out", help="results file (default: BUNDLE/results.json)")
-    r.add_argument("--artifact", action="append", help="artifact name (repeatable; default: all)")
-    r.add_argument("--threads", type=int, help="override the target's thread count")
+    d = sub.add_parser("debug", help="layer-wise fidelity of an artifact: where int8 loses accuracy")
+    d.add_argument("build_dir")
+    d.add_argument("--artifact", required=True, help="artifact name, e.g. tflite_int8")
+    d.add_argument("--top", type=int, default=10, help="how many layers to show")
+    d.set_defaults(func=_cmd_debug)
+    r = sub.add_parser("run", help="measure a bundle here, or on a device over SSH (--host), with its runner")
+    _run_options(r)
     r.set_defaults(func=_cmd_run)
+    _add_compare(sub)
+    _add_docker(sub)
+    _add_verify(sub)
     t = sub.add_parser("targets", help="list target profiles, or check a new one")
     t.add_argument("--check", metavar="FILE", help="validate a target YAML file")
     t.set_defaults(func=_cmd_targets)
@@ -103,6 +275,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?")
     c.add_argument("--default", action="store_true", help="print the full default config")
     c.set_defaults(func=_cmd_config)
+    sens = sub.add_parser("sensitivity", help="accuracy drop when each prunable layer alone is pruned")
+    sens.add_argument("config", nargs="?", help="YAML config (default: the built-in digits demo)")
+    sens.add_argument("--out", default=".", help="folder for sensitivity.json and sensitivity.png")
+    sens.set_defaults(func=_cmd_sensitivity)
     return p
 
 

@@ -16,7 +16,7 @@ from edgekit.errors import ConfigError
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["digits", "npz", "imagefolder"] = "digits"
+    source: Literal["digits", "digits32", "npz", "imagefolder"] = "digits"  # digits32: the harder built-in task
     path: str | None = None  # .npz file or ImageFolder root, relative to the config file
     image_size: int = 32  # imagefolder: images are resized to image_size x image_size
     grayscale: bool = False  # imagefolder: one channel instead of three
@@ -24,13 +24,16 @@ class DataConfig:
     test_fraction: float = 0.2
     calib_samples: int = 256  # taken from the train split, for int8 calibration
     limit: int | None = None  # use only this many samples (quick runs, tests)
+    copies: int = 3  # digits32: augmented copies of each digit
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["small_cnn"] = "small_cnn"  # built-in model, used when no factory is given
-    width: int = 32  # channels of the first conv of the built-in model
+    # built-in model (edgekit.models.zoo), used when no factory is given
+    name: Literal["small_cnn", "resnet8", "ds_cnn", "mobilenet_v1", "mobilenet_v2", "conv1d", "mlp"] = "small_cnn"
+    width: int = 32  # small_cnn / conv1d / mlp: channels of the first layer
+    width_mult: float = 1.0  # width multiplier of every zoo model (MobileNet's alpha)
     factory: str | None = None  # path/to/file.py:function returning an nn.Module
     checkpoint: str | None = None  # .pt/.pth state_dict (loaded weights_only) or .safetensors
 
@@ -47,10 +50,18 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     enabled: bool = True
-    method: Literal["l1"] = "l1"
-    ratio: float = 0.5  # fraction of channels removed from each prunable layer
+    method: Literal["l1", "slimming", "taylor", "random"] = "l1"  # how channels are ranked (edgekit.stages.prune)
+    scope: Literal["local", "global"] = "local"  # local: same ratio per layer; global: one ranking across layers
+    ratio: float = 0.5  # fraction of channels removed from each prunable layer (when no target is set)
+    target_macs: float | None = None  # keep at most this fraction of the MACs (e.g. 0.5); wins over ratio
+    target_params: float | None = None  # keep at most this fraction of the parameters
     round_to: int | None = None  # keep channel counts a multiple of this
     ignore: list[str] = field(default_factory=list)  # module names never pruned (the classifier always is)
+    protect_stem: bool = True  # never prune the first conv/linear layer's outputs
+    steps: int = 1  # iterative pruning: reach the target in this many rounds, fine-tuning between them
+    sparsity_strength: float = 1e-4  # slimming: L1 penalty on BatchNorm scales during sparsity training
+    sparsity_epochs: int = 4  # slimming: epochs of sparsity training before channels are removed
+    use_sensitivity: bool = False  # per-layer ratios from `edgekit sensitivity` (less for sensitive layers)
     finetune_epochs: int = 6
     lr: float = 1e-3
 
@@ -58,8 +69,16 @@ class PruneConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     enabled: bool = True
-    temperature: float = 4.0
-    alpha: float = 0.7  # weight of the soft-target loss; 1 - alpha goes to the hard labels
+    losses: list[Literal["soft", "feature", "relation"]] = field(default_factory=lambda: ["soft"])
+    temperature: float = 4.0  # soft: softmax temperature
+    alpha: float = 0.7  # soft: weight of the soft-target loss; 1 - alpha goes to the hard labels
+    feature_weight: float = 1.0  # feature: weight of the FitNets hint loss
+    feature_layers: list[str] = field(default_factory=list)  # "teacher_module:student_module"; [] = classifier input
+    relation_weight: float = 1.0  # relation: weight of the RKD distance + angle loss
+    teachers: list[str] = field(default_factory=list)  # checkpoints of the config's model; [] = the trained model
+    student: Literal["pruned", "small_cnn", "resnet8", "ds_cnn", "mobilenet_v1", "mobilenet_v2", "conv1d",
+                     "mlp"] = "pruned"  # the pruned model, or a fresh zoo model
+    student_width_mult: float = 0.5  # width multiplier of a zoo student
     epochs: int = 6
     lr: float = 1e-3
 
@@ -67,7 +86,16 @@ class DistillConfig:
 @dataclass(frozen=True)
 class QuantizeConfig:
     enabled: bool = True
-    subset_size: int = 256  # calibration samples for NNCF's initial ranges
+    method: Literal["qat", "ptq"] = "qat"  # ptq: calibrated ranges only; qat: then fine-tune with fake quant
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"  # how activation ranges are set
+    percentile: float = 99.99  # calibration: percentile
+    activations: Literal["symmetric", "asymmetric"] = "symmetric"
+    per_channel: bool = True  # per-channel weight scales (per-tensor when false)
+    bias_correction: bool = True  # NNCF's fast bias correction after calibration
+    subset_size: int = 256  # calibration samples for the initial ranges
+    keep_float: list[str] = field(default_factory=list)  # NNCF node names left in float (e.g. model/1/0/conv2d/0)
+    mixed_precision_tolerance: float | None = None  # keep the most int8-sensitive layers float until PTQ val
+    #                                                accuracy is within this (absolute) of the float model
     qat_epochs: int = 3
     lr: float = 1e-4
 
@@ -75,6 +103,8 @@ class QuantizeConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 17
+    # ONNX int8 settings over the targets' `int8:` (keys of targets.Int8Settings, or {target name: {...}})
+    int8: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,6 +119,7 @@ class RunConfig:
 class BuildConfig:
     targets: list[str] = field(default_factory=lambda: ["x86-64", "rpi5"])
     run_local: bool = True  # run the bundles this machine can run with the on-device runner
+    allow_fidelity_miss: bool = False  # keep going when an artifact misses its target's fidelity thresholds
 
 
 @dataclass(frozen=True)
@@ -155,16 +186,26 @@ def _check_ranges(cfg: Config) -> None:
         ("data.val_fraction", 0 < cfg.data.val_fraction < 0.5),
         ("data.test_fraction", 0 < cfg.data.test_fraction < 0.5),
         ("prune.ratio", 0 <= cfg.prune.ratio < 1),
+        ("prune.target_macs", cfg.prune.target_macs is None or 0 < cfg.prune.target_macs <= 1),
+        ("prune.target_params", cfg.prune.target_params is None or 0 < cfg.prune.target_params <= 1),
+        ("prune.steps", cfg.prune.steps >= 1),
+        ("prune.sparsity_strength", cfg.prune.sparsity_strength >= 0),
+        ("model.width_mult", cfg.model.width_mult > 0),
+        ("distill.student_width_mult", cfg.distill.student_width_mult > 0),
+        ("distill.losses", len(cfg.distill.losses) > 0),
+        ("quantize.percentile", 50 < cfg.quantize.percentile <= 100),
+        ("quantize.subset_size", cfg.quantize.subset_size > 0),
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1),
         ("distill.temperature", cfg.distill.temperature > 0),
         ("train.batch_size", cfg.train.batch_size > 0),
         ("data.calib_samples", cfg.data.calib_samples > 0),
+        ("data.copies", cfg.data.copies > 0),
         ("run.min_runs", cfg.run.min_runs > 0),
     ]
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"config: '{key}' is out of range; see `edgekit config --default` for sane values")
-    if cfg.data.source != "digits" and not cfg.data.path:
+    if cfg.data.source not in ("digits", "digits32") and not cfg.data.path:
         raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
     if not cfg.build.targets:
         raise ConfigError("config: build.targets is empty; list at least one target (see `edgekit targets`)")

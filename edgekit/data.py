@@ -48,6 +48,34 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str], str]:
     return x, bunch.target.astype(np.int64), [str(c) for c in range(10)], "pixel / 16 (0..1), shape (1, 8, 8)"
 
 
+def _digits32(copies: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], str, np.ndarray]:
+    """The harder task: digits upsampled to 32x32, `copies` randomly rotated, shifted, scaled, noisy versions each.
+
+    Deterministic under `seed`. Returns the group (source image) of each sample, so that the copies of one
+    image never land in different splits.
+    """
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    rng = np.random.default_rng(seed + 1)
+    base = ndimage.zoom(bunch.images.astype(np.float32) / 16.0, (1, 4, 4), order=1)  # (N, 32, 32)
+    n, xs = len(base), np.empty((len(base) * copies, 1, 32, 32), np.float32)
+    center = np.array([15.5, 15.5])
+    for k in range(n * copies):
+        angle, scale = np.deg2rad(rng.uniform(-20, 20)), rng.uniform(0.85, 1.1)
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+        shift = rng.uniform(-3, 3, size=2)
+        offset = center - rot @ (center + shift)
+        img = ndimage.affine_transform(base[k // copies], rot, offset=offset, order=1, mode="constant")
+        img = img * rng.uniform(0.6, 1.0) + rng.normal(0, 0.2, img.shape)  # contrast and sensor noise
+        xs[k, 0] = np.clip(img, -0.5, 1.5)
+    y = np.repeat(bunch.target.astype(np.int64), copies)
+    prep = (f"digits upsampled to 32x32, {copies} copies each: rotation +-20 deg, shift +-3 px, scale 0.85-1.1, "
+            "contrast 0.6-1, Gaussian noise sd 0.2; shape (1, 32, 32)")
+    return xs, y, [str(c) for c in range(10)], prep, np.repeat(np.arange(n), copies)
+
+
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     if not path.is_file():
         raise DataError(f"data file '{path}' not found; set data.path to a .npz with arrays 'x' and 'y'")
@@ -94,8 +122,12 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
     return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {size}x{size}, pixel / 255, CHW"
 
 
-def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig) -> tuple[Split, Split, Split, Split]:
+def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig,
+           groups: np.ndarray | None = None) -> tuple[Split, Split, Split, Split]:
     order = np.random.default_rng(cfg.seed).permutation(len(x))
+    if groups is not None:  # whole groups in one split: shuffle groups, keep each group's samples together
+        rank = np.random.default_rng(cfg.seed).permutation(groups.max() + 1)
+        order = np.lexsort((order, rank[groups]))
     if cfg.limit:
         order = order[: cfg.limit]
     n = len(order)
@@ -108,14 +140,16 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig) -> tuple[Split, Split,
 
 
 def load_dataset(cfg: Config) -> Dataset:
-    d = cfg.data
+    d, groups = cfg.data, None
     if d.source == "digits":
         x, y, labels, prep = _digits()
+    elif d.source == "digits32":
+        x, y, labels, prep, groups = _digits32(d.copies, d.seed)
     elif d.source == "npz":
         x, y, labels, prep = _npz(cfg.resolve(d.path))
     else:
         x, y, labels, prep = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
     if not np.isfinite(x).all():
         raise DataError("the data holds NaN or infinite values; clean it before building")
-    train, val, test, calib = _split(x, y, d)
+    train, val, test, calib = _split(x, y, d, groups)
     return Dataset(train, val, test, calib, labels, prep)

@@ -72,5 +72,9 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
                 log(f"[run] {target.name}: {target.arch} bundle, not runnable on this machine; "
                     f"measure it on the device with `edgekit run`")
     result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
+    from edgekit import runtime_check
+
+    runtime_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
     write_json(out / "report.json", result)
+    runtime_check.raise_on_failures(result)
     return result

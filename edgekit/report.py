@@ -20,13 +20,37 @@ def artifact_rows(verified: list[dict], bundles: list[dict], targets: list) -> l
                          "path": f"bundles/{target.name}/{a['file']}", "size_bytes": a["size_bytes"],
                          "accuracy": a["accuracy"], "top1_agreement": a["top1_agreement"],
                          "max_abs_diff": a["max_abs_diff"], "sqnr_db": a["sqnr_db"],
-                         "source_stage": a["source_stage"], "graph": a["graph"]})
+                         "source_stage": a["source_stage"], "graph": a["graph"],
+                         "fidelity_miss": a.get("fidelity_miss", False), "int8": _int8_summary(a)})
     return rows
+
+
+def _int8_summary(artifact: dict) -> dict | None:
+    """ONNX int8: its settings and what fused in onnxruntime's optimized graph (edgekit.onnx_int8.fusion)."""
+    info = artifact.get("int8")
+    if not info:
+        return None
+    fusion = info["fusion"]
+    return {"settings": info["settings"], "kept_float": info["kept_float"], "fused": fusion["fused"],
+            "fused_count": fusion["fused_count"], "unfused_count": fusion["unfused_count"],
+            "size_vs_fp32": info["size_vs_fp32"]}
+
+
+def _side_by_side(rows: list[dict], bundles: list[dict]) -> None:
+    """The bundle stage's alternating timing (int8/fp32 ratio) and its recommendation, onto each row."""
+    recs = {b["target"]: b.get("recommended") or {} for b in bundles}
+    for row in rows:
+        rec = recs.get(row["target"], {})
+        cand = {c["artifact"]: c for c in rec.get("candidates", [])}.get(row["name"])
+        row["recommended"] = rec.get("artifact") == row["name"]
+        if cand:
+            row["side_by_side"] = {k: cand.get(k) for k in ("p50_ms", "p90_ms", "vs_fp32", "fp32_artifact")}
 
 
 def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: dict) -> dict:
     by_name = {m["name"]: m for m in stage_metrics}
     rows = artifact_rows(by_name["verify"]["artifacts"], by_name["bundle"]["bundles"], targets)
+    _side_by_side(rows, by_name["bundle"]["bundles"])
     for row in rows:
         result = runs.get(row["target"], {}).get("artifacts", {}).get(row["name"])
         if result:
@@ -53,14 +77,33 @@ def summary_table(report: dict) -> str:
         lines.append(f"{s['name']:<10} {_fmt(s['accuracy'], '.4f'):>8} {_fmt(s['params'], 'd'):>8} "
                      f"{_fmt(s['macs'], 'd'):>10} {_fmt(s['size_bytes'] and s['size_bytes'] / 1024, '.1f'):>8}")
     lines.append("")
-    lines.append(f"{'target':<17} {'artifact':<18} {'runtime':<12} {'size KB':>7} {'acc':>6} {'agree':>6} "
-                 f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'vs fp32':>7}")
-    fp32 = {(r["target"], r["format"]): r for r in report["artifacts"] if r["precision"] == "fp32"}
+    lines.append(f"{'target':<17} {'artifact':<19} {'runtime':<12} {'size KB':>7} {'acc':>6} {'agree':>6} "
+                 f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'int8/fp32':>9} {'fused':>7}")
     for r in report["artifacts"]:
         lat = r.get("measured", {}).get("latency_ms", {})
-        base = fp32.get((r["target"], r["format"]), {}).get("measured", {}).get("latency_ms", {})
-        ratio = lat["p50"] / base["p50"] if lat and base and r["precision"] != "fp32" else None
-        lines.append(f"{r['target']:<17} {r['name']:<18} {r['runtime']:<12} {r['size_bytes'] / 1024:>7.1f} "
+        name = r["name"] + ("*" if r.get("recommended") else "")
+        int8 = r.get("int8")
+        fused = f"{int8['fused_count']}/{int8['unfused_count']}" if int8 else None
+        lines.append(f"{r['target']:<17} {name:<19} {r['runtime']:<12} {r['size_bytes'] / 1024:>7.1f} "
                      f"{r['accuracy']:>6.3f} {r['top1_agreement']:>6.3f} {_fmt(r['sqnr_db'], '.1f'):>7} "
-                     f"{_fmt(lat.get('p50'), '.3f'):>7} {_fmt(lat.get('p90'), '.3f'):>7} {_fmt(ratio, '.2f'):>7}")
+                     f"{_fmt(lat.get('p50'), '.3f'):>7} {_fmt(lat.get('p90'), '.3f'):>7} "
+                     f"{_fmt(_ratio(r, report['artifacts']), '.2f'):>9} {_fmt(fused, 's'):>7}")
+    lines.append("int8/fp32: p50 ratio, artifacts timed alternately at the target's threads; * recommended")
+    lines.append("fused: int8 ops / float ops left unfused in onnxruntime's optimized graph")
+    for b in report["bundles"]:
+        rec = b.get("recommended") or {}
+        lines.append(f"recommended for {b['target']}: {rec.get('artifact') or '-'} ({rec.get('reason', 'none')})")
     return "\n".join(lines)
+
+
+def _ratio(row: dict, rows: list[dict]) -> float | None:
+    """int8/fp32 p50: from the bundle's alternating timing, else from the runs (same format's fp32)."""
+    if row["precision"] == "fp32":
+        return None
+    side = row.get("side_by_side") or {}
+    if side.get("vs_fp32") is not None:
+        return side["vs_fp32"]
+    lat = row.get("measured", {}).get("latency_ms", {})
+    base = next((r.get("measured", {}).get("latency_ms") for r in rows if r["target"] == row["target"]
+                 and r["format"] == row["format"] and r["precision"] == "fp32"), None)
+    return lat["p50"] / base["p50"] if lat and base else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -10,7 +10,7 @@ import yaml
 from edgekit.errors import TargetError
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
-FORMATS = {"onnx": ("fp32", "int8"), "tflite": ("fp32", "int8")}
+FORMATS = {"onnx": ("fp32", "fp16", "int8"), "tflite": ("fp32", "int8")}
 RUNTIMES = {  # runtime name -> (pip package on the device, artifact format)
     "onnxruntime": ("onnxruntime", "onnx"),
     "onnxruntime-gpu": ("onnxruntime-gpu", "onnx"),
@@ -20,6 +20,61 @@ RUNTIMES = {  # runtime name -> (pip package on the device, artifact format)
 ARCHES = ("x86_64", "aarch64")
 REQUIRED = {"name": str, "description": str, "arch": str, "python": str, "artifacts": list, "threads": int,
             "budgets": dict, "accuracy_tolerance_pp": (int, float), "docker_base": str}
+OPTIONAL = {"runtimes": dict, "fidelity": dict, "int8": dict}  # optional sections; each has defaults
+FIDELITY_DEFAULTS = {"min_agreement": 0.99, "min_sqnr_db": 15.0}  # every artifact against its torch model
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How an ONNX int8 artifact is quantized for one target's CPU and runtime (onnxruntime quantize_static)."""
+
+    activation_type: str = "uint8"  # uint8 | int8
+    weight_type: str = "int8"  # int8 | uint8
+    reduce_range: bool = True  # 7-bit weights: no u8 x s8 pair-sum saturation on AVX2 without VNNI
+    per_channel: bool = True  # one weight scale per output channel (depthwise convs need it)
+    symmetric_activations: bool = False  # zero-point 0 for activations (TensorRT requires it)
+    float_first_conv: bool = True  # keep the input conv (few channels: slow in int8) in float
+    calibration: str = "minmax"  # minmax | percentile
+    preset: str = "x86-avx2"  # where these values came from
+
+    @property
+    def variant(self) -> str:
+        """Suffix of the artifact key; the x86-avx2 defaults have none, so that artifact is `onnx_int8`."""
+        if replace(self, preset="x86-avx2") == INT8_PRESETS["x86-avx2"]:
+            return ""
+        short = {"uint8": "u8", "int8": "s8"}
+        parts = [short[self.activation_type], short[self.weight_type], "rr" if self.reduce_range else "",
+                 "pc" if self.per_channel else "pt", "sym" if self.symmetric_activations else "",
+                 "" if self.float_first_conv else "full", "" if self.calibration == "minmax" else self.calibration[:4]]
+        return "".join(parts)
+
+
+INT8_PRESETS = {  # what each CPU / runtime does well; values measured here are marked in the README
+    "x86-avx2": Int8Settings(),
+    "x86-vnni": Int8Settings(reduce_range=False, preset="x86-vnni"),
+    "arm-neon-dot": Int8Settings(activation_type="int8", reduce_range=False, preset="arm-neon-dot"),
+    "tensorrt": Int8Settings(activation_type="int8", reduce_range=False, symmetric_activations=True,
+                             float_first_conv=False, preset="tensorrt"),
+}
+INT8_CHOICES = {"activation_type": ("uint8", "int8"), "weight_type": ("int8", "uint8"),
+                "calibration": ("minmax", "percentile")}
+
+
+def int8_settings(raw: dict, where: str, base: Int8Settings | None = None) -> Int8Settings:
+    """`preset:` picks a preset, the other keys override it; unknown keys and values list the valid ones."""
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    if preset is not None and preset not in INT8_PRESETS:
+        raise TargetError(f"{where}: int8 preset '{preset}' unknown; valid: {', '.join(INT8_PRESETS)}")
+    settings = INT8_PRESETS[preset] if preset else (base or INT8_PRESETS["x86-avx2"])
+    names = [f.name for f in fields(Int8Settings) if f.name != "preset"]
+    for key, value in raw.items():
+        if key not in names:
+            raise TargetError(f"{where}: unknown int8 key '{key}'; valid: preset, {', '.join(names)}")
+        valid = INT8_CHOICES.get(key, (True, False))
+        if value not in valid or (key not in INT8_CHOICES and not isinstance(value, bool)):
+            raise TargetError(f"{where}: int8.{key} is {value!r}; valid: {', '.join(map(str, valid))}")
+    return replace(settings, **raw)
 
 
 @dataclass(frozen=True)
@@ -29,12 +84,14 @@ class ArtifactSpec:
     runtime: str  # a key of RUNTIMES
     runtime_version: str  # the version pinned on the device
     io: str = "float32"  # tflite int8: int8 | float32 input/output tensors
+    variant: str = ""  # onnx int8: Int8Settings.variant of the target (empty for the x86-avx2 defaults)
 
     @property
     def key(self) -> str:
         """Names the exported file: targets that need the same artifact share it."""
         suffix = "_int8io" if self.format == "tflite" and self.precision == "int8" and self.io == "int8" else ""
-        return f"{self.format}_{self.precision}{suffix}"
+        variant = f"_{self.variant}" if self.variant else ""
+        return f"{self.format}_{self.precision}{suffix}{variant}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +107,9 @@ class Target:
     accuracy_tolerance_pp: float
     docker_base: str
     source: str
+    min_agreement: float = FIDELITY_DEFAULTS["min_agreement"]  # top-1 agreement of each artifact with torch
+    min_sqnr_db: float = FIDELITY_DEFAULTS["min_sqnr_db"]
+    int8: Int8Settings = Int8Settings()  # ONNX int8 quantization settings (targets/*.yaml `int8:`)
 
     @property
     def runs_here(self) -> bool:
@@ -82,20 +142,42 @@ def parse(raw: object, source: str) -> Target:
     for key, kind in REQUIRED.items():
         if not isinstance(raw.get(key), kind):
             raise TargetError(f"{source}: '{key}' is missing or has the wrong type")
-    unknown = set(raw) - set(REQUIRED) - {"runtimes"}
+    unknown = set(raw) - set(REQUIRED) - set(OPTIONAL)
     if unknown:
         raise TargetError(f"{source}: unknown key '{sorted(unknown)[0]}'; valid keys: "
-                          + ", ".join([*REQUIRED, "runtimes"]))
+                          + ", ".join([*REQUIRED, *OPTIONAL]))
+    for key, kind in OPTIONAL.items():
+        if key in raw and not isinstance(raw[key], kind):
+            raise TargetError(f"{source}: '{key}' must be a mapping")
     if raw["arch"] not in ARCHES:
         raise TargetError(f"{source}: arch '{raw['arch']}' unknown; valid: {', '.join(ARCHES)}")
     versions = raw.get("runtimes") or {}
-    arts = tuple(_artifact(a, versions, source) for a in raw["artifacts"])
+    int8 = int8_settings(raw.get("int8") or {}, source)
+    arts = tuple(_with_int8(_artifact(a, versions, source), int8) for a in raw["artifacts"])
     if not arts:
         raise TargetError(f"{source}: 'artifacts' is empty; list at least one")
     budgets = raw["budgets"]
     return Target(raw["name"], raw["description"], raw["arch"], str(raw["python"]), arts, raw["threads"],
                   int(budgets.get("memory_mb", 0)), float(budgets.get("latency_ms", 0)),
-                  float(raw["accuracy_tolerance_pp"]), raw["docker_base"], source)
+                  float(raw["accuracy_tolerance_pp"]), raw["docker_base"], source,
+                  **_fidelity(raw.get("fidelity") or {}, source), int8=int8)
+
+
+def _with_int8(spec: ArtifactSpec, int8: Int8Settings) -> ArtifactSpec:
+    return replace(spec, variant=int8.variant) if (spec.format, spec.precision) == ("onnx", "int8") else spec
+
+
+def _fidelity(raw: dict, source: str) -> dict:
+    unknown = set(raw) - set(FIDELITY_DEFAULTS)
+    if unknown:
+        raise TargetError(f"{source}: unknown fidelity key '{sorted(unknown)[0]}'; valid: "
+                          + ", ".join(FIDELITY_DEFAULTS))
+    merged = FIDELITY_DEFAULTS | raw
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in merged.values()):
+        raise TargetError(f"{source}: fidelity thresholds must be numbers")
+    if not 0 <= merged["min_agreement"] <= 1:
+        raise TargetError(f"{source}: fidelity.min_agreement must be between 0 and 1")
+    return {k: float(v) for k, v in merged.items()}
 
 
 def load_file(path: Path) -> Target:

@@ -29,13 +29,15 @@ def cross_entropy(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.
 
 
 def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, batch_size: int = 64,
-        weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = cross_entropy, desc: str = "train") -> float:
+        weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = cross_entropy, desc: str = "train",
+        keep_best: bool = True, extra_params: list[nn.Parameter] | None = None) -> float:
     """Train in place with Adam and a cosine schedule; load the weights of the best validation epoch.
 
-    Returns that best validation accuracy.
+    Returns that best validation accuracy. `keep_best=False` keeps the last epoch (sparsity training, where
+    the effect wanted builds up over the epochs); `extra_params` are trained too (distillation adapters).
     """
     seed_everything(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(list(model.parameters()) + list(extra_params or []), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     best_acc, best_state = accuracy(logits(model, val.x), val.y), copy.deepcopy(model.state_dict())
@@ -51,7 +53,7 @@ def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, b
             opt.step()
         sched.step()
         acc = accuracy(logits(model, val.x), val.y)
-        if acc > best_acc:
+        if acc > best_acc or not keep_best:
             best_acc, best_state = acc, copy.deepcopy(model.state_dict())
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}", best=f"{best_acc:.3f}")
     model.load_state_dict(best_state)

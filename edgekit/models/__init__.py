@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -94,13 +95,22 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         raise ModelError(f"checkpoint '{path}' does not fit the model: {first}") from exc
 
 
+def build_named(name: str, sample_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
+                width_mult: float = 1.0) -> nn.Module:
+    """A model of the zoo (edgekit.models.zoo) by name."""
+    from edgekit.models import zoo
+
+    return zoo.get(name)(sample_shape, num_classes, width=width, width_mult=width_mult)
+
+
 def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *,
                 with_checkpoint: bool = True) -> nn.Module:
     """The model the config names, with its checkpoint loaded; checked with one forward pass."""
     if cfg.model.factory:
         model = _call_factory(_load_factory(cfg.model.factory, cfg), sample_shape, num_classes, cfg.model.factory)
     else:
-        model = small_cnn(sample_shape, num_classes, cfg.model.width)
+        model = build_named(cfg.model.name, sample_shape, num_classes, width=cfg.model.width,
+                            width_mult=cfg.model.width_mult)
     if with_checkpoint and cfg.model.checkpoint:
         _load_checkpoint(model, cfg.resolve(cfg.model.checkpoint))
     model.eval()
@@ -115,15 +125,29 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *,
     return model
 
 
-def save_model(model: nn.Module, path: Path) -> None:
-    """Save weights and pruned shapes (torch-pruning's state dict), atomically."""
+SPEC_FILE = "model_spec.json"  # beside a model.pt whose architecture is not the config's (a zoo student)
+
+
+def save_model(model: nn.Module, path: Path, spec: dict | None = None) -> None:
+    """Save weights and pruned shapes (torch-pruning's state dict), atomically.
+
+    `spec` ({"name", "width", "width_mult"}) records a zoo architecture other than the config's model.
+    """
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(tp.state_dict(model), tmp)
     tmp.replace(path)
+    if spec is not None:
+        (path.parent / SPEC_FILE).write_text(json.dumps(spec))
 
 
 def load_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, path: Path) -> nn.Module:
-    """Rebuild the config's model and load a (possibly pruned) saved state into it."""
-    model = build_model(cfg, sample_shape, num_classes, with_checkpoint=False)
+    """Rebuild the config's model (or the zoo model of a spec file beside it) and load a saved state into it."""
+    spec_file = path.parent / SPEC_FILE
+    if spec_file.is_file():
+        spec = json.loads(spec_file.read_text())
+        model = build_named(spec["name"], sample_shape, num_classes, width=spec["width"],
+                            width_mult=spec["width_mult"]).eval()
+    else:
+        model = build_model(cfg, sample_shape, num_classes, with_checkpoint=False)
     tp.load_state_dict(model, state_dict=torch.load(path, map_location="cpu", weights_only=False))
     return model.eval()

@@ -1,9 +1,11 @@
-"""Export stage: the fp32 torch model to ONNX and TFLite (fp32, full-int8); the quantize stage's ONNX copied.
+"""Export stage: the fp32 torch model to ONNX (fp32, int8) and TFLite (fp32, full-int8).
 
-Only the artifacts the chosen targets list are made. TFLite goes through onnx2tf (ONNX -> float SavedModel)
-and then TensorFlow's own converter, with a representative dataset for int8. onnx2tf turns channels-first
-inputs channels-last; the permutation from the dataset's layout to the artifact's input is recorded as
-`input.transpose` and checked by running the float model against onnxruntime.
+Only the artifacts the chosen targets list are made. ONNX int8 is quantized from the fp32 export by
+edgekit.onnx_int8 with each target's `int8:` settings (BN folded, int8 weights, Q/DQ that onnxruntime
+fuses); targets with different settings get different keys (`onnx_int8_<variant>`). TFLite goes through
+onnx2tf (ONNX -> float SavedModel) and then TensorFlow's own converter, with a representative dataset for
+int8. onnx2tf turns channels-first inputs channels-last; the permutation from the dataset's layout to the
+artifact's input is recorded as `input.transpose` and checked by running the float model against onnxruntime.
 
 Nothing here touches the network: onnx2tf's download of a sample image is replaced by local data and every
 socket connect is refused while it runs.
@@ -26,7 +28,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from edgekit import quiet
+from edgekit import onnx_int8, quiet
 from edgekit.errors import EdgekitError
 from edgekit.stages.base import Context, write_bytes, write_json
 
@@ -34,35 +36,39 @@ name = "export"
 
 ARTIFACT_FILE = "artifacts.json"
 LOG_FILE = "convert.log"  # what onnx2tf and the TFLite converter printed, for when they fail
-KEY_ORDER = ("onnx_fp32", "onnx_int8", "tflite_fp32", "tflite_int8", "tflite_int8_int8io")
+KEY_ORDER = ("onnx_fp32", "onnx_fp16", "onnx_int8", "tflite_fp32", "tflite_int8", "tflite_int8_int8io")
 LAYOUTS = {1: ("NF", "NF"), 2: ("NCL", "NLC"), 3: ("NCHW", "NHWC"), 4: ("NCDHW", "NDHWC")}
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # float <-> int8 at the edges of a float-I/O int8 model
-QUANTIZED_ONNX = "model_int8.onnx"  # written by the quantize stage
 CHECK_SAMPLES = 16  # calibration samples used to check an export against its source
 
 
 # --- entry point --------------------------------------------------------------------------------------------
 
 def run(ctx: Context) -> dict:
-    """Make every artifact the targets need and check it; only then write them and artifacts.json."""
+    """Make every artifact the targets need and check it; only then write them and artifacts.json.
+
+    fp32 artifacts come from the last float stage; int8 artifacts from the quantize stage's QAT-tuned
+    weights when it ran (the weights learned under int8 fake quantization), else from the same float model.
+    """
     keys = needed_keys(ctx)
-    if "onnx_int8" in keys and not ctx.done("quantize"):
-        raise EdgekitError("a target needs an int8 ONNX artifact; set quantize.enabled: true in the config")
-    source = ctx.latest_model_stage(before="quantize")
-    model = ctx.load_model(source).eval()
+    int8_settings = onnx_int8.settings_by_key(ctx.targets, ctx.cfg.export.int8)
+    fp32_source = ctx.latest_model_stage(before="quantize")
+    int8_source = "quantize" if ctx.has_model("quantize") else fp32_source
+    passes = {fp32_source: ([k for k in keys if "_int8" not in k], {})}
+    int8_keys = [k for k in keys if "_int8" in k]
+    if int8_source == fp32_source:
+        passes[fp32_source][0].extend(int8_keys)
+        passes[fp32_source] = (passes[fp32_source][0], int8_settings)
+    else:
+        passes[int8_source] = (int8_keys, int8_settings)
     built: list[tuple[dict, bytes]] = []
     with tempfile.TemporaryDirectory(prefix="edgekit-export-") as tmp:
-        work = Path(tmp)
-        fp32 = _torch_to_onnx(model, ctx, work / "fp32.onnx", dynamic_batch=True)
-        _check_onnx(fp32, model, ctx.data.calib.x[:CHECK_SAMPLES])
-        if "onnx_fp32" in keys:
-            built.append(_onnx_artifact("onnx_fp32", fp32.read_bytes(), source))
-        if "onnx_int8" in keys:
-            built.append(_onnx_artifact("onnx_int8", _quantized_onnx(ctx), "quantize"))
-        tflite_keys = [k for k in keys if k.startswith("tflite_")]
-        if tflite_keys:
-            built += _tflite_artifacts(ctx, model, work, tflite_keys, source)
+        for source, (wanted, settings) in passes.items():
+            if wanted:
+                (Path(tmp) / source).mkdir()
+                built += _export_from(ctx, source, wanted, settings, Path(tmp) / source)
+    built.sort(key=lambda item: keys.index(item[0]["name"]) if item[0]["name"] in keys else len(keys))
     out = ctx.stage_dir(name)
     for record, payload in built:
         write_bytes(out / record["file"], payload)
@@ -72,13 +78,33 @@ def run(ctx: Context) -> dict:
             "size_bytes": sum(r["size_bytes"] for r in records)}
 
 
+def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict,
+                 work: Path) -> list[tuple[dict, bytes]]:
+    """The artifacts `keys` of one stage's torch model."""
+    model = ctx.load_model(source).eval()
+    built = []
+    fp32 = _torch_to_onnx(model, ctx, work / "fp32.onnx", dynamic_batch=True)
+    _check_onnx(fp32, model, ctx.data.calib.x[:CHECK_SAMPLES])
+    if "onnx_fp32" in keys:
+        built.append(_onnx_artifact("onnx_fp32", fp32.read_bytes(), source))
+    if "onnx_fp16" in keys:
+        built.append(_onnx_artifact("onnx_fp16", _to_fp16(fp32), source))
+    for key, settings in int8_settings.items():
+        built.append(_onnx_int8_artifact(key, fp32, ctx.data.calib.x, settings, source))
+    tflite_keys = [k for k in keys if k.startswith("tflite_")]
+    if tflite_keys:
+        built += _tflite_artifacts(ctx, model, work, tflite_keys, source)
+    return built
+
+
 def needed_keys(ctx: Context) -> list[str]:
     """The artifact keys the targets list, in a fixed order (ONNX first, then TFLite)."""
     wanted = {a.key for t in ctx.targets for a in t.artifacts}
-    unknown = wanted - set(KEY_ORDER)
+    variants = sorted(k for k in wanted if k.startswith("onnx_int8_"))  # per-target int8 settings
+    unknown = wanted - set(KEY_ORDER) - set(variants)
     if unknown:
         raise EdgekitError(f"no exporter for artifact '{sorted(unknown)[0]}'; valid: {', '.join(KEY_ORDER)}")
-    return [k for k in KEY_ORDER if k in wanted]
+    return [k for k in KEY_ORDER if k in wanted] + variants
 
 
 def _progress(key: str, t0: float, size: int) -> None:
@@ -86,7 +112,7 @@ def _progress(key: str, t0: float, size: int) -> None:
 
 
 def _record(key: str, fmt: str, source: str, size: int) -> dict:
-    precision = "int8" if "_int8" in key else "fp32"
+    precision = "int8" if "_int8" in key else "fp16" if "_fp16" in key else "fp32"
     io = "int8" if key.endswith("_int8io") else "float32"
     return {"name": key, "file": f"{key}.{fmt}", "format": fmt, "precision": precision, "io": io,
             "source_stage": source, "size_bytes": size}
@@ -108,11 +134,23 @@ def _torch_to_onnx(model: torch.nn.Module, ctx: Context, path: Path, *, dynamic_
     return path
 
 
-def _quantized_onnx(ctx: Context) -> bytes:
-    path = ctx.out / "stages" / "quantize" / QUANTIZED_ONNX
-    if not path.is_file():
-        raise EdgekitError(f"{path} is missing though quantize finished; rebuild without --resume")
-    return path.read_bytes()
+def _to_fp16(fp32: Path) -> bytes:
+    """fp16 weights and compute for GPUs (TensorRT), float32 inputs and outputs kept so callers need no cast."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
+        return convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True).SerializeToString()
+
+
+def _onnx_int8_artifact(key: str, fp32: Path, calib: np.ndarray, settings, source: str) -> tuple[dict, bytes]:
+    """onnxruntime-fusable int8 from the fp32 export (edgekit.onnx_int8), with its fused/unfused op counts."""
+    payload, info = onnx_int8.quantize(fp32, calib, settings)
+    record, payload = _onnx_artifact(key, payload, source)
+    record["int8"] = {**info, "fusion": onnx_int8.fusion(payload, len(info["kept_float"])),
+                      "size_vs_fp32": round(len(payload) / fp32.stat().st_size, 3)}
+    return record, payload
 
 
 def _ort_session(model: Path | bytes, what: str):

@@ -1,22 +1,81 @@
-"""Structured pruning: physically remove channels by filter L1 norm (Li et al. 2017), then fine-tune."""
+"""Structured pruning: physically remove channels (torch-pruning's dependency graph), then fine-tune.
+
+Methods (a registry; `prune.method`):
+- l1:       filter L1 norm of the group's first conv (Li et al. 2017)
+- slimming: Network Slimming (Liu et al. 2017): sparsity training with an L1 penalty on BatchNorm scales,
+            then channels ranked by |gamma| (with `scope: global`, one threshold across all layers)
+- taylor:   first-order Taylor importance |w * dL/dw| of the group (Molchanov et al. 2019)
+- random:   the baseline every method must beat at the same MACs
+
+Targets: `target_macs` / `target_params` (fraction of the unpruned model to keep at most) are met by calling
+torch-pruning's `step()` in small increments until the count is under the target (torch-pruning has no
+MACs target of its own); otherwise `ratio` of the channels of every prunable layer is removed. `steps: N`
+spreads the target over N rounds with fine-tuning between them. Residual, depthwise and concatenation
+couplings are pruned as one group, so the pruned model still runs and exports.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from edgekit import training
+from edgekit import metrics, training
+from edgekit.config import PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.stages.base import Context, finish_torch_stage
 
 name = "prune"
 # Li et al. 2017: rank a group's channels by the L1 norm of the filters of its first (pruned) conv.
 L1_FILTER_NORM = tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="first")
+FINE_STEPS = 60  # increments of a target search; each removes about 1/60 of the maximum ratio
+MAX_LAYER_RATIO = 0.9  # no layer loses more than this fraction of its channels (global ranking can gut one)
+GRAD_SAMPLES = 128  # samples whose loss gradient feeds Taylor importance
 
 
-def _ignored(model: nn.Module, names: list[str], num_classes: int) -> list[nn.Module]:
-    """The classifier (any Linear/conv that outputs num_classes) and the modules the user named."""
+@dataclass(frozen=True)
+class Method:
+    importance: Callable[[bool], tp.importance.Importance]  # global ranking? -> importance
+    needs_grad: bool = False
+    sparsity_training: bool = False
+    reference: str = ""
+
+
+def _l1(global_rank: bool) -> tp.importance.Importance:
+    # across layers raw L1 norms are not comparable: normalise each layer by its mean for global ranking
+    if global_rank:
+        return tp.importance.MagnitudeImportance(p=1, normalizer="mean", group_reduction="first")
+    return L1_FILTER_NORM
+
+
+METHODS: dict[str, Method] = {
+    "l1": Method(_l1, reference="Li et al. 2017, filter L1 norm"),
+    "slimming": Method(lambda g: tp.importance.BNScaleImportance(normalizer=None), sparsity_training=True,
+                       reference="Liu et al. 2017, Network Slimming (BN scale)"),
+    "taylor": Method(lambda g: tp.importance.GroupTaylorImportance(normalizer="mean" if g else None),
+                     needs_grad=True, reference="Molchanov et al. 2019, first-order Taylor"),
+    "random": Method(lambda g: tp.importance.RandomImportance(), reference="random channels (baseline)"),
+}
+
+
+def method(key: str) -> Method:
+    if key not in METHODS:
+        raise ConfigError(f"prune.method '{key}' has no structured pruner; valid: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+# --- which layers are protected -----------------------------------------------------------------------------
+
+def _weighted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+
+
+def protected_layers(model: nn.Module, names: list[str], num_classes: int, *, protect_stem: bool) -> list[nn.Module]:
+    """The classifier (any Linear/conv that outputs num_classes), the stem (first conv) and named modules."""
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
@@ -25,26 +84,170 @@ def _ignored(model: nn.Module, names: list[str], num_classes: int) -> list[nn.Mo
     heads = [m for m in modules.values()
              if (isinstance(m, nn.Linear) and m.out_features == num_classes)
              or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == num_classes)]
-    return heads + [modules[n] for n in names]
+    layers = _weighted(model)
+    stem = [layers[0][1]] if protect_stem and layers and layers[0][1] not in heads else []
+    return heads + stem + [modules[n] for n in names]
+
+
+def _ignored(model: nn.Module, names: list[str], num_classes: int) -> list[nn.Module]:
+    return protected_layers(model, names, num_classes, protect_stem=False)
+
+
+# --- the pruning itself -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """How to prune one model: what ranks channels, what is protected, and where to stop."""
+    method: str = "l1"
+    scope: str = "local"  # local: every layer the same ratio; global: one ranking across layers
+    ratio: float = 0.5  # used when neither target is set
+    target_macs: float | None = None
+    target_params: float | None = None
+    round_to: int | None = None
+    ignore: tuple[str, ...] = ()
+    protect_stem: bool = True
+    layer_ratios: tuple[tuple[str, float], ...] = ()  # per-layer ratios (sensitivity), ratio mode only
+
+
+def _grad_fn(calib: tuple[np.ndarray, np.ndarray] | None) -> Callable[[nn.Module], None]:
+    def accumulate(model: nn.Module) -> None:
+        if calib is None:
+            raise ConfigError("prune.method 'taylor' needs data for its gradients")
+        x, y = torch.from_numpy(calib[0][:GRAD_SAMPLES]), torch.from_numpy(calib[1][:GRAD_SAMPLES])
+        model.zero_grad()
+        model.eval()  # BN statistics stay as trained; only the gradient is wanted
+        nn.functional.cross_entropy(model(x), y).backward()
+    return accumulate
+
+
+def _pruner(model: nn.Module, shape: tuple[int, ...], plan: Plan, ignored: list[nn.Module], *, ratio: float,
+            steps: int) -> tp.pruner.MetaPruner:
+    global_rank = plan.scope == "global"
+    modules = dict(model.named_modules())
+    ratio_dict = {modules[n]: r for n, r in plan.layer_ratios if n in modules} or None
+    return tp.pruner.MetaPruner(
+        model, torch.zeros(1, *shape), importance=method(plan.method).importance(global_rank),
+        global_pruning=global_rank, pruning_ratio=ratio, pruning_ratio_dict=ratio_dict,
+        max_pruning_ratio=MAX_LAYER_RATIO, iterative_steps=steps, ignored_layers=ignored, round_to=plan.round_to,
+    )
+
+
+def _count(model: nn.Module, shape: tuple[int, ...], what: str) -> int:
+    macs, params = metrics.macs_and_params(model, shape)
+    return macs if what == "macs" else params
+
+
+def prune_model(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan: Plan, *,
+                keep: float | None = None, calib: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Prune in place. `keep` overrides the plan's target (fraction of the original count to keep).
+
+    Returns what was done: the measure targeted, reached fraction and number of pruner steps.
+    """
+    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem)
+    grads = _grad_fn(calib) if method(plan.method).needs_grad else None
+    what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
+    if what is None:  # one shot at a channel ratio
+        ratio = plan.ratio if keep is None else 1 - keep
+        pruner = _pruner(model, shape, plan, ignored, ratio=ratio, steps=1)
+        if grads:
+            grads(model)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        return {"measure": "channels", "ratio": ratio, "pruner_steps": 1}
+    goal_frac = keep if keep is not None else (plan.target_macs if what == "macs" else plan.target_params)
+    base = _count(model, shape, what)
+    pruner = _pruner(model, shape, plan, ignored, ratio=MAX_LAYER_RATIO, steps=FINE_STEPS)
+    done = 0
+    while _count(model, shape, what) > goal_frac * base and done < FINE_STEPS:
+        if grads:
+            grads(model)
+        pruner.step()
+        done += 1
+    model.zero_grad(set_to_none=True)
+    return {"measure": what, "target": goal_frac, "reached": _count(model, shape, what) / base,
+            "pruner_steps": done}
 
 
 def prune_l1(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int, *, ratio: float,
              round_to: int | None, ignore: list[str]) -> nn.Module:
-    """Remove `ratio` of the channels of every prunable layer; couplings are pruned as groups."""
-    pruner = tp.pruner.MetaPruner(
-        model, torch.zeros(1, *sample_shape), importance=L1_FILTER_NORM,
-        pruning_ratio=ratio, ignored_layers=_ignored(model, ignore, num_classes), round_to=round_to,
-    )
-    pruner.step()
+    """Remove `ratio` of the channels of every prunable layer by filter L1 norm (classifier kept)."""
+    plan = Plan(method="l1", ratio=ratio, round_to=round_to, ignore=tuple(ignore), protect_stem=False)
+    prune_model(model, sample_shape, num_classes, plan)
     return model
 
 
+# --- Network Slimming's sparsity training -------------------------------------------------------------------
+
+def bn_l1(model: nn.Module) -> torch.Tensor:
+    """Sum of |gamma| over every BatchNorm layer (Liu et al. 2017's sparsity penalty)."""
+    gammas = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.weight is not None]
+    return torch.stack(gammas).sum() if gammas else torch.zeros(())
+
+
+def sparsity_train(model: nn.Module, ctx_train, ctx_val, *, strength: float, epochs: int, lr: float,
+                   batch_size: int, seed: int) -> float:
+    """Train with CE + strength * sum|gamma| so that unimportant channels' BN scales go to zero."""
+    def loss(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y) + strength * bn_l1(model)
+
+    return training.fit(model, ctx_train, ctx_val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        loss_fn=loss, desc="sparsity", keep_best=False)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def plan_from_config(p: PruneConfig, layer_ratios: dict[str, float] | None = None) -> Plan:
+    return Plan(method=p.method, scope=p.scope, ratio=p.ratio, target_macs=p.target_macs,
+                target_params=p.target_params, round_to=p.round_to, ignore=tuple(p.ignore),
+                protect_stem=p.protect_stem, layer_ratios=tuple(sorted((layer_ratios or {}).items())))
+
+
+def _keep_schedule(plan: Plan, steps: int) -> list[float | None]:
+    """Cumulative fraction to keep after each round; None means the plan's own one-shot target."""
+    if steps <= 1:
+        return [None]
+    goal = plan.target_macs if plan.target_macs is not None else plan.target_params
+    if goal is None:  # channel ratio: the same fraction of the remaining channels each round
+        per_round = 1 - (1 - plan.ratio) ** (1 / steps)
+        return [1 - per_round] * steps
+    return [1 - (1 - goal) * k / steps for k in range(1, steps + 1)]
+
+
+def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) -> tuple[list[dict], float]:
+    data, t = ctx.data, ctx.cfg.train
+    schedule = _keep_schedule(plan, p.steps)
+    epochs = [p.finetune_epochs // len(schedule) + (i < p.finetune_epochs % len(schedule))
+              for i in range(len(schedule))]
+    rounds, best_val = [], 0.0
+    calib = (data.calib.x, data.calib.y)
+    for keep, ep in zip(schedule, epochs, strict=True):
+        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib)
+        best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
+                                seed=t.seed, desc="finetune")
+        rounds.append({**info, "finetune_epochs": ep})
+    return rounds, best_val
+
+
 def run(ctx: Context) -> dict:
-    p, data = ctx.cfg.prune, ctx.data
-    model = ctx.load_model(ctx.latest_model_stage(before=name))
-    prune_l1(model, data.sample_shape, data.num_classes, ratio=p.ratio, round_to=p.round_to, ignore=p.ignore)
-    best_val = training.fit(model, data.train, data.val, epochs=p.finetune_epochs, lr=p.lr,
-                            batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="finetune")
-    return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method=p.method,
-                              settings={"ratio": p.ratio, "round_to": p.round_to, "ignore": p.ignore,
-                                        "finetune_epochs": p.finetune_epochs})
+    p, data, t = ctx.cfg.prune, ctx.data, ctx.cfg.train
+    source = ctx.latest_model_stage(before=name)
+    model = ctx.load_model(source)
+    macs0, params0 = metrics.macs_and_params(model, data.sample_shape)
+    extra: dict = {}
+    if method(p.method).sparsity_training:
+        sparsity_train(model, data.train, data.val, strength=p.sparsity_strength, epochs=p.sparsity_epochs,
+                       lr=p.lr, batch_size=t.batch_size, seed=t.seed)
+        extra["bn_l1_after_sparsity"] = float(bn_l1(model))
+    layer_ratios = None
+    if p.use_sensitivity:
+        from edgekit import sensitivity
+
+        layer_ratios = sensitivity.layer_ratios(ctx, model)
+        extra["layer_ratios"] = layer_ratios
+    rounds, best_val = iterative_prune(ctx, model, plan_from_config(p, layer_ratios), p)
+    macs1, params1 = metrics.macs_and_params(model, data.sample_shape)
+    settings = {k: getattr(p, k) for k in PruneConfig.__dataclass_fields__}
+    return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method=p.method, library="torch-pruning",
+                              reference=METHODS[p.method].reference, settings=settings, rounds=rounds,
+                              macs_kept=macs1 / macs0, params_kept=params1 / params0, **extra)

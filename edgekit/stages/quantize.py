@@ -1,18 +1,35 @@
-"""int8 with NNCF: calibrate initial ranges, fine-tune with fake quantization (QAT), export QDQ ONNX."""
+"""int8 with NNCF: calibrate initial ranges (PTQ), optionally fine-tune with fake quantization (QAT), export QDQ ONNX.
+
+Calibration (`quantize.calibration`), each from the library that has it:
+- minmax:     NNCF range estimator MINMAX (min of the per-sample minima, max of the maxima)
+- percentile: NNCF range estimator with QUANTILE statistics at `quantize.percentile`, averaged over samples
+- entropy:    NNCF has no KL calibration: activation ranges are replaced by the threshold that minimises the
+              KL divergence between the float and the int8 histogram (TensorRT's method), computed by
+              onnxruntime's HistogramCollector with 2048 bins (onnxruntime's own `quantize_static` leaves
+              num_bins unset, which makes its search a single candidate)
+Mixed precision (`quantize.keep_float`): NNCF's ignored scope keeps the named layers in float.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgekit import metrics, quiet, training
-from edgekit.stages.base import LOGITS_FILE, Context
+from edgekit import metrics, models, quiet, training
+from edgekit.config import QuantizeConfig
+from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
 
 name = "quantize"
 ONNX_FILE = "model_int8.onnx"
 LOG_FILE = "quantize.log"  # what NNCF printed
+ENTROPY_BINS = 2048  # histogram bins of the KL search
+QUANTIZED_BINS = 128  # int8 levels on one side of zero
 
 
 def _nncf():
@@ -33,14 +50,183 @@ class _Root(torch.nn.Module):
         return self.model(x)
 
 
-def calibrate(model: torch.nn.Module, calib_x: np.ndarray, subset_size: int) -> torch.nn.Module:
-    """NNCF post-training quantization: symmetric per-channel int8 weights, calibrated activations."""
+@dataclass(frozen=True)
+class Calibration:
+    method: str = "minmax"  # minmax | percentile | entropy
+    percentile: float = 99.99
+    activations: str = "symmetric"
+    per_channel: bool = True
+    bias_correction: bool = True
+    keep_float: tuple[str, ...] = ()  # NNCF node names left unquantized
+
+    @classmethod
+    def from_config(cls, q: QuantizeConfig, keep_float: tuple[str, ...] = ()) -> Calibration:
+        return cls(q.calibration, q.percentile, q.activations, q.per_channel, q.bias_correction, keep_float)
+
+    def describe(self) -> dict:
+        library = {"minmax": "nncf MINMAX range estimator",
+                   "percentile": f"nncf QUANTILE range estimator ({self.percentile} %)",
+                   "entropy": f"onnxruntime HistogramCollector KL search ({ENTROPY_BINS} bins) on NNCF quantizers"}
+        return {"calibration": self.method, "calibration_library": library[self.method],
+                "activations": self.activations, "per_channel_weights": self.per_channel,
+                "bias_correction": "nncf fast bias correction" if self.bias_correction else "off",
+                "keep_float": list(self.keep_float)}
+
+
+def _range_estimator(calib: Calibration):
+    from nncf.quantization.range_estimator import (
+        AggregatorType,
+        RangeEstimatorParameters,
+        RangeEstimatorParametersSet,
+        StatisticsCollectorParameters,
+        StatisticsType,
+    )
+
+    if calib.method != "percentile":
+        return RangeEstimatorParametersSet.MINMAX
+    outlier = 1 - calib.percentile / 100
+    return RangeEstimatorParameters(
+        min=StatisticsCollectorParameters(StatisticsType.QUANTILE, AggregatorType.MEAN, quantile_outlier_prob=outlier),
+        max=StatisticsCollectorParameters(StatisticsType.QUANTILE, AggregatorType.MEAN, quantile_outlier_prob=outlier),
+    )
+
+
+def _advanced(calib: Calibration):
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+    return AdvancedQuantizationParameters(
+        activations_range_estimator_params=_range_estimator(calib),
+        weights_quantization_params=QuantizationParameters(per_channel=calib.per_channel),
+        disable_bias_correction=not calib.bias_correction,
+    )
+
+
+def calibrate(model: torch.nn.Module, calib_x: np.ndarray, subset_size: int,
+              calibration: Calibration | None = None) -> torch.nn.Module:
+    """NNCF post-training quantization: int8 weights (per-channel by default), calibrated activations."""
     nncf = _nncf()
+    calibration = calibration or Calibration()
     model = _Root(model).eval()
     loader = torch.utils.data.DataLoader(torch.from_numpy(calib_x), batch_size=1)
     dataset = nncf.Dataset(loader)
-    return nncf.quantize(model, dataset, subset_size=min(subset_size, len(calib_x)),
-                         preset=nncf.QuantizationPreset.PERFORMANCE)
+    preset = nncf.QuantizationPreset.PERFORMANCE if calibration.activations == "symmetric" \
+        else nncf.QuantizationPreset.MIXED
+    ignored = nncf.IgnoredScope(names=list(calibration.keep_float)) if calibration.keep_float else None
+    qmodel = nncf.quantize(model, dataset, subset_size=min(subset_size, len(calib_x)), preset=preset,
+                           ignored_scope=ignored, advanced_parameters=_advanced(calibration))
+    if calibration.method == "entropy":
+        entropy_ranges(qmodel, calib_x[:subset_size])
+    return qmodel
+
+
+# --- KL (entropy) calibration of the activation quantizers -------------------------------------------------
+
+def quantizers(qmodel: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """NNCF's quantizer modules by their hook key."""
+    return {k: m for k, m in qmodel.named_modules()
+            if type(m).__name__ in ("SymmetricQuantizer", "AsymmetricQuantizer")}
+
+
+@torch.no_grad()
+def _collect(qmodel: torch.nn.Module, quantizers: dict[str, torch.nn.Module], x: np.ndarray) -> dict[str, list]:
+    """The float values that reach each activation quantizer (weights, fed by a Parameter, are skipped)."""
+    seen: dict[str, list[np.ndarray]] = {k: [] for k in quantizers}
+
+    def hook(key: str):
+        def keep(_module, args):
+            if not isinstance(args[0], torch.nn.Parameter):
+                seen[key].append(args[0].detach().float().numpy())
+        return keep
+
+    handles = [mod.register_forward_pre_hook(hook(key)) for key, mod in quantizers.items()]
+    enabled = {k: m.enabled.clone() for k, m in quantizers.items()}
+    for m in quantizers.values():
+        m.enabled.zero_()  # float values reach every quantizer, as in the float model
+    try:
+        metrics.logits(qmodel, x, batch=64)
+    finally:
+        for k, v in enabled.items():
+            quantizers[k].enabled.copy_(v)
+        for h in handles:
+            h.remove()
+    return {k: [np.concatenate([a.ravel() for a in v])] for k, v in seen.items() if v}
+
+
+def entropy_ranges(qmodel: torch.nn.Module, x: np.ndarray) -> dict[str, float]:
+    """Set each activation quantizer's range to the KL-optimal threshold; returns the thresholds."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    found = quantizers(qmodel)
+    values = _collect(qmodel, found, x)
+    collector = HistogramCollector(method="entropy", symmetric=True, num_bins=ENTROPY_BINS,
+                                   num_quantized_bins=QUANTIZED_BINS, percentile=99.999, scenario="same")
+    with quiet.silenced(None):
+        collector.collect(values)
+        result = collector.compute_collection_result()
+    thresholds = {}
+    with torch.no_grad():
+        for key, r in result.items():
+            t = float(max(abs(float(r[0])), abs(float(r[1]))))
+            if t > 0:
+                _set_range(found[key], t)
+                thresholds[key] = t
+    return thresholds
+
+
+def _set_range(q: torch.nn.Module, threshold: float) -> None:
+    if type(q).__name__ == "SymmetricQuantizer":
+        log = getattr(q, "_is_using_log_scale_storage", False)
+        q._scale_param_storage.data.fill_(float(np.log(threshold)) if log else threshold)
+    else:  # asymmetric: keep the low end when it is 0 (after ReLU), else [-t, t]
+        low = q.input_low.data.clamp(min=-threshold)
+        q.input_low.data.copy_(low)
+        q.input_range.data.copy_(torch.full_like(q.input_range.data, threshold) - low)
+
+
+# --- mixed precision: keep the most int8-sensitive layers in float ----------------------------------------
+
+def weighted_nodes(qmodel: torch.nn.Module) -> list[str]:
+    """NNCF node names of the layers whose weights are quantized (conv / linear)."""
+    nodes = []
+    for key in quantizers(qmodel):
+        node = key.split(".", 2)[-1].rsplit("__", 1)[0]
+        if "pre_hooks" in key and key.endswith("__1.0") and node not in nodes:
+            nodes.append(node)
+    return nodes
+
+
+def _val_accuracy(qmodel: torch.nn.Module, val) -> float:
+    return metrics.accuracy(metrics.logits(qmodel, val.x), val.y)
+
+
+def mixed_precision(model: torch.nn.Module, calib_x: np.ndarray, val, subset_size: int, calibration: Calibration,
+                    tolerance: float) -> tuple[Calibration, dict]:
+    """Greedy: rank layers by the accuracy gained when each alone stays float; keep float until within tolerance.
+
+    Returns the calibration with `keep_float` set and a record of what it cost.
+    """
+    import copy
+
+    float_acc = metrics.accuracy(metrics.logits(model, val.x), val.y)
+    full = calibrate(copy.deepcopy(model), calib_x, subset_size, calibration)
+    record = {"float_val_accuracy": float_acc, "int8_val_accuracy": _val_accuracy(full, val),
+              "tolerance": tolerance, "sensitivity": {}, "kept_float": []}
+    if record["int8_val_accuracy"] >= float_acc - tolerance:
+        return calibration, record
+    for node in weighted_nodes(full):
+        trial = dataclasses.replace(calibration, keep_float=(node,))
+        gain = _val_accuracy(calibrate(copy.deepcopy(model), calib_x, subset_size, trial), val)
+        record["sensitivity"][node] = gain - record["int8_val_accuracy"]
+    kept: list[str] = []
+    acc = record["int8_val_accuracy"]
+    for node in sorted(record["sensitivity"], key=record["sensitivity"].get, reverse=True):
+        kept.append(node)
+        trial = dataclasses.replace(calibration, keep_float=tuple(kept))
+        acc = _val_accuracy(calibrate(copy.deepcopy(model), calib_x, subset_size, trial), val)
+        if acc >= float_acc - tolerance:
+            break
+    record.update(kept_float=kept, mixed_val_accuracy=acc)
+    return dataclasses.replace(calibration, keep_float=tuple(kept)), record
 
 
 def export_qdq(qmodel: torch.nn.Module, example: torch.Tensor, path, opset: int) -> None:
@@ -54,17 +240,37 @@ def export_qdq(qmodel: torch.nn.Module, example: torch.Tensor, path, opset: int)
     tmp.replace(path)
 
 
+def save_tuned_weights(ctx: Context, source: str, qmodel: torch.nn.Module, out_dir: Path) -> None:
+    """The weights QAT tuned under fake quantization, in a plain copy of the source model (NNCF's hooks and
+    quantizer parameters left out): the export stage makes the int8 artifacts from these."""
+    model = ctx.load_model(source)
+    prefix = "model."  # _Root's child
+    model.load_state_dict({k[len(prefix):]: v for k, v in qmodel.state_dict().items() if k.startswith(prefix)})
+    models.save_model(model.eval(), out_dir / MODEL_FILE)
+    spec = ctx.out / "stages" / source / models.SPEC_FILE  # a zoo student's architecture
+    if spec.is_file():
+        shutil.copy2(spec, out_dir / models.SPEC_FILE)
+
+
 def run(ctx: Context) -> dict:
     q, data = ctx.cfg.quantize, ctx.data
     source = ctx.latest_model_stage(before=name)
     out_dir = ctx.stage_dir(name)
+    calibration = Calibration.from_config(q, tuple(q.keep_float))
+    mixed = None
     with quiet.silenced(out_dir / LOG_FILE):  # NNCF, torchao and torch.onnx print a lot
-        qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size)
+        if q.mixed_precision_tolerance is not None:
+            calibration, mixed = mixed_precision(ctx.load_model(source), data.calib.x, data.val, q.subset_size,
+                                                 calibration, q.mixed_precision_tolerance)
+        qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size, calibration)
     ptq_acc = metrics.accuracy(metrics.logits(qmodel, data.test.x), data.test.y)
-    best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
-                            batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat")
+    best_val = None
+    if q.method == "qat":
+        best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
+                                batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat")
     test_logits = metrics.logits(qmodel, data.test.x)
     np.save(out_dir / LOGITS_FILE, test_logits)
+    save_tuned_weights(ctx, source, qmodel, out_dir)
     with quiet.silenced(out_dir / LOG_FILE):
         export_qdq(qmodel, ctx.example_input(), out_dir / ONNX_FILE, ctx.cfg.export.opset)
     src = ctx.metrics(source)
@@ -72,7 +278,7 @@ def run(ctx: Context) -> dict:
         "name": name, "accuracy": metrics.accuracy(test_logits, data.test.y), "ptq_accuracy": ptq_acc,
         "val_accuracy": best_val, "params": src["params"], "macs": src["macs"],
         "size_bytes": src["params"],  # int8 weights: one byte each
-        "method": "nncf-qat", "source_stage": source,
-        "settings": {"library": "nncf", "preset": "performance", "subset_size": q.subset_size,
-                     "qat_epochs": q.qat_epochs, "lr": q.lr},
+        "method": f"nncf-{q.method}", "library": "nncf", "source_stage": source, "mixed_precision": mixed,
+        "settings": {"library": "nncf", "method": q.method, "subset_size": q.subset_size,
+                     "qat_epochs": q.qat_epochs if q.method == "qat" else 0, "lr": q.lr, **calibration.describe()},
     }

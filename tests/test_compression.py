@@ -1,0 +1,188 @@
+"""Pruning methods and targets, distillation losses, calibration choices and the harder task: real effects."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgekit import config, data, metrics, models
+from edgekit.stages import distill, prune, quantize, train
+from edgekit.stages.base import Context
+from tests.conftest import tiny
+
+SHAPE = (1, 8, 8)
+
+
+def _model(name: str = "small_cnn", width: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = models.build_model(config.from_dict({"model": {"name": name, "width": width}}), SHAPE, 10)
+    for m in model.modules():  # distinct BN scales, as after training, so that slimming has something to rank
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand_like(m.weight) + 0.05
+    return model
+
+
+def _exports(model: torch.nn.Module, tmp_path) -> bool:
+    x = np.random.default_rng(0).random((4, *SHAPE), dtype=np.float32)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.eval(), (torch.from_numpy(x[:1]),), str(path), dynamo=False, input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}})
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    return bool(np.allclose(out, metrics.logits(model, x), atol=1e-4))
+
+
+@pytest.mark.parametrize("method", ["l1", "slimming", "taylor", "random"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_methods_meet_macs_target_and_export(method, scope, tmp_path):
+    model = _model("resnet8")
+    macs0, _ = metrics.macs_and_params(model, SHAPE)
+    calib = (np.random.default_rng(0).random((32, *SHAPE), dtype=np.float32), np.arange(32) % 10)
+    info = prune.prune_model(model, SHAPE, 10, prune.Plan(method=method, scope=scope, target_macs=0.5),
+                             calib=calib)
+    macs1, _ = metrics.macs_and_params(model, SHAPE)
+    assert macs1 <= 0.5 * macs0 and info["reached"] == pytest.approx(macs1 / macs0)
+    assert model.stem[0].out_channels == 8 * 2  # the stem (and its residual group) is protected
+    assert _exports(model, tmp_path)
+
+
+def test_target_params_round_to_and_ignore():
+    model = _model()
+    _, p0 = metrics.macs_and_params(model, SHAPE)
+    prune.prune_model(model, SHAPE, 10, prune.Plan(target_params=0.6, round_to=4, ignore=("2.0",),
+                                                   protect_stem=False))
+    _, p1 = metrics.macs_and_params(model, SHAPE)
+    assert p1 <= 0.6 * p0
+    assert model[0][0].out_channels % 4 == 0 and model[0][0].out_channels < 16
+    assert model[2][0].out_channels == 32  # ignored layer keeps its outputs
+
+
+def test_global_ranking_differs_from_uniform():
+    local, glob = _model(), _model()
+    with torch.no_grad():
+        glob[1][0].weight *= 10  # one layer of much larger scale: global ranking keeps more of it
+        local[1][0].weight *= 10
+    prune.prune_model(local, SHAPE, 10, prune.Plan(method="l1", scope="local", ratio=0.5, protect_stem=False))
+    prune.prune_model(glob, SHAPE, 10, prune.Plan(method="l1", scope="global", ratio=0.5, protect_stem=False))
+    chans = lambda m: [m[i][0].out_channels for i in range(3)]  # noqa: E731
+    assert chans(local) == [8, 16, 16] and chans(local) != chans(glob)
+
+
+def test_bn_scales_shrink_under_sparsity_training():
+    cfg = config.from_dict(tiny(data={"limit": 300}))
+    ds = data.load_dataset(cfg)
+    norms = []
+    for strength in (0.0, 0.05):
+        model = models.build_model(cfg, ds.sample_shape, ds.num_classes)
+        prune.sparsity_train(model, ds.train, ds.val, strength=strength, epochs=3, lr=0.01, batch_size=32, seed=0)
+        norms.append(float(prune.bn_l1(model).detach()))
+    assert norms[1] < 0.9 * norms[0]
+
+
+def test_iterative_prune_stage_records_rounds(tmp_path):
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 1},
+                                prune={"method": "taylor", "target_macs": 0.5, "steps": 2, "finetune_epochs": 2}))
+    ctx = Context(cfg, data.load_dataset(cfg), tmp_path, [])
+    before = train.run(ctx)
+    (tmp_path / "stages" / "train" / "metrics.json").write_text(json.dumps(before))
+    result = prune.run(ctx)
+    assert [r["target"] for r in result["rounds"]] == [0.75, 0.5]
+    assert result["macs"] <= 0.5 * before["macs"] and result["method"] == "taylor"
+    assert result["settings"]["steps"] == 2 and result["library"] == "torch-pruning"
+
+
+# --- distillation -------------------------------------------------------------------------------------------
+
+def test_each_kd_loss_is_zero_for_identical_outputs_and_positive_otherwise():
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 10), torch.randn(16, 10)
+    fa, fb = torch.randn(16, 8, 4, 4), torch.randn(16, 8, 4, 4)
+    assert distill.soft_kl(a, a, 4.0).abs() < 1e-6 and distill.soft_kl(a, b, 4.0) > 0.01
+    assert distill.hint_loss(fa, fa, None) == 0 and distill.hint_loss(fa, fb, None) > 0.1
+    assert distill.relation_loss(a, a).abs() < 1e-6 and distill.relation_loss(a, b) > 0.01
+    assert distill.relation_loss(a, 3 * a).abs() < 1e-5  # RKD compares relations, not scale
+
+
+def test_combined_objective_trains_adapter_for_a_narrower_student():
+    teacher, student = _model(width=16), _model(width=8)
+    objective = distill.Objective(student, [teacher, _model(width=16)], ["soft", "feature", "relation"],
+                                  pairs=[("1.0", "1.0")])
+    x, y = torch.rand(8, *SHAPE), torch.arange(8)
+    distill.prime_adapters(objective, x)
+    assert len(objective.adapters) == 1 and objective.adapters[0].in_channels == 16
+    parts = objective.parts(student.train()(x), y, x)
+    assert set(parts) == {"soft", "feature", "relation"} and all(v > 0 for v in parts.values())
+    objective(student(x), y, x).backward()
+    assert objective.adapters[0].weight.grad is not None
+    objective.close()
+
+
+# --- calibration --------------------------------------------------------------------------------------------
+
+def test_entropy_and_percentile_differ_from_minmax_on_skewed_data():
+    model = _model()
+    rng = np.random.default_rng(0)
+    x = rng.exponential(0.1, size=(64, *SHAPE)).astype(np.float32)
+    x[::16] *= 40  # rare large outliers
+    scales = {}
+    for method in ("minmax", "percentile", "entropy"):
+        q = quantize.calibrate(_model(), x, 64, quantize.Calibration(method=method, percentile=99.0))
+        found = quantize.quantizers(q).items()
+        scales[method] = {k: float(m.scale.detach().max()) for k, m in found if "post_hooks" in k}
+    for method in ("percentile", "entropy"):
+        assert scales[method].keys() == scales["minmax"].keys()
+        first = next(iter(scales["minmax"]))  # the input quantizer sees the skewed data directly
+        assert scales[method][first] < 0.8 * scales["minmax"][first], (method, scales)
+    assert model is not None
+
+
+def test_keep_float_leaves_named_layers_unquantized(tmp_path):
+    import onnx
+
+    x = np.random.default_rng(0).random((32, *SHAPE), dtype=np.float32)
+    full = quantize.calibrate(_model(), x, 32)
+    mixed = quantize.calibrate(_model(), x, 32, quantize.Calibration(keep_float=("model/1/0/conv2d/0",)))
+    counts = []
+    for q in (full, mixed):
+        path = tmp_path / "q.onnx"
+        quantize.export_qdq(q, torch.from_numpy(x[:1]), path, 17)
+        counts.append([n.op_type for n in onnx.load(path).graph.node].count("QuantizeLinear"))
+    assert counts[1] < counts[0]
+
+
+# --- the harder task ----------------------------------------------------------------------------------------
+
+def test_digits32_is_deterministic_and_keeps_copies_in_one_split():
+    cfg = config.from_dict({"data": {"source": "digits32", "copies": 2, "limit": 400}})
+    a, b = data.load_dataset(cfg), data.load_dataset(cfg)
+    assert a.sample_shape == (1, 32, 32) and np.array_equal(a.test.x, b.test.x)
+    x, y, _, _, groups = data._digits32(2, 0)
+    assert len(x) == 2 * len(np.unique(groups)) and not np.array_equal(x[0], x[1])
+    test_rows = {r.tobytes() for r in a.test.x}
+    # the copy of a test image never sits in train: no train sample equals a test sample's sibling group
+    assert not any(r.tobytes() in test_rows for r in a.train.x)
+
+
+def test_mixed_precision_keeps_most_sensitive_layers_float():
+    cfg = config.from_dict(tiny(data={"limit": 200}))
+    ds = data.load_dataset(cfg)
+    model = _model(width=8)
+    calib, record = quantize.mixed_precision(model, ds.calib.x[:32], ds.val, 32, quantize.Calibration(),
+                                             tolerance=-1.0)  # unreachable: every layer ends up float
+    assert set(calib.keep_float) == set(record["sensitivity"]) and len(calib.keep_float) == 4
+    assert record["kept_float"][0] == max(record["sensitivity"], key=record["sensitivity"].get)
+
+
+def test_distill_stage_with_a_zoo_student_reloads_its_architecture(tmp_path):
+    cfg = config.from_dict(tiny(data={"limit": 200}, train={"epochs": 1},
+                                distill={"student": "resnet8", "student_width_mult": 0.25, "epochs": 1,
+                                         "losses": ["soft", "relation"]}))
+    ctx = Context(cfg, data.load_dataset(cfg), tmp_path, [])
+    write = (tmp_path / "stages" / "train" / "metrics.json")
+    write.parent.mkdir(parents=True)
+    write.write_text(json.dumps(train.run(ctx)))
+    result = distill.run(ctx)
+    assert result["settings"]["student_spec"]["name"] == "resnet8" and result["method"] == "soft+relation"
+    again = ctx.load_model("distill")
+    assert hasattr(again, "stack1") and result["params"] < ctx.metrics("train")["params"]

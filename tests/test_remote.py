@@ -1,0 +1,260 @@
+"""`edgekit run --host`: against a real OpenSSH server on 127.0.0.1 (own host key, own user key, free port)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from edgekit import cli, measure, remote
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 20, "min_seconds": 0.0, "max_seconds": 5.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+class Sshd:
+    """sshd -D on 127.0.0.1:port with its own host key; only `user_key` may log in, as the current user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.user = root, _free_port(), getpass.getuser()
+        self.host_key, self.user_key = root / "host_key", root / "user_key"
+        for key in (self.host_key, self.user_key):
+            _keygen(key)
+        (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
+        (root / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}", f"PidFile {root}/sshd.pid",
+            f"AuthorizedKeysFile {root}/authorized_keys", "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no",
+            f"AllowUsers {self.user}", "LogLevel INFO", ""]))
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+        self.log = (root / "sshd.log").open("w")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while "Server listening" not in (root / "sshd.log").read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("sshd did not start: " + (root / "sshd.log").read_text()[-500:])
+            time.sleep(0.05)
+
+    def connection(self, known_hosts: Path, accept_new: bool = False) -> remote.Connection:
+        return remote.Connection(f"{self.user}@127.0.0.1", port=self.port, identity=str(self.user_key),
+                                 accept_new_host_key=accept_new, known_hosts=known_hosts)
+
+    def session_processes(self) -> list[psutil.Process]:
+        """Every process of every open connection: the per-connection sshd children and what they run."""
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def running(self, script: str) -> bool:
+        """A Python process of one of the connections runs `script` (not merely a shell that will)."""
+        for p in self.session_processes():
+            try:
+                argv = p.cmdline()
+            except psutil.Error:  # ended meanwhile
+                continue
+            if len(argv) > 1 and "python" in Path(argv[0]).name and argv[1].endswith(script):
+                return True
+        return False
+
+    def drop_connections(self) -> None:
+        """Kill the per-connection sshd processes and any Python they run; shells end on their own (SIGHUP),
+        so that no shell start-up file is cut in the middle of something (pyenv's rehash leaves a lock)."""
+        for p in self.session_processes():
+            try:
+                if p.name() == "sshd" or "python" in p.name():
+                    p.kill()
+            except psutil.Error:
+                continue
+
+    def stop(self) -> None:
+        self.drop_connections()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def pinned(sshd, tmp_path):
+    """A known-hosts file that already trusts the fixture's host key (as after --accept-new-host-key)."""
+    known = tmp_path / "known_hosts"
+    key = (sshd.root / "host_key.pub").read_text().split()
+    known.write_text(f"[127.0.0.1]:{sshd.port} {key[0]} {key[1]}\n")
+    return known
+
+
+@pytest.fixture()
+def bundle(e2e_build, tmp_path):
+    out, _ = e2e_build
+    dest = tmp_path / "x86-64"
+    shutil.copytree(out / "bundles" / "x86-64", dest)
+    (dest / "results.json").unlink(missing_ok=True)
+    return dest
+
+
+def _remote_folders() -> set[str]:
+    return {p.name for p in Path("/tmp").glob("edgekit-??????")}
+
+
+def test_run_over_ssh_brings_back_schema_valid_results_and_cleans_up(sshd, pinned, bundle, capsys):
+    before = _remote_folders()
+    conn = sshd.connection(pinned)
+    data, path = remote.run_remote(bundle, conn, python=sys.executable, artifacts=["onnx_int8", "tflite_int8"],
+                                   overrides=FAST, log=lambda *_: None)
+    assert path == bundle / "results-127.0.0.1.json"
+    on_disk = json.loads(path.read_text())
+    measure.validate(on_disk)
+    assert on_disk["remote"]["host"] == conn.host and on_disk["remote"]["kept"] is False
+    assert set(on_disk["artifacts"]) == {"onnx_int8", "tflite_int8"}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name, r in on_disk["artifacts"].items():
+        spec = next(a for a in manifest["artifacts"] if a["name"] == name)
+        assert r["artifact_sha256"] == spec["sha256"] and r["latency_ms"]["runs"] >= 20
+        assert r["accuracy"] == pytest.approx(spec["reference"]["accuracy"], abs=1e-9)
+    assert _remote_folders() == before  # the remote folder is gone
+    local = measure.run_bundle(bundle, artifacts=["onnx_int8"], overrides=FAST, log=lambda *_: None)
+    assert local["accuracy"] == on_disk["accuracy"]
+    csv_path = bundle.parent / "cmp.csv"
+    assert cli.main(["compare", str(bundle / "results.json"), str(path), "--csv", str(csv_path)]) == 0
+    assert "x86-64@" in capsys.readouterr().out and len(csv_path.read_text().splitlines()) == 4
+
+
+def test_cli_run_host_keep(sshd, pinned, bundle, capsys):
+    out = bundle.parent / "r.json"
+    argv = ["run", str(bundle), "--host", f"{sshd.user}@127.0.0.1", "--port", str(sshd.port), "--identity",
+            str(sshd.user_key), "--python", sys.executable, "--artifact", "onnx_fp32", "--keep", "--out", str(out),
+            "--min-runs", "10", "--min-seconds", "0", "--warmup-runs", "1"]
+    os.environ["EDGEKIT_KNOWN_HOSTS"] = str(pinned)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        del os.environ["EDGEKIT_KNOWN_HOSTS"]
+    printed = capsys.readouterr().out
+    assert "onnx_fp32" in printed and str(out) in printed
+    kept = Path(json.loads(out.read_text())["remote"]["remote_dir"])
+    assert (kept / "x86-64" / "runner.py").is_file()
+    shutil.rmtree(kept)
+
+
+def test_unknown_host_key_is_refused_then_pinned_when_accepted(sshd, bundle, tmp_path):
+    known = tmp_path / "edgekit" / "known_hosts"
+    with pytest.raises(remote.HostKeyError, match="not known to edgekit.*--accept-new-host-key"):
+        remote.probe(sshd.connection(known), sys.executable)
+    info = remote.probe(sshd.connection(known, accept_new=True), sys.executable)
+    assert info["machine"] and info["modules"]["numpy"]
+    assert (sshd.root / "host_key.pub").read_text().split()[1] in known.read_text()
+    remote.probe(sshd.connection(known), sys.executable)  # pinned: accepted without the flag now
+
+
+def test_changed_host_key_is_always_refused(sshd, tmp_path):
+    other = tmp_path / "other_key"
+    _keygen(other)
+    known = tmp_path / "known_hosts"
+    key = (tmp_path / "other_key.pub").read_text().split()
+    known.write_text(f"[127.0.0.1]:{sshd.port} {key[0]} {key[1]}\n")
+    for accept in (False, True):
+        with pytest.raises(remote.HostKeyError, match="CHANGED.*ssh-keygen -R"):
+            remote.probe(sshd.connection(known, accept_new=accept), sys.executable)
+    assert known.read_text().split()[2] == key[1]  # the pinned key is left as it was
+
+
+def test_wrong_user_key_says_keys_only(sshd, pinned, tmp_path):
+    stranger = tmp_path / "stranger"
+    _keygen(stranger)
+    conn = sshd.connection(pinned)
+    conn.identity = str(stranger)
+    with pytest.raises(remote.RemoteError, match="keys only"):
+        remote.probe(conn, sys.executable)
+
+
+def test_device_that_lacks_the_runtime_is_told_what_to_install(sshd, pinned, bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    info = remote.probe(sshd.connection(pinned), sys.executable)
+    assert remote.mismatches(info, manifest, ["onnx_int8", "tflite_int8"]) == []
+    bare = info | {"python": "3.9.2", "modules": {**info["modules"], "ai_edge_litert": None, "litert": None}}
+    problems = remote.mismatches(bare, manifest, ["tflite_int8"])
+    assert "Python 3.9.2 (the target pins 3.11)" in problems
+    assert "ai-edge-litert is missing (2.1.0 needed)" in problems
+    assert remote.mismatches(info | {"machine": "aarch64"}, manifest, ["onnx_int8"])[0].startswith("the device is")
+    with pytest.raises(remote.RemoteError, match=r"pip install ai-edge-litert==2\.1\.0 numpy.*--setup"):
+        remote.prepare(sshd.connection(pinned), manifest | {"target": {**manifest["target"], "python": "3.9"}},
+                       ["tflite_int8"], sys.executable, False)
+
+
+def test_dropped_connection_is_a_clear_error_and_a_second_run_works(sshd, pinned, bundle):
+    out = bundle / "results-127.0.0.1.json"
+    slow = FAST | {"min_seconds": 60.0, "max_seconds": 120.0}
+    caught: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, artifacts=["onnx_int8"],
+                              overrides=slow, log=lambda *_: None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+            caught.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not sshd.running("runner.py"):
+        assert time.monotonic() < deadline, "the runner never started on the device"
+        time.sleep(0.1)
+    sshd.drop_connections()  # drop the link: end that connection's sshd processes and the runner
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert len(caught) == 1 and isinstance(caught[0], remote.ConnectionLost), caught
+    assert "lost while running artifact onnx_int8" in str(caught[0]) and "Nothing was written locally" in str(caught[0])
+    assert not out.exists() and not list(bundle.glob(".results*"))
+    data, path = remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, artifacts=["onnx_int8"],
+                                   overrides=FAST, log=lambda *_: None)
+    assert path == out and data["artifacts"]["onnx_int8"]["valid"] is True
+
+
+def test_device_python_under_home_is_expanded_there_not_here():
+    assert remote.rpython("~/venv/bin/python") == '"$HOME"/venv/bin/python'
+    assert remote.rpython("/usr/bin/python3 x") == "'/usr/bin/python3 x'"
+    assert remote.requirements("tflite-runtime", "2.14.0") == ["tflite-runtime==2.14.0", "numpy<2"]
+
+
+def test_setup_makes_a_venv_on_the_device_with_the_pinned_runtime(sshd, pinned, bundle, tmp_path):
+    from edgekit import images, targets
+
+    wheels = images._wheel_dir(targets.get(["x86-64"])[0])
+    if not any(wheels.glob("onnxruntime-*.whl")):
+        pytest.fail("no cached x86-64 wheels: run `python -m edgekit.images fetch x86-64` once (`make test` does)")
+    venv = tmp_path / "device venv"  # a space: quoting is checked too
+    setup = {"venv": str(venv), "pip_options": ["--no-index", "--find-links", str(wheels)]}  # offline: the cache
+    data, _ = remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, setup=setup,
+                                artifacts=["onnx_int8"], overrides=FAST, log=lambda *_: None)
+    assert data["remote"]["python"] == f"{venv}/bin/python"
+    assert data["runtime"]["version"] == "1.23.0" and data["valid"] is True
+    assert (venv / "bin" / "python").exists()

@@ -1,0 +1,187 @@
+"""The on-device runner: timing rules, memory, validity flags, schema-valid results, and `edgekit compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from edgekit import cli, measure
+from edgekit.errors import BundleError
+from edgekit.runner import runner
+
+
+def test_time_runs_keeps_warmup_out_and_meets_min_runs():
+    calls = []
+    samples = runner.time_runs(calls.append, 7, warmup=3, min_runs=11, min_s=0.0, max_s=60.0)
+    assert len(samples) == 11 and len(calls) == 3 + 11
+    assert all(s >= 0 for s in samples)
+
+
+def test_time_runs_stops_at_max_seconds_even_below_min_runs():
+    samples = runner.time_runs(lambda _: None, None, warmup=0, min_runs=10**9, min_s=0.0, max_s=0.0)
+    assert len(samples) == 1
+
+
+def test_time_runs_calls_between_outside_each_timed_run():
+    seen = []
+    runner.time_runs(lambda _: None, None, 0, 4, 0.0, 60.0, between=seen.append)
+    assert len(seen) == 4 and seen == sorted(seen)
+
+
+def test_latency_stats_order_and_count():
+    stats = runner.latency_stats([float(v) for v in range(1, 101)])
+    assert stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    assert stats["runs"] == 100 and stats["p50"] == pytest.approx(50.5) and stats["p90"] == pytest.approx(90.1)
+
+
+def test_memory_sampler_respects_interval():
+    sampler = runner.MemorySampler(interval=1.0)
+    for now in (0.0, 0.5, 0.9, 1.0, 1.5, 2.1):
+        sampler(sampler.t0 + now)
+    assert [s[0] for s in sampler.samples] == [0.0, 1.0, 2.1]
+    assert all(s[1] > 0 for s in sampler.samples)
+
+
+def test_peak_rss_is_this_address_space_not_the_parent():
+    assert runner.peak_rss_mb() >= runner.rss_mb() > 0
+
+
+@pytest.mark.parametrize(("flags", "temp", "valid"), [
+    ("throttled=0x0", 45.0, True),
+    ("throttled=0x50000", 45.0, True),  # happened since boot: a warning, not now
+    ("throttled=0x4", 45.0, False),  # throttled now
+    ("throttled=0x8", 45.0, False),  # soft temperature limit now
+    (None, 85.5, False),  # overheating
+    (None, None, True),  # nothing to read (x86 VM)
+])
+def test_validity_marks_throttled_or_hot_runs_invalid(flags, temp, valid):
+    state = {"throttled": flags, "temperature_c": temp, "cpu_freq_mhz": None}
+    reasons, warnings = runner.validity(state, state, {"emulated": False, "governor": "performance"})
+    assert (not reasons) is valid
+    if flags == "throttled=0x50000":
+        assert "since boot" in warnings[0] and "under-voltage" in warnings[0]
+
+
+def test_validity_marks_emulated_runs_invalid_and_warns_on_governor():
+    cool = {"throttled": None, "temperature_c": 40.0, "cpu_freq_mhz": 1500.0}
+    reasons, warnings = runner.validity(cool, cool, {"emulated": True, "governor": "ondemand"})
+    assert "emulated" in reasons[0]
+    assert "ondemand" in warnings[0]
+
+
+def test_environment_records_what_makes_results_comparable():
+    env = runner.environment()
+    for key in ("device_model", "os", "kernel", "cpu", "cores", "governor", "cpu_freq_mhz", "temperature_c",
+                "throttled", "power_mode", "python", "numpy", "emulated"):
+        assert key in env
+    assert env["cores"] >= 1 and env["emulated"] is False
+
+
+def test_tflite_runtime_is_taken_when_the_target_pins_it(monkeypatch):
+    fake = types.ModuleType("tflite_runtime")
+    fake.__version__ = "2.14.0"
+    fake_interp = types.ModuleType("tflite_runtime.interpreter")
+    fake_interp.Interpreter = object
+    fake.interpreter = fake_interp
+    monkeypatch.setitem(sys.modules, "tflite_runtime", fake)
+    monkeypatch.setitem(sys.modules, "tflite_runtime.interpreter", fake_interp)
+    cls, info = runner._tflite_interpreter("tflite-runtime")
+    assert cls is object and info == {"name": "tflite-runtime", "version": "2.14.0"}
+    _, info = runner._tflite_interpreter("litert")
+    assert info["name"] == "litert"
+
+
+def test_dumps_round_trips_and_keeps_number_lists_on_one_line():
+    data = {"a": [1.5, 2.0], "b": {"c": [[0.1, 2.0]], "d": [{"e": None}]}, "f": {}, "g": []}
+    text = runner.dumps(data)
+    assert json.loads(text) == data
+    assert '"a": [1.5, 2.0]' in text
+
+
+def test_schema_rejects_a_result_missing_a_field(e2e_build):
+    out, _ = e2e_build
+    result = json.loads((out / "bundles" / "x86-64" / "results.json").read_text())
+    measure.validate(result)
+    broken = {k: v for k, v in result.items() if k != "latency_ms"}
+    with pytest.raises(BundleError, match="latency_ms"):
+        measure.validate(broken)
+    with pytest.raises(BundleError, match="invalid_reasons"):
+        measure.validate({**result, "valid": False, "invalid_reasons": []})
+
+
+# --- real runs on the e2e bundle -------------------------------------------------------------------------------
+
+@pytest.fixture()
+def bundle(e2e_build, tmp_path):
+    out, _ = e2e_build
+    dest = tmp_path / "x86-64"
+    shutil.copytree(out / "bundles" / "x86-64", dest)
+    (dest / "results.json").unlink(missing_ok=True)
+    return dest
+
+
+FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 20, "min_seconds": 0.0, "max_seconds": 5.0}
+
+
+def test_local_run_is_schema_valid_with_raw_samples_memory_and_provenance(bundle):
+    result = measure.run_bundle(bundle, artifacts=["onnx_int8", "tflite_int8"], overrides=FAST,
+                                log=lambda *_: None)
+    on_disk = json.loads((bundle / "results.json").read_text())
+    measure.validate(on_disk)
+    assert on_disk["artifact"] == "onnx_int8" and set(on_disk["artifacts"]) == {"onnx_int8", "tflite_int8"}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name, r in result["artifacts"].items():
+        assert len(r["latency_samples_ms"]) == r["latency_ms"]["runs"] >= 20
+        assert r["timing"]["warmup_runs"] == 2 and r["timing"]["stopped_by"] == "min_runs_and_seconds"
+        assert r["throughput_per_s"] > 0
+        mem = r["memory"]
+        assert mem["peak_rss_mb"] >= mem["peak_rss_after_load_mb"] >= mem["rss_before_load_mb"] > 0
+        assert mem["samples"] and mem["load_delta_mb"] >= 0
+        assert r["artifact_sha256"] == manifest["files"][f"{name}.{'onnx' if 'onnx' in name else 'tflite'}"]
+        assert r["valid"] is True and r["edgekit_version"] == manifest["edgekit_version"]
+    assert result["artifacts"]["onnx_int8"]["runtime"]["providers"] == ["CPUExecutionProvider"]
+    assert result["artifacts"]["tflite_int8"]["runtime"]["delegate"] == "XNNPACK"
+
+
+def test_accuracy_mode_matches_predict_on_every_sample(bundle):
+    result = measure.run_bundle(bundle, artifacts=["tflite_int8"], mode="accuracy", log=lambda *_: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = next(a for a in manifest["artifacts"] if a["name"] == "tflite_int8")
+    with np.load(bundle / "eval.npz") as f:
+        x, y = f["x"], f["y"]
+    art = runner.Artifact(bundle / spec["file"], spec, 1)
+    expected = float((art.predict(x).argmax(1) == y).mean())
+    assert result["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert result["eval_samples"] == len(x) and result["mode"] == "accuracy"
+
+
+def test_gpu_provider_without_cuda_is_an_error_not_a_cpu_fallback(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = next(a for a in manifest["artifacts"] if a["name"] == "onnx_int8") | {"runtime": "onnxruntime-gpu"}
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        runner.Artifact(bundle / spec["file"], spec)
+
+
+def test_compare_prints_a_table_and_writes_csv(bundle, tmp_path, capsys):
+    measure.run_bundle(bundle, artifacts=["onnx_int8", "onnx_fp32"], overrides=FAST, log=lambda *_: None)
+    single = tmp_path / "one.json"
+    measure.run_bundle(bundle, out=single, artifacts=["tflite_int8"], overrides=FAST, log=lambda *_: None)
+    csv_path = tmp_path / "cmp.csv"
+    assert cli.main(["compare", str(bundle / "results.json"), str(single), "--csv", str(csv_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "x86-64/onnx_int8" in printed and "one/tflite_int8" in printed and "p90_ms" in printed
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["run"] for r in rows] == ["x86-64/onnx_int8", "x86-64/onnx_fp32", "one/tflite_int8"]
+    assert all(float(r["p50_ms"]) <= float(r["p90_ms"]) for r in rows)
+
+
+def test_compare_refuses_a_file_that_is_not_a_result(tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    assert cli.main(["compare", str(bad), "--csv", str(tmp_path / "c.csv")]) == 2
