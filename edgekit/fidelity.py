@@ -48,7 +48,7 @@ def _rank(layers: list[dict]) -> list[dict]:
     seen: dict[str, float] = {}
     for layer in layers:
         before = [seen[i] for i in layer.pop("inputs") if i in seen]
-        upstream = min(before) if before else IDEAL_8BIT_DB
+        upstream = min([*before, IDEAL_8BIT_DB])  # an exact (float) input counts as an ideal 8-bit one
         layer["drop_db"] = upstream - layer["sqnr_db"] if np.isfinite(layer["sqnr_db"]) else 0.0
         seen[layer["tensor"]] = layer["sqnr_db"]
     return sorted(layers, key=lambda lay: lay["drop_db"], reverse=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgekit import bundle, config, targets
 from edgekit.config import Config
 from edgekit.data import load_dataset
+from edgekit.errors import EdgekitError
 from edgekit.stages import distill, export, prune, quantize, train, verify
 from edgekit.stages.base import METRICS_FILE, Context, write_bytes, write_json
 
@@ -20,7 +21,7 @@ def enabled(cfg: Config, stage_name: str) -> bool:
     section = OPTIONAL.get(stage_name)
     if section is None:
         return True
-    if stage_name == "distill" and not cfg.prune.enabled:
+    if stage_name == "distill" and not cfg.prune.enabled and cfg.distill.student == "pruned":
         return False  # nothing smaller than the teacher to distil into
     return getattr(cfg, section).enabled
 
@@ -51,12 +52,11 @@ def make_context(cfg: Config, out: Path, target_names: list[str] | None) -> Cont
 
 def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resume: bool = False,
           log=print) -> dict:
-    """Run every stage into `out`, run the bundles this machine can run, write report.json."""
-    from edgekit import measure, report
+    """Run every stage into `out`, run the bundles this machine can run, check every artifact with its
+    target's pinned runtime (aarch64 also under qemu), write report.json."""
+    from edgekit import measure, report, runtime_check
 
     if out.exists() and any(out.iterdir()) and not resume:
-        from edgekit.errors import EdgekitError
-
         raise EdgekitError(f"'{out}' already holds a build; use --resume to continue it or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -72,8 +72,6 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
                 log(f"[run] {target.name}: {target.arch} bundle, not runnable on this machine; "
                     f"measure it on the device with `edgekit run`")
     result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
-    from edgekit import runtime_check
-
     runtime_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
     write_json(out / "report.json", result)
     runtime_check.raise_on_failures(result)
