@@ -62,3 +62,19 @@ def test_image_models_refuse_signals():
         zoo.get("resnet8")((2, 32), 4)
     with pytest.raises(ModelError, match="no built-in model .vgg16.; valid: resnet8"):
         zoo.get("vgg16")
+
+
+def test_linear_batchnorm_folds_so_the_mlp_exports_int8():
+    from edgekit.stages.export import fold_linear_bn
+
+    model = zoo.mlp((12,), 4).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    x = torch.randn(16, 12)
+    before = model(x)
+    folded = fold_linear_bn(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), before, rtol=1e-4, atol=1e-5)

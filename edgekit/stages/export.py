@@ -81,7 +81,7 @@ def run(ctx: Context) -> dict:
 def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict,
                  work: Path) -> list[tuple[dict, bytes]]:
     """The artifacts `keys` of one stage's torch model."""
-    model = ctx.load_model(source).eval()
+    model = fold_linear_bn(ctx.load_model(source).eval())
     built = []
     fp32 = _torch_to_onnx(model, ctx, work / "fp32.onnx", dynamic_batch=True)
     _check_onnx(fp32, model, ctx.data.calib.x[:CHECK_SAMPLES])
@@ -95,6 +95,25 @@ def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict
     if tflite_keys:
         built += _tflite_artifacts(ctx, model, work, tflite_keys, source)
     return built
+
+
+@torch.no_grad()
+def fold_linear_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold each BatchNorm1d that directly follows a Linear in a Sequential into that Linear (eval mode).
+
+    onnxruntime's pre-processing folds BN into Conv but not into Gemm, and an int8 graph must hold no BN.
+    """
+    for seq in [m for m in model.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            lin, bn = seq[i], seq[i + 1]
+            if isinstance(lin, torch.nn.Linear) and isinstance(bn, torch.nn.BatchNorm1d) and bn.affine:
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                bias = lin.bias if lin.bias is not None else torch.zeros_like(bn.running_mean)
+                folded = torch.nn.Linear(lin.in_features, lin.out_features)
+                folded.weight.copy_(lin.weight * scale[:, None])
+                folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+                seq[i], seq[i + 1] = folded, torch.nn.Identity()
+    return model
 
 
 def needed_keys(ctx: Context) -> list[str]:
