@@ -50,7 +50,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     enabled: bool = True
-    method: Literal["l1", "slimming", "taylor", "random"] = "l1"  # how channels are ranked (edgekit.stages.prune)
+    # how channels are ranked (edgekit.stages.prune); magnitude: NNCF unstructured sparsity, `ratio` of weights zeroed
+    method: Literal["l1", "slimming", "taylor", "random", "magnitude"] = "l1"
     scope: Literal["local", "global"] = "local"  # local: same ratio per layer; global: one ranking across layers
     ratio: float = 0.5  # fraction of channels removed from each prunable layer (when no target is set)
     target_macs: float | None = None  # keep at most this fraction of the MACs (e.g. 0.5); wins over ratio

@@ -186,3 +186,17 @@ def test_distill_stage_with_a_zoo_student_reloads_its_architecture(tmp_path):
     assert result["settings"]["student_spec"]["name"] == "resnet8" and result["method"] == "soft+relation"
     again = ctx.load_model("distill")
     assert hasattr(again, "stack1") and result["params"] < ctx.metrics("train")["params"]
+
+
+def test_magnitude_sparsity_zeroes_weights_and_survives_distill_and_qat(tmp_path):
+    """NNCF unstructured magnitude sparsity: the ratio of weights is zero after prune and still after KD + QAT."""
+    from edgekit import pipeline
+
+    cfg = config.from_dict(tiny(prune={"method": "magnitude", "ratio": 0.6},
+                                build={"targets": ["x86-64"], "run_local": False}))
+    report = pipeline.build(cfg, tmp_path / "b", log=lambda *_: None)
+    stages = {s["name"]: s for s in report["stages"]}
+    assert stages["prune"]["sparsity"] >= 0.59 and stages["prune"]["macs"] == stages["train"]["macs"]
+    ctx = pipeline.make_context(cfg, tmp_path / "b", None)
+    for name in ("prune", "distill", "quantize"):
+        assert prune.weight_sparsity(ctx.load_model(name)) >= 0.59, name

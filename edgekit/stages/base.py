@@ -40,6 +40,11 @@ class Context:
     out: Path  # the build directory
     targets: list[Target]
 
+    @property
+    def keep_zeros(self) -> bool:
+        """Unstructured sparsity made by the prune stage must survive later training (distill, QAT)."""
+        return self.cfg.prune.enabled and self.cfg.prune.method == "magnitude"
+
     def stage_dir(self, name: str) -> Path:
         path = self.out / "stages" / name
         path.mkdir(parents=True, exist_ok=True)

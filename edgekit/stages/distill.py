@@ -260,7 +260,8 @@ def run(ctx: Context) -> dict:
     objective = make_objective(ctx, student, teachers)
     best_val = training.fit(student, data.train, data.val, epochs=d.epochs, lr=d.lr,
                             batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, loss_fn=objective,
-                            desc="distill", extra_params=list(objective.adapters.parameters()))
+                            desc="distill", extra_params=list(objective.adapters.parameters()),
+                            keep_zeros=ctx.keep_zeros)
     objective.close()
     if spec is not None:
         models.save_model(student, ctx.stage_dir(name) / "model.pt", spec)

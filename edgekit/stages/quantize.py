@@ -267,7 +267,8 @@ def run(ctx: Context) -> dict:
     best_val = None
     if q.method == "qat":
         best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
-                                batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat")
+                                batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat",
+                                keep_zeros=ctx.keep_zeros)
     test_logits = metrics.logits(qmodel, data.test.x)
     np.save(out_dir / LOGITS_FILE, test_logits)
     save_tuned_weights(ctx, source, qmodel, out_dir)
