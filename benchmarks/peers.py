@@ -33,6 +33,7 @@ import torch
 from benchmarks.peer_models import mobilenet_v2
 from edgekit import config, data, metrics, models, onnx_int8, quiet, recommend, targets, training
 from edgekit.runner.runner import Artifact
+from edgekit.stages.quantize import NncfRoot
 
 ROOT = Path(__file__).resolve().parent
 THREADS = (1, 2)
@@ -134,22 +135,13 @@ def ort_default(fp32: Path, calib: np.ndarray, out: Path) -> Path:
     return out
 
 
-class _Root(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
-
-
 def nncf_ptq(model: torch.nn.Module, calib: np.ndarray, out: Path) -> Path:
     import copy
 
     import nncf
 
     loader = torch.utils.data.DataLoader(torch.from_numpy(calib), batch_size=1)
-    q = nncf.quantize(_Root(copy.deepcopy(model)).eval(), nncf.Dataset(loader), subset_size=len(calib))
+    q = nncf.quantize(NncfRoot(copy.deepcopy(model)).eval(), nncf.Dataset(loader), subset_size=len(calib))
     example = torch.from_numpy(calib[:1])
     native = nncf.strip(q, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example).eval()
     return _export(native, calib, out)

@@ -21,5 +21,9 @@ class TargetError(EdgekitError):
     """A target profile is missing or invalid."""
 
 
+class FidelityError(EdgekitError):
+    """An exported artifact is not the model that was validated (it misses its target's thresholds)."""
+
+
 class BundleError(EdgekitError):
     """A bundle is missing files or a file does not match its manifest."""

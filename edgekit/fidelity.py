@@ -15,16 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgekit.metrics import sqnr_db
+
 MAX_SAMPLES = 64  # enough to rank layers; keeps the debug run short
 IDEAL_8BIT_DB = 49.9  # SQNR of an ideal 8-bit quantizer (6.02 * 8 + 1.76): what a layer fed by the input starts from
-
-
-def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    noise = float(np.sum((reference.astype(np.float64) - value) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    if noise == 0:
-        return float("inf")
-    return 10 * np.log10(max(signal, 1e-30) / noise)
 
 
 def channel_sqnr_db(reference: np.ndarray, value: np.ndarray, axis: int) -> float:

@@ -24,11 +24,18 @@ def macs_and_params(model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[in
     return int(macs), int(params)
 
 
+def sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of `value` against `reference`, in dB (inf when equal)."""
+    noise = float(np.sum((reference.astype(np.float64) - value) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
 def fidelity(reference: np.ndarray, out: np.ndarray) -> dict:
     """Top-1 agreement, max abs diff and SQNR (dB) of `out` against `reference` logits."""
-    noise = np.sum((reference - out) ** 2)
-    signal = np.sum(reference**2)
-    sqnr = float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+    sqnr = sqnr_db(reference, out)
     return {
         "top1_agreement": float((reference.argmax(1) == out.argmax(1)).mean()),
         "max_abs_diff": float(np.abs(reference - out).max()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -62,3 +63,13 @@ def e2e_build(tmp_path_factory, no_network):
     report = pipeline.build(config.from_dict(tiny()), out)
     assert no_network == [], f"the build tried to reach the network: {no_network}"
     return out, report
+
+
+@pytest.fixture()
+def bundle(e2e_build, tmp_path):
+    """A private copy of the e2e build's x86-64 bundle, without its results."""
+    out, _ = e2e_build
+    dest = tmp_path / "x86-64"
+    shutil.copytree(out / "bundles" / "x86-64", dest)
+    (dest / "results.json").unlink(missing_ok=True)
+    return dest

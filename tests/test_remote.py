@@ -112,15 +112,6 @@ def pinned(sshd, tmp_path):
     return known
 
 
-@pytest.fixture()
-def bundle(e2e_build, tmp_path):
-    out, _ = e2e_build
-    dest = tmp_path / "x86-64"
-    shutil.copytree(out / "bundles" / "x86-64", dest)
-    (dest / "results.json").unlink(missing_ok=True)
-    return dest
-
-
 def _remote_folders() -> set[str]:
     return {p.name for p in Path("/tmp").glob("edgekit-??????")}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 import types
 
@@ -116,15 +115,6 @@ def test_schema_rejects_a_result_missing_a_field(e2e_build):
 
 
 # --- real runs on the e2e bundle -------------------------------------------------------------------------------
-
-@pytest.fixture()
-def bundle(e2e_build, tmp_path):
-    out, _ = e2e_build
-    dest = tmp_path / "x86-64"
-    shutil.copytree(out / "bundles" / "x86-64", dest)
-    (dest / "results.json").unlink(missing_ok=True)
-    return dest
-
 
 FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 20, "min_seconds": 0.0, "max_seconds": 5.0}
 

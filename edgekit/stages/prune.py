@@ -235,16 +235,14 @@ def magnitude_sparsity(model: nn.Module, ratio: float, example: torch.Tensor, fi
     from edgekit import quiet
     from edgekit.stages import quantize
 
-    nncf = quantize._nncf()
+    nncf = quantize.load_nncf()
     with quiet.silenced():
-        sparse = nncf.prune(quantize._Root(model), mode=nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL, ratio=ratio,
+        sparse = nncf.prune(quantize.NncfRoot(model), mode=nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL, ratio=ratio,
                             examples_inputs=example)
     fine_tune(sparse)
     with quiet.silenced():
         plain = nncf.strip(sparse, do_copy=True, strip_format=nncf.StripFormat.IN_PLACE, example_input=example)
-    prefix = "model."  # _Root's child
-    model.load_state_dict({k[len(prefix):]: v for k, v in plain.state_dict().items() if k.startswith(prefix)})
-    return model.eval()
+    return quantize.copy_plain_weights(plain, model)
 
 
 def weight_sparsity(model: nn.Module) -> float:

@@ -32,14 +32,14 @@ ENTROPY_BINS = 2048  # histogram bins of the KL search
 QUANTIZED_BINS = 128  # int8 levels on one side of zero
 
 
-def _nncf():
+def load_nncf():
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF logs every step at INFO
     return nncf
 
 
-class _Root(torch.nn.Module):
+class NncfRoot(torch.nn.Module):
     """NNCF adds a hook-storage child to the model it quantizes; a bare nn.Sequential would call it."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -48,6 +48,14 @@ class _Root(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def copy_plain_weights(wrapped: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """Load the weights of an NNCF model made from NncfRoot(model-like) into `model`; NNCF's hooks and
+    quantizer parameters are left out."""
+    prefix = "model."  # NncfRoot's child
+    model.load_state_dict({k[len(prefix):]: v for k, v in wrapped.state_dict().items() if k.startswith(prefix)})
+    return model.eval()
 
 
 @dataclass(frozen=True)
@@ -104,9 +112,9 @@ def _advanced(calib: Calibration):
 def calibrate(model: torch.nn.Module, calib_x: np.ndarray, subset_size: int,
               calibration: Calibration | None = None) -> torch.nn.Module:
     """NNCF post-training quantization: int8 weights (per-channel by default), calibrated activations."""
-    nncf = _nncf()
+    nncf = load_nncf()
     calibration = calibration or Calibration()
-    model = _Root(model).eval()
+    model = NncfRoot(model).eval()
     loader = torch.utils.data.DataLoader(torch.from_numpy(calib_x), batch_size=1)
     dataset = nncf.Dataset(loader)
     preset = nncf.QuantizationPreset.PERFORMANCE if calibration.activations == "symmetric" \
@@ -231,7 +239,7 @@ def mixed_precision(model: torch.nn.Module, calib_x: np.ndarray, val, subset_siz
 
 def export_qdq(qmodel: torch.nn.Module, example: torch.Tensor, path, opset: int) -> None:
     """Strip NNCF's wrappers to native torch fake-quant ops (onnxruntime cannot load NNCF's FakeQuantize)."""
-    nncf = _nncf()
+    nncf = load_nncf()
     native = nncf.strip(qmodel, do_copy=True, strip_format=nncf.StripFormat.NATIVE, example_input=example)
     native.eval()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -243,10 +251,7 @@ def export_qdq(qmodel: torch.nn.Module, example: torch.Tensor, path, opset: int)
 def save_tuned_weights(ctx: Context, source: str, qmodel: torch.nn.Module, out_dir: Path) -> None:
     """The weights QAT tuned under fake quantization, in a plain copy of the source model (NNCF's hooks and
     quantizer parameters left out): the export stage makes the int8 artifacts from these."""
-    model = ctx.load_model(source)
-    prefix = "model."  # _Root's child
-    model.load_state_dict({k[len(prefix):]: v for k, v in qmodel.state_dict().items() if k.startswith(prefix)})
-    models.save_model(model.eval(), out_dir / MODEL_FILE)
+    models.save_model(copy_plain_weights(qmodel, ctx.load_model(source)), out_dir / MODEL_FILE)
     spec = ctx.out / "stages" / source / models.SPEC_FILE  # a zoo student's architecture
     if spec.is_file():
         shutil.copy2(spec, out_dir / models.SPEC_FILE)

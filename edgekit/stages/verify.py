@@ -10,16 +10,12 @@ import tempfile
 from pathlib import Path
 
 from edgekit import fidelity, metrics, quiet
-from edgekit.errors import EdgekitError
+from edgekit.errors import FidelityError
 from edgekit.runner.runner import Artifact
 from edgekit.stages.base import Context, write_json
 
 name = "verify"
 HOST_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert"}  # what runs each format on this build machine
-
-
-class FidelityError(EdgekitError):
-    """An artifact is not the model that was validated."""
 
 
 def check(ctx: Context, spec: dict) -> dict:
