@@ -1,14 +1,16 @@
-"""Every zoo model builds for its input kind, prunes (channels removed), quantizes with NNCF and exports."""
+"""Every zoo model builds for its input kind, prunes (channels removed), quantizes with NNCF and exports to both
+int8 formats."""
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from edgekit import config, metrics, models
+from edgekit import config, data, metrics, models, targets
 from edgekit.errors import ModelError
 from edgekit.models import zoo
-from edgekit.stages import prune, quantize
+from edgekit.stages import export, prune, quantize, verify
+from edgekit.stages.base import METRICS_FILE, Context, finish_torch_stage, write_json
 
 CASES = {  # model -> (sample shape, width_mult)
     "small_cnn": ((1, 8, 8), 0.5),
@@ -35,26 +37,31 @@ def _channels(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_zoo_model_prunes_quantizes_and_exports(name, tmp_path):
+    """Pruned (channels removed), NNCF int8 QDQ that onnxruntime runs, and the export stage's ONNX int8 and
+    full-int8 TFLite artifacts, each agreeing with the pruned torch model."""
     shape, mult = CASES[name]
-    cfg = config.from_dict({"model": {"name": name, "width": 8, "width_mult": mult}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(120, *shape)).astype(np.float32), y=np.arange(120) % 5)
+    cfg = config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "data.npz"), "calib_samples": 32},
+                            "model": {"name": name, "width": 8, "width_mult": mult}})
+    ctx = Context(cfg, data.load_dataset(cfg), tmp_path / "build", targets.get(["x86-64", "rpi5"]))
     model = models.build_model(cfg, shape, 5)
-    x = np.random.default_rng(0).normal(size=(16, *shape)).astype(np.float32)
+    x = ctx.data.calib.x
     macs0, _ = metrics.macs_and_params(model, shape)
     channels0 = _channels(model)
     info = prune.prune_model(model, shape, 5, prune.Plan(method="l1", target_macs=0.6, protect_stem=name != "mlp"))
     macs1, _ = metrics.macs_and_params(model, shape)
     assert macs1 <= 0.6 * macs0 and _channels(model) < channels0, info
-    assert model(torch.from_numpy(x)).shape == (16, 5)
-    path = tmp_path / "fp32.onnx"
-    torch.onnx.export(model.eval(), (torch.from_numpy(x[:1]),), str(path), dynamo=False, input_names=["input"],
-                      dynamic_axes={"input": {0: "batch"}})
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    np.testing.assert_allclose(out, metrics.logits(model, x), atol=1e-4, rtol=1e-3)
+    assert model(torch.from_numpy(x)).shape == (32, 5)
     qmodel = quantize.calibrate(model, x, 16)
     qpath = tmp_path / "int8.onnx"
     quantize.export_qdq(qmodel, torch.from_numpy(x[:1]), qpath, 17)
     qout = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert metrics.fidelity(metrics.logits(qmodel, x), qout)["top1_agreement"] >= 0.8
+    write_json(ctx.stage_dir("train") / METRICS_FILE, finish_torch_stage(ctx, "train", model))
+    specs = {a["name"]: a for a in export.run(ctx)["artifacts"]}
+    for key in ("onnx_int8", "tflite_int8"):
+        assert verify.check(ctx, specs[key])["top1_agreement"] >= 0.8, key
 
 
 def test_image_models_refuse_signals():

@@ -273,8 +273,11 @@ def _local_sample_images(calib: np.ndarray):
 
 def _onnx_to_saved_model(onnx_path: Path, work: Path, calib: np.ndarray, log: Path) -> Path:
     """onnx2tf: ONNX (static batch 1) -> float SavedModel with a serving_default signature."""
+    # onnx2tf checks its translation (transposes, broadcasts) on this sample; it wants it in TensorFlow's layout
+    # (channels-last) and with the static batch of 1, else the check is silently skipped or crashes (ResNet Add).
+    sample = calib[:1] if calib.ndim < 3 else np.moveaxis(calib[:1], 1, -1)
     npy = work / "calib_input.npy"
-    np.save(npy, np.ascontiguousarray(calib[:CHECK_SAMPLES]))
+    np.save(npy, np.ascontiguousarray(sample))
     saved = work / "saved_model"
     with quiet.silenced(log):
         import onnx2tf  # noqa: F401 - imports tensorflow, so only under silenced()
