@@ -92,6 +92,27 @@ def test_iterative_prune_stage_records_rounds(tmp_path):
     assert result["settings"]["steps"] == 2 and result["library"] == "torch-pruning"
 
 
+def test_random_baseline_repeats_under_its_seed(tmp_path):
+    """The random pruner draws from train.seed, whatever ran before: same seed, same channels."""
+    import shutil
+
+    def cfg(seed: int) -> config.Config:
+        return config.from_dict(tiny(data={"limit": 300}, train={"epochs": 1, "seed": seed},
+                                     prune={"method": "random", "ratio": 0.5, "finetune_epochs": 0}))
+
+    base = Context(cfg(0), data.load_dataset(cfg(0)), tmp_path / "base", [])
+    (base.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(base)))
+    kept = []
+    for run, seed in enumerate((0, 0, 1)):
+        shutil.copytree(base.stage_dir("train"), tmp_path / str(run) / "stages" / "train")
+        ctx = Context(cfg(seed), base.data, tmp_path / str(run), [])
+        torch.rand(run + 1)  # other work moved the global generator on
+        prune.run(ctx)
+        kept.append(ctx.load_model("prune").state_dict())
+    assert all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])
+    assert not all(torch.equal(kept[0][k], kept[2][k]) for k in kept[0])
+
+
 # --- distillation -------------------------------------------------------------------------------------------
 
 def test_each_kd_loss_is_zero_for_identical_outputs_and_positive_otherwise():

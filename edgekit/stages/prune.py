@@ -222,6 +222,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) 
     rounds, best_val = [], 0.0
     calib = (data.calib.x, data.calib.y)
     for keep, ep in zip(schedule, epochs, strict=True):
+        training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
         info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib)
         best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
                                 seed=t.seed, desc="finetune")
