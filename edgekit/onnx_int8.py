@@ -55,8 +55,27 @@ def first_conv(model) -> str | None:
     return next((n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs), None)
 
 
-def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings) -> tuple[bytes, dict]:
-    """Quantize an fp32 ONNX; returns the int8 model and what was kept in float (by design) and why."""
+def module_of(node_name: str) -> str:
+    """The torch module path behind a node of torch's ONNX export: '/stack1/conv1/conv1.0/Conv' -> 'stack1.conv1.0'.
+
+    Each scope segment is '<parent>.<child>' or '<child>'; the child's own name is its last dotted part."""
+    return ".".join(seg.rsplit(".", 1)[-1] for seg in node_name.split("/")[1:-1])
+
+
+def nodes_of_modules(model, modules: list[str]) -> list[str]:
+    """The weighted ONNX nodes (Conv / Gemm / MatMul) that the named torch modules became."""
+    by_module = {module_of(n.name): n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS}
+    missing = [m for m in modules if m not in by_module]
+    if missing:
+        raise EdgekitError(f"layer '{missing[0]}' kept float by quantize is not a conv/linear node of the ONNX "
+                           f"export; valid: {', '.join(by_module)}")
+    return [by_module[m] for m in modules]
+
+
+def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings,
+             float_modules: list[str] = ()) -> tuple[bytes, dict]:
+    """Quantize an fp32 ONNX; returns the int8 model and what was kept in float and why: the target's first
+    conv (by design) and `float_modules` (torch module paths the quantize stage kept float: mixed precision)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quant_pre_process, quantize_static
 
@@ -68,6 +87,7 @@ def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings) ->
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # shapes + basic fusions (Conv+BN)
         model = onnx.load(str(pre))
         keep = [first_conv(model)] if settings.float_first_conv and first_conv(model) else []
+        keep += [n for n in nodes_of_modules(model, list(float_modules)) if n not in keep]
         out = work / "int8.onnx"
         quantize_static(
             str(pre), str(out), _Reader(calib_x, model.graph.input[0].name), quant_format=QuantFormat.QDQ,

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgekit import config, data, metrics, models
-from edgekit.stages import distill, prune, quantize, train
+from edgekit import config, data, metrics, models, targets
+from edgekit.stages import distill, export, prune, quantize, train
 from edgekit.stages.base import Context
 from tests.conftest import tiny
 
@@ -88,6 +88,7 @@ def test_iterative_prune_stage_records_rounds(tmp_path):
     (tmp_path / "stages" / "train" / "metrics.json").write_text(json.dumps(before))
     result = prune.run(ctx)
     assert [r["target"] for r in result["rounds"]] == [0.75, 0.5]
+    assert all(0 <= r["val_accuracy_before_finetune"] <= 1 for r in result["rounds"])
     assert result["macs"] <= 0.5 * before["macs"] and result["method"] == "taylor"
     assert result["settings"]["steps"] == 2 and result["library"] == "torch-pruning"
 
@@ -170,6 +171,25 @@ def test_keep_float_leaves_named_layers_unquantized(tmp_path):
         quantize.export_qdq(q, torch.from_numpy(x[:1]), path, 17)
         counts.append([n.op_type for n in onnx.load(path).graph.node].count("QuantizeLinear"))
     assert counts[1] < counts[0]
+
+
+def test_layers_kept_float_stay_float_in_the_shipped_onnx_int8(tmp_path):
+    """quantize.keep_float (and mixed precision, which sets it) reaches edgekit's ONNX int8 artifact."""
+    import onnx
+
+    from edgekit import onnx_int8
+
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 1}, prune={"enabled": False},
+                                quantize={"method": "ptq", "keep_float": ["model/1/0/conv2d/0"]}))
+    ctx = Context(cfg, data.load_dataset(cfg), tmp_path, targets.get(["x86-64"]))
+    for module in (train, quantize):
+        (ctx.stage_dir(module.name) / "metrics.json").write_text(json.dumps(module.run(ctx), default=float))
+    record = next(a for a in export.run(ctx)["artifacts"] if a["name"] == "onnx_int8")
+    graph = onnx.load(ctx.stage_dir("export") / record["file"]).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = {onnx_int8.module_of(n.name): n for n in graph.node if n.op_type == "Conv"}
+    assert convs["1.0"].input[1] not in dequantized and convs["1.0"].name in record["int8"]["kept_float"]
+    assert convs["2.0"].input[1] in dequantized  # the others are int8
 
 
 # --- the harder task ----------------------------------------------------------------------------------------

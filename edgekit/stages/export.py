@@ -30,6 +30,7 @@ import torch
 
 from edgekit import onnx_int8, quiet
 from edgekit.errors import EdgekitError
+from edgekit.stages import quantize
 from edgekit.stages.base import Context, write_bytes, write_json
 
 name = "export"
@@ -89,12 +90,24 @@ def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict
         built.append(_onnx_artifact("onnx_fp32", fp32.read_bytes(), source))
     if "onnx_fp16" in keys:
         built.append(_onnx_artifact("onnx_fp16", _to_fp16(fp32), source))
+    float_modules = kept_float_modules(ctx)
     for key, settings in int8_settings.items():
-        built.append(_onnx_int8_artifact(key, fp32, ctx.data.calib.x, settings, source))
+        built.append(_onnx_int8_artifact(key, fp32, ctx.data.calib.x, settings, source, float_modules))
     tflite_keys = [k for k in keys if k.startswith("tflite_")]
     if tflite_keys:
         built += _tflite_artifacts(ctx, model, work, tflite_keys, source)
     return built
+
+
+def kept_float_modules(ctx: Context) -> list[str]:
+    """Torch module paths of the layers the quantize stage kept float (quantize.keep_float, mixed precision).
+
+    They stay float in the ONNX int8 artifacts. TFLite int8 stays full int8: every TFLite target here runs
+    integer-only kernels (checked after conversion), so a float layer is not an option there."""
+    if not ctx.has_model("quantize"):
+        return []
+    nodes = ctx.metrics("quantize")["settings"].get("keep_float", [])
+    return [quantize.module_of(n) for n in nodes]
 
 
 @torch.no_grad()
@@ -163,9 +176,10 @@ def _to_fp16(fp32: Path) -> bytes:
         return convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True).SerializeToString()
 
 
-def _onnx_int8_artifact(key: str, fp32: Path, calib: np.ndarray, settings, source: str) -> tuple[dict, bytes]:
+def _onnx_int8_artifact(key: str, fp32: Path, calib: np.ndarray, settings, source: str,
+                        float_modules: list[str]) -> tuple[dict, bytes]:
     """onnxruntime-fusable int8 from the fp32 export (edgekit.onnx_int8), with its fused/unfused op counts."""
-    payload, info = onnx_int8.quantize(fp32, calib, settings)
+    payload, info = onnx_int8.quantize(fp32, calib, settings, float_modules)
     record, payload = _onnx_artifact(key, payload, source)
     record["int8"] = {**info, "fusion": onnx_int8.fusion(payload, len(info["kept_float"])),
                       "size_vs_fp32": round(len(payload) / fp32.stat().st_size, 3)}

@@ -224,6 +224,8 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) 
     for keep, ep in zip(schedule, epochs, strict=True):
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
         info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib)
+        # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
+        info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
                                 seed=t.seed, desc="finetune")
         rounds.append({**info, "finetune_epochs": ep})

@@ -203,6 +203,11 @@ def weighted_nodes(qmodel: torch.nn.Module) -> list[str]:
     return nodes
 
 
+def module_of(node: str) -> str:
+    """The torch module path of an NNCF node name: 'model/stack1/conv1/0/conv2d/0' -> 'stack1.conv1.0'."""
+    return ".".join(node.split("/")[1:-2])
+
+
 def _val_accuracy(qmodel: torch.nn.Module, val) -> float:
     return metrics.accuracy(metrics.logits(qmodel, val.x), val.y)
 
