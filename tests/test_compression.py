@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgekit import config, data, metrics, models, targets
+from edgekit.errors import ConfigError
 from edgekit.stages import distill, export, prune, quantize, train
 from edgekit.stages.base import Context
 from tests.conftest import tiny
@@ -58,6 +59,12 @@ def test_target_params_round_to_and_ignore():
     assert model[2][0].out_channels == 32  # ignored layer keeps its outputs
 
 
+def test_unreachable_target_is_a_clear_error():
+    model = _model()
+    with pytest.raises(ConfigError, match=r"prune.target_params 0.01 is out of reach: pruning stops at 0\.\d\d"):
+        prune.prune_model(model, SHAPE, 10, prune.Plan(target_params=0.01))
+
+
 def test_global_ranking_differs_from_uniform():
     local, glob = _model(), _model()
     with torch.no_grad():
@@ -89,7 +96,8 @@ def test_iterative_prune_stage_records_rounds(tmp_path):
     result = prune.run(ctx)
     assert [r["target"] for r in result["rounds"]] == [0.75, 0.5]
     assert all(0 <= r["val_accuracy_before_finetune"] <= 1 for r in result["rounds"])
-    assert result["macs"] <= 0.5 * before["macs"] and result["method"] == "taylor"
+    assert 0.4 * before["macs"] < result["macs"] <= 0.5 * before["macs"] and result["method"] == "taylor"
+    assert all(r["target"] - 0.1 < r["reached"] <= r["target"] for r in result["rounds"])  # of the unpruned model
     assert result["settings"]["steps"] == 2 and result["library"] == "torch-pruning"
 
 

@@ -164,8 +164,12 @@ def prune_model(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan
         pruner.step()
         done += 1
     model.zero_grad(set_to_none=True)
-    return {"measure": what, "target": goal_frac, "reached": _count(model, shape, what) / base,
-            "pruner_steps": done}
+    reached = _count(model, shape, what) / base
+    if reached > goal_frac:
+        raise ConfigError(f"prune.target_{what} {goal_frac:g} is out of reach: pruning stops at {reached:.2f} with "
+                          f"every prunable layer at the {MAX_LAYER_RATIO:.0%} limit and the stem, classifier and "
+                          "prune.ignore layers kept; raise the target, or set protect_stem: false")
+    return {"measure": what, "target": goal_frac, "reached": reached, "pruner_steps": done}
 
 
 def prune_l1(model: nn.Module, sample_shape: tuple[int, ...], num_classes: int, *, ratio: float,
@@ -221,9 +225,16 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) 
               for i in range(len(schedule))]
     rounds, best_val = [], 0.0
     calib = (data.calib.x, data.calib.y)
+    what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
+    start = _count(model, data.sample_shape, what) if what else None
     for keep, ep in zip(schedule, epochs, strict=True):
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
-        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib)
+        now = keep
+        if what and keep is not None:  # the schedule counts from the unpruned model, prune_model from now
+            now = keep * start / _count(model, data.sample_shape, what)
+        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=now, calib=calib)
+        if what and keep is not None:
+            info.update(target=keep, reached=_count(model, data.sample_shape, what) / start)
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
