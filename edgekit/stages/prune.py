@@ -138,8 +138,10 @@ def _count(model: nn.Module, shape: tuple[int, ...], what: str) -> int:
 
 
 def prune_model(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan: Plan, *,
-                keep: float | None = None, calib: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """Prune in place. `keep` overrides the plan's target (fraction of the original count to keep).
+                keep: float | None = None, calib: tuple[np.ndarray, np.ndarray] | None = None,
+                base: int | None = None) -> dict:
+    """Prune in place. `keep` overrides the plan's target: the fraction of `base` to keep (default base: the
+    model's count now; iterative rounds pass the unpruned model's).
 
     Returns what was done: the measure targeted, reached fraction and number of pruner steps.
     """
@@ -155,7 +157,7 @@ def prune_model(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan
         model.zero_grad(set_to_none=True)
         return {"measure": "channels", "ratio": ratio, "pruner_steps": 1}
     goal_frac = keep if keep is not None else (plan.target_macs if what == "macs" else plan.target_params)
-    base = _count(model, shape, what)
+    base = base or _count(model, shape, what)
     pruner = _pruner(model, shape, plan, ignored, ratio=MAX_LAYER_RATIO, steps=FINE_STEPS)
     done = 0
     while _count(model, shape, what) > goal_frac * base and done < FINE_STEPS:
@@ -226,15 +228,10 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) 
     rounds, best_val = [], 0.0
     calib = (data.calib.x, data.calib.y)
     what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
-    start = _count(model, data.sample_shape, what) if what else None
+    start = _count(model, data.sample_shape, what) if what else None  # the schedule counts from here
     for keep, ep in zip(schedule, epochs, strict=True):
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
-        now = keep
-        if what and keep is not None:  # the schedule counts from the unpruned model, prune_model from now
-            now = keep * start / _count(model, data.sample_shape, what)
-        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=now, calib=calib)
-        if what and keep is not None:
-            info.update(target=keep, reached=_count(model, data.sample_shape, what) / start)
+        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
