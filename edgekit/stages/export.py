@@ -107,7 +107,7 @@ def kept_float_modules(ctx: Context) -> list[str]:
     if not ctx.has_model("quantize"):
         return []
     nodes = ctx.metrics("quantize")["settings"].get("keep_float", [])
-    return [quantize.module_of(n) for n in nodes]
+    return [quantize.module_of_nncf_node(n) for n in nodes]
 
 
 @torch.no_grad()

@@ -203,7 +203,7 @@ def weighted_nodes(qmodel: torch.nn.Module) -> list[str]:
     return nodes
 
 
-def module_of(node: str) -> str:
+def module_of_nncf_node(node: str) -> str:
     """The torch module path of an NNCF node name: 'model/stack1/conv1/0/conv2d/0' -> 'stack1.conv1.0'."""
     return ".".join(node.split("/")[1:-2])
 
