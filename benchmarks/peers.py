@@ -33,7 +33,7 @@ import torch
 from benchmarks.peer_models import mobilenet_v2
 from edgekit import config, data, metrics, models, onnx_int8, quiet, recommend, targets, training
 from edgekit.runner.runner import Artifact
-from edgekit.stages.quantize import NncfRoot
+from edgekit.stages.quantize import NncfRoot, load_nncf
 
 ROOT = Path(__file__).resolve().parent
 THREADS = (1, 2)
@@ -138,8 +138,7 @@ def ort_default(fp32: Path, calib: np.ndarray, out: Path) -> Path:
 def nncf_ptq(model: torch.nn.Module, calib: np.ndarray, out: Path) -> Path:
     import copy
 
-    import nncf
-
+    nncf = load_nncf()
     loader = torch.utils.data.DataLoader(torch.from_numpy(calib), batch_size=1)
     q = nncf.quantize(NncfRoot(copy.deepcopy(model)).eval(), nncf.Dataset(loader), subset_size=len(calib))
     example = torch.from_numpy(calib[:1])

@@ -27,3 +27,7 @@ class FidelityError(EdgekitError):
 
 class BundleError(EdgekitError):
     """A bundle is missing files or a file does not match its manifest."""
+
+
+class StageFailed(EdgekitError):
+    """A library failed inside a stage; the message names both, the traceback is in the stage's error.log."""

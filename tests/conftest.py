@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# every run starts with no compiled torch extensions, as a new user's machine does: a warm cache cannot hide a
+# compile on first use (NNCF's, which timed out and left a lock that hung later builds)
+os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="edgekit-torch-ext-")
 
 TINY = {
     "data": {"limit": 500, "calib_samples": 64},

@@ -54,6 +54,7 @@ def test_safetensors_checkpoint(factory_file, tmp_path):
         ("{f}:missing", "has no function 'missing'"),
         ("nofile.py:make", "not found"),
         ("{f}", "must look like path/to/file.py:function"),
+        ("no_such_pkg.nets:make", "not found on sys.path"),
     ],
 )
 def test_factory_errors(factory_file, spec, needle):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from edgekit.config import Config
 from edgekit.errors import ModelError
+from edgekit.models import persist
 
 
 def _conv_block(conv: type[nn.Module], bn: type[nn.Module], c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -44,21 +46,42 @@ def small_cnn(sample_shape: tuple[int, ...], num_classes: int, width: int = 32) 
 
 
 def _load_factory(spec: str, base: Config) -> object:
-    file, sep, func = spec.rpartition(":")
-    if not sep or not file or not func:
-        raise ModelError(f"model.factory '{spec}' must look like path/to/file.py:function")
-    path = base.resolve(file)
+    """`path/to/file.py:function`, or `package.module:function` importable from sys.path."""
+    source, sep, func = spec.rpartition(":")
+    if not sep or not source or not func:
+        raise ModelError(f"model.factory '{spec}' must look like path/to/file.py:function or package.module:function")
+    module = _import_file(base.resolve(source)) if source.endswith(".py") else _import_module(source)
+    if not callable(getattr(module, func, None)):
+        raise ModelError(f"'{source}' has no function '{func}'")
+    return getattr(module, func)
+
+
+def _import_module(name: str) -> object:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ModelError(f"model.factory module '{name}' not found on sys.path ({exc}); give the file as "
+                         "path/to/file.py:function or add its folder to PYTHONPATH") from exc
+    except Exception as exc:  # the user's code can raise anything; report it in one line
+        raise ModelError(f"importing '{name}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _import_file(path: Path) -> object:
+    """Import a user's file under a stable name, registered in sys.modules (copies and dataclasses need it),
+    with its folder on sys.path (last, so it shadows no installed package) so that it can import its siblings."""
     if not path.is_file():
         raise ModelError(f"model.factory file '{path}' not found")
-    module_spec = importlib.util.spec_from_file_location(f"edgekit_user_model_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+    name = f"edgekit_user_model_{path.stem}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))  # type: ignore[arg-type]
+    sys.modules[name] = module
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     try:
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        module.__spec__.loader.exec_module(module)  # type: ignore[union-attr]
     except Exception as exc:  # the user's file can raise anything; report it in one line
+        sys.modules.pop(name, None)
         raise ModelError(f"importing '{path}' failed: {type(exc).__name__}: {exc}") from exc
-    if not callable(getattr(module, func, None)):
-        raise ModelError(f"'{path}' has no function '{func}'")
-    return getattr(module, func)
+    return module
 
 
 def _call_factory(factory: object, sample_shape: tuple[int, ...], num_classes: int, spec: str) -> nn.Module:
@@ -129,25 +152,23 @@ SPEC_FILE = "model_spec.json"  # beside a model.pt whose architecture is not the
 
 
 def save_model(model: nn.Module, path: Path, spec: dict | None = None) -> None:
-    """Save weights and pruned shapes (torch-pruning's state dict), atomically.
+    """Save weights and pruned shapes as plain tensors (edgekit.models.persist), atomically.
 
     `spec` ({"name", "width", "width_mult"}) records a zoo architecture other than the config's model.
     """
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(tp.state_dict(model), tmp)
-    tmp.replace(path)
+    persist.save(model, path)
     if spec is not None:
         (path.parent / SPEC_FILE).write_text(json.dumps(spec))
 
 
 def load_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, path: Path) -> nn.Module:
-    """Rebuild the config's model (or the zoo model of a spec file beside it) and load a saved state into it."""
+    """Rebuild the config's model (or the zoo model of a spec file beside it) and give it the saved state."""
+    state = persist.read(path)
     spec_file = path.parent / SPEC_FILE
     if spec_file.is_file():
         spec = json.loads(spec_file.read_text())
         model = build_named(spec["name"], sample_shape, num_classes, width=spec["width"],
-                            width_mult=spec["width_mult"]).eval()
+                            width_mult=spec["width_mult"])
     else:
         model = build_model(cfg, sample_shape, num_classes, with_checkpoint=False)
-    tp.load_state_dict(model, state_dict=torch.load(path, map_location="cpu", weights_only=False))
-    return model.eval()
+    return persist.apply_state(model, state, str(path)).eval()

@@ -36,7 +36,23 @@ def load_nncf():
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF logs every step at INFO
+    _use_torch_fake_quantize()
     return nncf
+
+
+def _use_torch_fake_quantize() -> None:
+    """Fake-quantize on the CPU with NNCF's own pure-torch reference functions (eager, not torch.compile'd).
+
+    Left alone, NNCF compiles a C++ extension on its first CPU fake-quantize call, gives up after 60 s (the
+    compile alone took 58 s on 2 idle cores) and leaves a lock file that hangs every later build.
+    """
+    from types import SimpleNamespace
+
+    from nncf.torch.quantization import extensions, reference
+
+    kernels = reference.torch_executor  # the functions NNCF itself falls back to when the compile fails
+    extensions.QuantizedFunctionsCPU._loaded_namespace = SimpleNamespace(
+        Quantize_forward=kernels.forward, Quantize_backward=kernels.backward)
 
 
 class NncfRoot(torch.nn.Module):
