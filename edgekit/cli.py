@@ -130,7 +130,7 @@ def _cmd_docker(args: argparse.Namespace) -> int:
     from edgekit import images, targets
 
     if args.write_dockerfiles:
-        for path in images.write_repo_files(list(targets.available().values())):
+        for path in images.write_repo_files(list(targets.builtin().values())):
             print(f"wrote {path}")
         return 0
     if not args.target:
@@ -212,7 +212,8 @@ def _cmd_targets(args: argparse.Namespace) -> int:
     print(f"{'name':<18} {'arch':<8} {'artifacts (first is primary)':<52} {'threads':>7}  description")
     for t in targets.available().values():
         arts = ", ".join(f"{a.key}@{a.runtime}=={a.runtime_version}" for a in t.artifacts)
-        print(f"{t.name:<18} {t.arch:<8} {arts:<52} {t.threads:>7}  {t.description}")
+        own = "" if Path(t.source).parent == targets.TARGETS_DIR else f"  [{t.source}]"
+        print(f"{t.name:<18} {t.arch:<8} {arts:<52} {t.threads:>7}  {t.description}{own}")
     return 0
 
 

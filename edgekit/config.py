@@ -11,6 +11,7 @@ from typing import Literal
 
 import yaml
 
+from edgekit import targets
 from edgekit.errors import ConfigError
 
 
@@ -256,10 +257,12 @@ def absolute(cfg: Config) -> Config:
         data = dataclasses.replace(data, path=str(cfg.resolve(data.path).resolve()))
     if model.checkpoint:
         model = dataclasses.replace(model, checkpoint=str(cfg.resolve(model.checkpoint).resolve()))
-    if model.factory:
+    if model.factory and model.factory.rpartition(":")[0].endswith(".py"):  # not a package.module on sys.path
         file, _, func = model.factory.rpartition(":")
         model = dataclasses.replace(model, factory=f"{cfg.resolve(file).resolve()}:{func}")
-    return dataclasses.replace(cfg, data=data, model=model)
+    build = dataclasses.replace(cfg.build, targets=[str(cfg.resolve(t).resolve()) if targets.is_path(t) else t
+                                                    for t in cfg.build.targets])
+    return dataclasses.replace(cfg, data=data, model=model, build=build)
 
 
 def dump(cfg: Config) -> str:

@@ -85,7 +85,7 @@ def failing_library(exc: BaseException) -> str:
 
 
 def make_context(cfg: Config, out: Path, target_names: list[str] | None) -> Context:
-    chosen = targets.get(target_names or cfg.build.targets)
+    chosen = targets.get(target_names) if target_names else targets.get(cfg.build.targets, Path(cfg.base_dir))
     return Context(cfg, load_dataset(cfg), out, chosen)
 
 

@@ -1,7 +1,13 @@
-"""Target profiles: targets/*.yaml, one file per device, validated on load."""
+"""Target profiles: one YAML file per device, validated on load.
+
+Built-in profiles are the repository's `targets/*.yaml`, shipped inside the package (`edgekit/profiles` links
+to that folder). A user's own: a path to a YAML file wherever a target name is taken, or a file in a user
+folder (`$EDGEKIT_TARGETS`, several separated by `:`, and `~/.config/edgekit/targets`).
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -9,7 +15,7 @@ import yaml
 
 from edgekit.errors import TargetError
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+TARGETS_DIR = Path(__file__).resolve().parent / "profiles"  # the built-in profiles
 FORMATS = {"onnx": ("fp32", "fp16", "int8"), "tflite": ("fp32", "int8")}
 RUNTIMES = {  # runtime name -> (pip package on the device, artifact format)
     "onnxruntime": ("onnxruntime", "onnx"),
@@ -188,17 +194,54 @@ def load_file(path: Path) -> Target:
     return parse(raw, str(path))
 
 
-def available() -> dict[str, Target]:
-    found = {}
-    for path in sorted(TARGETS_DIR.glob("*.yaml")):
+def user_dirs() -> list[Path]:
+    """Folders of a user's own profiles: $EDGEKIT_TARGETS (several joined by ':'), then the user config folder."""
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    listed = [Path(p).expanduser() for p in os.environ.get("EDGEKIT_TARGETS", "").split(os.pathsep) if p]
+    return [*listed, config_home / "edgekit" / "targets"]
+
+
+def _load_dir(folder: Path, found: dict[str, Target]) -> None:
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
         target = load_file(path)
+        if target.name in found:
+            raise TargetError(f"target '{target.name}' is defined twice: {found[target.name].source} and {path}; "
+                              "rename one (targets are looked up by name)")
         found[target.name] = target
+
+
+def builtin() -> dict[str, Target]:
+    found: dict[str, Target] = {}
+    _load_dir(TARGETS_DIR, found)
     return found
 
 
-def get(names: list[str]) -> list[Target]:
+def available() -> dict[str, Target]:
+    """Built-in profiles and the user folders' profiles, by name."""
+    found = builtin()
+    for folder in user_dirs():
+        _load_dir(folder, found)
+    return found
+
+
+def is_path(name: str) -> bool:
+    return name.endswith((".yaml", ".yml")) or os.sep in name
+
+
+def get(names: list[str], base: Path | None = None) -> list[Target]:
+    """Targets by name, or by path to a YAML file (relative to `base`, default the working folder)."""
     known = available()
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise TargetError(f"unknown target '{missing[0]}'; valid targets: {', '.join(known)}")
-    return [known[n] for n in names]
+    chosen = []
+    for name in names:
+        if is_path(name):
+            path = (base or Path.cwd()) / Path(name).expanduser()
+            if not path.is_file():
+                raise TargetError(f"target file '{path}' not found; give a target name ({', '.join(known)}) "
+                                  "or the path of a target YAML file")
+            chosen.append(load_file(path))
+        elif name in known:
+            chosen.append(known[name])
+        else:
+            raise TargetError(f"unknown target '{name}'; valid targets: {', '.join(known)}, or the path of a "
+                              f"target YAML file (own targets may also live in {user_dirs()[-1]})")
+    return chosen

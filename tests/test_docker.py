@@ -20,7 +20,7 @@ HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadol
 
 
 def test_docker_folder_is_generated_from_the_targets():
-    expected = images.repo_files(list(targets.available().values()))
+    expected = images.repo_files(list(targets.builtin().values()))
     found = {str(p.relative_to(images.DOCKER_DIR)): p.read_text() for p in images.DOCKER_DIR.rglob("*") if p.is_file()}
     stale = sorted(set(found) ^ set(expected)) + sorted(k for k in expected if found.get(k) != expected[k])
     assert not stale, f"docker/ is out of date with targets/*.yaml ({stale}): run `edgekit docker --write-dockerfiles`"
