@@ -117,11 +117,15 @@ def _by_rule(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: (r["size_bytes"], r["precision"] != "int8"))
 
 
-def _versus(pick: dict, other: dict, boot: dict) -> str:
-    ci = intervals(boot, pick["artifact"], other["artifact"])
+def _versus(pick: dict, other: dict, ci: dict) -> str:
     return (f"p50 {pick['p50_ms'] / other['p50_ms']:.2f}x (95% CI {ci['p50'][0]:.2f}-{ci['p50'][1]:.2f}) and "
             f"p90 {pick['p90_ms'] / other['p90_ms']:.2f}x (95% CI {ci['p90'][0]:.2f}-{ci['p90'][1]:.2f}) "
             f"of {other['artifact']}")
+
+
+def _split(ci: dict) -> bool:
+    """One of p50 / p90 clearly lower and the other clearly higher: a real trade-off, not noise."""
+    return any(hi < 1 for _, hi in ci.values()) and any(lo > 1 for lo, _ in ci.values())
 
 
 def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, str]:
@@ -135,14 +139,15 @@ def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, 
     boot = bootstrap({r["artifact"]: samples[r["artifact"]] for r in eligible})
     unbeaten = [r for r in eligible if not any(
         beats(intervals(boot, o["artifact"], r["artifact"])) for o in eligible if o is not r)]
+    pick = unbeaten[0] if len(unbeaten) == 1 else _by_rule(unbeaten)
+    rival = min((r for r in (unbeaten if len(unbeaten) > 1 else eligible) if r is not pick),
+                key=lambda r: r["p50_ms"])
+    ci = intervals(boot, pick["artifact"], rival["artifact"])
     if len(unbeaten) == 1:
-        pick = unbeaten[0]
-        rival = min((r for r in eligible if r is not pick), key=lambda r: r["p50_ms"])
-        return pick, f"faster beyond noise: {_versus(pick, rival, boot)}"
-    pick = _by_rule(unbeaten)
-    rival = min((r for r in unbeaten if r is not pick), key=lambda r: r["p50_ms"])
+        return pick, f"faster beyond noise: {_versus(pick, rival, ci)}"
+    kind = "no clear winner, p50 and p90 disagree" if _split(ci) else "tie within noise"
     why = "smaller file" if pick["size_bytes"] < rival["size_bytes"] else "equal size, int8"
-    return pick, f"tie within noise ({_versus(pick, rival, boot)}): {why}"
+    return pick, f"{kind} ({_versus(pick, rival, ci)}): {why}"
 
 
 def recommend(folder: Path, entries: list[dict], target, x: np.ndarray, run_cfg) -> dict:
