@@ -44,7 +44,8 @@ def _side_by_side(rows: list[dict], bundles: list[dict]) -> None:
         cand = {c["artifact"]: c for c in rec.get("candidates", [])}.get(row["name"])
         row["recommended"] = rec.get("artifact") == row["name"]
         if cand:
-            row["side_by_side"] = {k: cand.get(k) for k in ("p50_ms", "p90_ms", "vs_fp32", "fp32_artifact")}
+            keys = ("p50_ms", "p90_ms", "vs_fp32", "vs_fp32_ci", "fp32_artifact")
+            row["side_by_side"] = {k: cand.get(k) for k in keys}
 
 
 def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: dict) -> dict:
