@@ -206,8 +206,8 @@ def time_all(specs: dict[str, dict], x: np.ndarray, threads: int, quick: bool) -
         arts = {n: Artifact(s["file"], s, threads) for n, s in specs.items()}
     samples = recommend.alternate(arts, x, warmup=20, min_rounds=50 if quick else 300,
                                   min_s=0.5 if quick else 4.0, max_s=10 if quick else 40)
-    return {n: {"p50_ms": float(np.percentile(s, 50)), "p90_ms": float(np.percentile(s, 90)), "runs": len(s)}
-            for n, s in samples.items()}
+    return {n: {"p50_ms": float(np.percentile(s, 50)), "p90_ms": float(np.percentile(s, 90)), "runs": len(s),
+                "samples": s} for n, s in samples.items()}
 
 
 def _fp32_of(name: str, spec: dict) -> str:
@@ -229,15 +229,15 @@ def rows_for(m: dict, specs: dict, quality: dict, timing: dict[int, dict], macs:
     return rows
 
 
-def edgekit_pick(rows: list[dict], threads: int) -> tuple[str, str]:
+def edgekit_pick(rows: list[dict], threads: int, samples: dict[str, list[float]]) -> tuple[str, str]:
     """edgekit's recommendation for the x86-64 target among its own candidates, as `edgekit build` makes it
     (at `threads`: the build measures at the target's thread count)."""
     (x86,) = targets.get(["x86-64"])
     own = {"edgekit_onnx_int8": "int8", "tflite_int8": "int8", ONNX_FP32: "fp32"}
     cands = [{"artifact": r["artifact"], "precision": own[r["artifact"]], "p50_ms": r[f"p50_ms_{threads}t"],
-              "accuracy": r["accuracy"] if r["accuracy"] is not None else r["agreement"],
-              "size_bytes": r["size_bytes"]} for r in rows if r["artifact"] in own]
-    pick, reason = recommend.choose(cands, x86.accuracy_tolerance_pp)
+              "p90_ms": r[f"p90_ms_{threads}t"], "accuracy": r["accuracy"] if r["accuracy"] is not None
+              else r["agreement"], "size_bytes": r["size_bytes"]} for r in rows if r["artifact"] in own]
+    pick, reason = recommend.choose(cands, samples, x86.accuracy_tolerance_pp)
     return pick["artifact"], reason
 
 
@@ -251,7 +251,7 @@ def run_model(m: dict, quick: bool) -> dict:
         quality = evaluate(specs, ds, reference, m["trained"])
         timing = {t: time_all(specs, ds.test.x, t, quick) for t in THREADS}
     rows = rows_for(m, specs, quality, timing, macs)
-    picks = {t: edgekit_pick(rows, t) for t in THREADS}
+    picks = {t: edgekit_pick(rows, t, {n: tim["samples"] for n, tim in timing[t].items()}) for t in THREADS}
     for r in rows:
         r["edgekit_recommended"] = [t for t in THREADS if picks[t][0] == r["artifact"]]
     fp32_acc = metrics.accuracy(reference, ds.test.y) if m["trained"] else None

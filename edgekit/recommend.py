@@ -38,14 +38,55 @@ def alternate(artifacts: dict[str, Artifact], x: np.ndarray, *, warmup: int, min
             return samples
 
 
-def measure(folder: Path, entries: list[dict], x: np.ndarray, threads: int, run_cfg) -> dict[str, dict]:
-    """p50 / p90 of every entry (manifest artifact records, files in `folder`) timed alternately."""
+def measure(folder: Path, entries: list[dict], x: np.ndarray, threads: int, run_cfg) -> dict[str, list[float]]:
+    """Latency samples (ms) of every entry (manifest artifact records, files in `folder`) timed alternately."""
     with quiet.silenced():  # LiteRT announces its XNNPACK delegate on stderr
         arts = {e["name"]: Artifact(folder / e["file"], e, threads) for e in entries}
-    samples = alternate(arts, x, warmup=run_cfg.warmup_runs, min_rounds=run_cfg.min_runs,
-                        min_s=run_cfg.min_seconds, max_s=run_cfg.max_seconds)
-    return {name: {k: v for k, v in latency_stats(s).items() if k in ("p50", "p90", "mean", "runs")}
-            for name, s in samples.items()}
+    return alternate(arts, x, warmup=run_cfg.warmup_runs, min_rounds=run_cfg.min_runs,
+                     min_s=run_cfg.min_seconds, max_s=run_cfg.max_seconds)
+
+
+# A faster artifact must win on p50 and on p90 (the headline) by more than MIN_GAIN at the upper end of the
+# interval: between two identical demo builds the tflite/fp32 p50 ratio moved from 0.99 to 1.05, so gains of a
+# few percent are noise across runs even when one run's interval is tight.
+MIN_GAIN = 0.05
+CONFIDENCE = 0.95
+RESAMPLES = 300
+BLOCKS = 50
+RULE = (f"faster = p50 and p90 both lower by more than {MIN_GAIN:.0%} over the whole {CONFIDENCE:.0%} interval "
+        "(block bootstrap over the alternating rounds); otherwise a tie, and the smaller file wins, then int8")
+
+
+def bootstrap(samples: dict, *, resamples: int = RESAMPLES, blocks: int = BLOCKS, seed: int = 0) -> dict:
+    """(resamples, 2) p50/p90 per artifact, every artifact resampled on the same blocks of consecutive rounds.
+
+    Blocks keep the load bursts of a shared machine together, and sharing them keeps the pairing of the
+    alternating rounds, so noise that hit all artifacts alike cancels in their ratio. A resample is a count per
+    block; its percentiles are weighted ones over the sorted samples (no copies of 10^4-sample resamples)."""
+    n = min(len(s) for s in samples.values())
+    k = min(blocks, n)
+    block = np.arange(n) * k // n
+    counts = np.random.default_rng(seed).multinomial(k, np.full(k, 1 / k), size=resamples).astype(np.float32)
+    out = {}
+    for name, s in samples.items():
+        a = np.asarray(s[:n], dtype=float)
+        order = np.argsort(a, kind="stable")
+        member = np.zeros((k, n), np.float32)
+        member[block[order], np.arange(n)] = 1
+        cum = counts @ np.cumsum(member, axis=1)  # weighted rank of each sorted sample, per resample
+        out[name] = np.stack([a[order][(cum < q * cum[:, -1:]).sum(axis=1)] for q in (0.5, 0.9)], axis=1)
+    return out
+
+
+def intervals(boot: dict, a: str, b: str) -> dict:
+    """The CONFIDENCE intervals of a's p50 and p90 over b's."""
+    tail = (1 - CONFIDENCE) / 2 * 100
+    ratio = boot[a] / boot[b]
+    return {q: [float(v) for v in np.percentile(ratio[:, i], [tail, 100 - tail])] for i, q in enumerate(("p50", "p90"))}
+
+
+def beats(ci: dict) -> bool:
+    return ci["p50"][1] < 1 - MIN_GAIN and ci["p90"][1] < 1 - MIN_GAIN
 
 
 def _fp32_base(entry: dict, entries: list[dict], timing: dict) -> dict | None:
@@ -56,7 +97,7 @@ def _fp32_base(entry: dict, entries: list[dict], timing: dict) -> dict | None:
     return min(pool, key=lambda e: timing[e["name"]]["p50"]) if pool else None
 
 
-def candidates(entries: list[dict], timing: dict) -> list[dict]:
+def candidates(entries: list[dict], timing: dict, boot: dict) -> list[dict]:
     rows = []
     for e in entries:
         base = _fp32_base(e, entries, timing) if e["precision"] != "fp32" else None
@@ -66,33 +107,47 @@ def candidates(entries: list[dict], timing: dict) -> list[dict]:
                "size_bytes": e["size_bytes"], "vs_fp32": None, "fp32_artifact": None}
         if base:
             row |= {"vs_fp32": t["p50"] / timing[base["name"]]["p50"], "fp32_artifact": base["name"],
+                    "vs_fp32_ci": intervals(boot, e["name"], base["name"]),
                     "size_vs_fp32": e["size_bytes"] / base["size_bytes"]}
         rows.append(row)
     return rows
 
 
-def choose(rows: list[dict], tolerance_pp: float) -> tuple[dict, str]:
-    """The fastest artifact whose accuracy is within the target's tolerance of the best fp32 one."""
+def _by_rule(rows: list[dict]) -> dict:
+    return min(rows, key=lambda r: (r["size_bytes"], r["precision"] != "int8"))
+
+
+def _versus(pick: dict, other: dict, ci: dict) -> str:
+    return (f"p50 {pick['p50_ms'] / other['p50_ms']:.2f}x (95% CI {ci['p50'][0]:.2f}-{ci['p50'][1]:.2f}) and "
+            f"p90 {pick['p90_ms'] / other['p90_ms']:.2f}x (95% CI {ci['p90'][0]:.2f}-{ci['p90'][1]:.2f}) "
+            f"of {other['artifact']}")
+
+
+def _split(ci: dict) -> bool:
+    """One of p50 / p90 clearly lower and the other clearly higher: a real trade-off, not noise."""
+    return any(hi < 1 for _, hi in ci.values()) and any(lo > 1 for lo, _ in ci.values())
+
+
+def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, str]:
+    """Among artifacts within the target's accuracy tolerance of the best fp32 one, those no other one beats
+    (`beats`); one left is the pick, several are a tie settled by RULE."""
     fp32 = [r for r in rows if r["precision"] == "fp32"]
     best = max(r["accuracy"] for r in (fp32 or rows))
     eligible = [r for r in rows if r["accuracy"] >= best - tolerance_pp / 100 - 1e-12]
-    pick = min(eligible, key=lambda r: r["p50_ms"])
-    fastest_fp32 = min(fp32, key=lambda r: r["p50_ms"]) if fp32 else None
-    int8 = [r for r in rows if r["precision"] == "int8"]
-    if pick["precision"] != "fp32":
-        if not fastest_fp32:
-            return pick, f"fastest measured artifact ({pick['p50_ms']:.3f} ms p50); no fp32 artifact to compare"
-        ratio = pick["p50_ms"] / fastest_fp32["p50_ms"]
-        return pick, (f"faster at equal accuracy: {ratio:.2f}x the p50 of {fastest_fp32['artifact']}, accuracy "
-                      f"{pick['accuracy']:.4f} vs {fastest_fp32['accuracy']:.4f} (tolerance {tolerance_pp} pp), "
-                      f"{fastest_fp32['size_bytes'] / pick['size_bytes']:.1f}x smaller")
-    if not int8:
-        return pick, "fastest measured artifact; the target lists no int8 artifact"
-    smallest = min(int8, key=lambda r: r["size_bytes"])
-    quickest = min(int8, key=lambda r: r["p50_ms"])
-    return pick, (f"int8 is not faster here (fastest int8, {quickest['artifact']}, takes "
-                  f"{quickest['p50_ms'] / pick['p50_ms']:.2f}x the p50 of {pick['artifact']}); "
-                  f"{smallest['artifact']} is smaller by {pick['size_bytes'] / smallest['size_bytes']:.1f}x")
+    if len(eligible) == 1:
+        return eligible[0], f"the only artifact within {tolerance_pp} pp of the best fp32 accuracy"
+    boot = bootstrap({r["artifact"]: samples[r["artifact"]] for r in eligible})
+    unbeaten = [r for r in eligible if not any(
+        beats(intervals(boot, o["artifact"], r["artifact"])) for o in eligible if o is not r)]
+    pick = unbeaten[0] if len(unbeaten) == 1 else _by_rule(unbeaten)
+    rival = min((r for r in (unbeaten if len(unbeaten) > 1 else eligible) if r is not pick),
+                key=lambda r: r["p50_ms"])
+    ci = intervals(boot, pick["artifact"], rival["artifact"])
+    if len(unbeaten) == 1:
+        return pick, f"faster beyond noise: {_versus(pick, rival, ci)}"
+    kind = "no clear winner, p50 and p90 disagree" if _split(ci) else "tie within noise"
+    why = "smaller file" if pick["size_bytes"] < rival["size_bytes"] else "equal size, int8"
+    return pick, f"{kind} ({_versus(pick, rival, ci)}): {why}"
 
 
 def recommend(folder: Path, entries: list[dict], target, x: np.ndarray, run_cfg) -> dict:
@@ -102,9 +157,10 @@ def recommend(folder: Path, entries: list[dict], target, x: np.ndarray, run_cfg)
         return {"artifact": None, "measured": False, "candidates": [],
                 "reason": f"not measured: the target is {target.arch} and this machine {host}; run each artifact "
                           "on the device (`runner.py BUNDLE --artifact NAME`) and compare"}
-    timing = measure(folder, entries, x, target.threads, run_cfg)
-    rows = candidates(entries, timing)
-    pick, reason = choose(rows, target.accuracy_tolerance_pp)
-    return {"artifact": pick["artifact"], "reason": reason, "measured": True, "host": host,
+    samples = measure(folder, entries, x, target.threads, run_cfg)
+    timing = {name: latency_stats(s) for name, s in samples.items()}
+    rows = candidates(entries, timing, bootstrap(samples))
+    pick, reason = choose(rows, samples, target.accuracy_tolerance_pp)
+    return {"artifact": pick["artifact"], "reason": reason, "rule": RULE, "measured": True, "host": host,
             "threads": target.threads, "method": "alternating single-sample runs, one per artifact per round",
             "candidates": rows}

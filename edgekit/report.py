@@ -44,7 +44,8 @@ def _side_by_side(rows: list[dict], bundles: list[dict]) -> None:
         cand = {c["artifact"]: c for c in rec.get("candidates", [])}.get(row["name"])
         row["recommended"] = rec.get("artifact") == row["name"]
         if cand:
-            row["side_by_side"] = {k: cand.get(k) for k in ("p50_ms", "p90_ms", "vs_fp32", "fp32_artifact")}
+            keys = ("p50_ms", "p90_ms", "vs_fp32", "vs_fp32_ci", "fp32_artifact")
+            row["side_by_side"] = {k: cand.get(k) for k in keys}
 
 
 def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: dict) -> dict:
@@ -80,15 +81,17 @@ def summary_table(report: dict) -> str:
     lines.append(f"{'target':<17} {'artifact':<19} {'runtime':<12} {'size KB':>7} {'acc':>6} {'agree':>6} "
                  f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'int8/fp32':>9} {'fused':>7}")
     for r in report["artifacts"]:
-        lat = r.get("measured", {}).get("latency_ms", {})
+        lat = _latency(r)[0] or {}
         name = r["name"] + ("*" if r.get("recommended") else "")
         int8 = r.get("int8")
         fused = f"{int8['fused_count']}/{int8['unfused_count']}" if int8 else None
         lines.append(f"{r['target']:<17} {name:<19} {r['runtime']:<12} {r['size_bytes'] / 1024:>7.1f} "
                      f"{r['accuracy']:>6.3f} {r['top1_agreement']:>6.3f} {_fmt(r['sqnr_db'], '.1f'):>7} "
-                     f"{_fmt(lat.get('p50'), '.3f'):>7} {_fmt(lat.get('p90'), '.3f'):>7} "
+                     f"{_fmt(lat.get('p50'), '.4f'):>7} {_fmt(lat.get('p90'), '.4f'):>7} "
                      f"{_fmt(_ratio(r, report['artifacts']), '.2f'):>9} {_fmt(fused, 's'):>7}")
-    lines.append("int8/fp32: p50 ratio, artifacts timed alternately at the target's threads; * recommended")
+    lines.append("p50, p90, int8/fp32: one side-by-side run per target (artifacts timed alternately at the "
+                 "target's threads; else the runner's runs); int8/fp32 = p50 / p50 of the same-format fp32 row, "
+                 "else the fastest fp32 row; * recommended")
     lines.append("fused: int8 ops / float ops left unfused in onnxruntime's optimized graph")
     for b in report["bundles"]:
         rec = b.get("recommended") or {}
@@ -96,14 +99,23 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _ratio(row: dict, rows: list[dict]) -> float | None:
-    """int8/fp32 p50: from the bundle's alternating timing, else from the runs (same format's fp32)."""
-    if row["precision"] == "fp32":
-        return None
+def _latency(row: dict) -> tuple[dict | None, str | None]:
+    """p50/p90 of a row and where they come from: the bundle stage's side-by-side run, else the runner's run."""
     side = row.get("side_by_side") or {}
-    if side.get("vs_fp32") is not None:
-        return side["vs_fp32"]
-    lat = row.get("measured", {}).get("latency_ms", {})
-    base = next((r.get("measured", {}).get("latency_ms") for r in rows if r["target"] == row["target"]
-                 and r["format"] == row["format"] and r["precision"] == "fp32"), None)
-    return lat["p50"] / base["p50"] if lat and base else None
+    if side.get("p50_ms") is not None:
+        return {"p50": side["p50_ms"], "p90": side["p90_ms"]}, "side_by_side"
+    lat = row.get("measured", {}).get("latency_ms")
+    return (lat, "run") if lat else (None, None)
+
+
+def _ratio(row: dict, rows: list[dict]) -> float | None:
+    """int8/fp32 p50 from the same measurement as the row's p50 column: the fp32 row the side-by-side run
+    compared with, else the same format's fp32 row of the target."""
+    lat, source = _latency(row)
+    if row["precision"] == "fp32" or not lat:
+        return None
+    base_name = (row.get("side_by_side") or {}).get("fp32_artifact")
+    base = next((r for r in rows if r["target"] == row["target"] and r["precision"] == "fp32"
+                 and (r["name"] == base_name if base_name else r["format"] == row["format"])), None)
+    base_lat, base_source = _latency(base) if base else (None, None)
+    return lat["p50"] / base_lat["p50"] if base_lat and base_source == source else None

@@ -10,6 +10,7 @@ import torch
 
 from edgekit import config, data, models, onnx_int8, recommend, targets
 from edgekit.errors import EdgekitError, TargetError
+from edgekit.report import summary_table
 from tests.conftest import tiny
 
 
@@ -124,21 +125,6 @@ def test_int8_section_is_validated():
         targets.parse(raw | {"int8": {"activation_type": "fp8"}}, "t.yaml")
 
 
-def _row(name, precision, p50, acc, size):
-    return {"artifact": name, "precision": precision, "p50_ms": p50, "accuracy": acc, "size_bytes": size}
-
-
-def test_choose_prefers_fast_accurate_and_says_when_int8_does_not_pay():
-    fast_int8 = [_row("onnx_fp32", "fp32", 1.0, 0.99, 4000), _row("onnx_int8", "int8", 0.7, 0.99, 1000)]
-    pick, reason = recommend.choose(fast_int8, 1.0)
-    assert pick["artifact"] == "onnx_int8" and reason.startswith("faster at equal accuracy: 0.70x")
-    slow_int8 = [_row("onnx_fp32", "fp32", 1.0, 0.99, 4000), _row("onnx_int8", "int8", 1.5, 0.99, 1000)]
-    pick, reason = recommend.choose(slow_int8, 1.0)
-    assert pick["artifact"] == "onnx_fp32" and "int8 is not faster here" in reason and "smaller by 4.0x" in reason
-    inaccurate = [_row("onnx_fp32", "fp32", 1.0, 0.99, 4000), _row("onnx_int8", "int8", 0.5, 0.95, 1000)]
-    assert recommend.choose(inaccurate, 1.0)[0]["artifact"] == "onnx_fp32"
-
-
 def test_recommendation_names_a_measured_artifact(setup):
     ds, _, paths, tmp = setup
     (x86,) = targets.get(["x86-64"])
@@ -153,6 +139,9 @@ def test_recommendation_names_a_measured_artifact(setup):
     by_name = {c["artifact"]: c for c in rec["candidates"]}
     assert by_name["onnx_int8"]["runs"] == by_name["onnx_fp32"]["runs"] >= run_cfg.min_runs  # alternated
     assert by_name["onnx_int8"]["vs_fp32"] > 0 and by_name["onnx_int8"]["fp32_artifact"] == "onnx_fp32"
+    lo, hi = by_name["onnx_int8"]["vs_fp32_ci"]["p50"]
+    assert 0 < lo <= hi and rec["rule"] == recommend.RULE
+    assert rec["reason"].startswith(("faster beyond noise", "tie within noise", "no clear winner"))
     (rpi,) = targets.get(["rpi5"])
     assert recommend.recommend(tmp, entries, rpi, ds.test.x, run_cfg)["artifact"] is None
 
@@ -170,6 +159,11 @@ def test_build_ships_fused_int8_and_a_measured_recommendation(e2e_build):
     assert "BatchNormalization" not in _ops(payload)
     rows = {(r["target"], r["name"]): r for r in report["artifacts"]}
     assert rows[("x86-64", "onnx_int8")]["side_by_side"]["vs_fp32"] > 0
+    table = {c[1].rstrip("*"): c for c in (line.split() for line in summary_table(report).splitlines())
+             if c and c[0] == "x86-64"}
+    for name in ("onnx_int8", "tflite_int8"):  # the ratio column is the ratio of the p50 column beside it
+        p50, base = float(table[name][7]), float(table[rows[("x86-64", name)]["side_by_side"]["fp32_artifact"]][7])
+        assert (p50 - 5e-5) / (base + 5e-5) - 0.005 <= float(table[name][9]) <= (p50 + 5e-5) / (base - 5e-5) + 0.005
     assert json.loads((out / "bundles" / "rpi5" / "manifest.json").read_text())["recommended"]["artifact"] is None
 
 
