@@ -278,11 +278,11 @@ def build_image(docker: Docker, target: Target, context: Path, tag: str, base: s
 
 
 def run_command(docker: Docker, target: Target, tag: str, results: Path, emulated: bool,
-                args: list[str] | None = None) -> list[str]:
-    """docker run of a runtime image: no network, results in `results`, as the calling user."""
+                args: list[str] | None = None, user: str | None = None) -> list[str]:
+    """docker run of a runtime image: no network, results in `results`, as `user` (default: the calling user)."""
     env = ["-e", "EDGEKIT_EMULATED=1"] if emulated else []
     return docker.argv("run", "--rm", "--network", "none", "--platform", PLATFORMS[target.arch], *env,
-                       "--user", f"{os.getuid()}:{os.getgid()}", "-v", f"{results.resolve()}:/results", tag,
+                       "--user", user or f"{os.getuid()}:{os.getgid()}", "-v", f"{results.resolve()}:/results", tag,
                        *(args or []))
 
 
