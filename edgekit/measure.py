@@ -76,7 +76,7 @@ def refuse_other_arch(bundle: Path, manifest: dict) -> None:
     """A bundle for another CPU would run here on this machine's wheels and report this machine's numbers."""
     arch = manifest["target"].get("arch")
     if arch and arch != host_arch():
-        raise BundleError(f"'{bundle}' is a {arch} bundle ({manifest['target']['name']}) and this machine is "
+        raise BundleError(f"'{bundle}' is a bundle for {arch} ({manifest['target']['name']}) and this machine is "
                           f"{host_arch()}: measure it on the device with `edgekit run {bundle} --host USER@DEVICE`, "
                           f"or check it here under emulation with `edgekit verify {bundle} --emulate`")
 
