@@ -267,13 +267,22 @@ def test_setup_makes_a_venv_on_the_device_with_the_pinned_runtime(sshd, pinned, 
 
 # --- faults on the device side: each one line, nothing written locally, the remote folder removed -------------
 
+def _receiving(sshd: Sshd) -> bool:
+    """The device side of the upload (`cat > archive`) is running."""
+    for p in sshd.session_processes():
+        with contextlib.suppress(psutil.Error):
+            if p.name() == "cat":
+                return True
+    return False
+
+
 def _feed_then_drop(payload: bytes, fifo: Path, sshd: Sshd) -> None:
     """Half the archive goes up, then the link drops (the device's sshd processes are killed)."""
     with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
         f.write(payload[: len(payload) // 2])
         f.flush()
         deadline = time.monotonic() + 60
-        while not any(p.name() == "cat" for p in sshd.session_processes()) and time.monotonic() < deadline:
+        while not _receiving(sshd) and time.monotonic() < deadline:
             time.sleep(0.05)
         sshd.drop_connections()
         f.write(payload[len(payload) // 2:])
