@@ -105,9 +105,18 @@ def build_bundle(ctx: Context, target: Target, dest: Path) -> Path:
         e["sha256"] = files[e["file"]]
     recommended = recommend.recommend(tmp, entries, target, ctx.data.test.x, ctx.cfg.run)
     write_json(tmp / "manifest.json", _manifest(ctx, target, entries, files, recommended))
+    readable(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return pack(dest)
+
+
+def readable(folder: Path) -> None:
+    """Files 0644, the folder 0755, whatever the umask or the copied files' modes: the device's user (the image's
+    USER 10001) is not the one who built the bundle."""
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    folder.chmod(0o755)
 
 
 def pack(bundle_dir: Path) -> Path:
@@ -115,6 +124,7 @@ def pack(bundle_dir: Path) -> Path:
     tmp = archive.with_name(f".{archive.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(bundle_dir, arcname=bundle_dir.name)
+    tmp.chmod(0o644)
     tmp.replace(archive)
     return archive
 

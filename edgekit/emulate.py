@@ -1,4 +1,4 @@
-"""Run an aarch64 bundle's own runner on this x86 machine under qemu user-mode emulation.
+"""Run an aarch64 bundle with edgekit's runner on this x86 machine under qemu user-mode emulation.
 
 Everything comes from the package registries and is cached under the cache directory (see
 `runtime_check.cache_dir`): a Debian arm64 sysroot with the target's Python (a private apt root, `apt-get
@@ -24,6 +24,7 @@ import numpy as np
 
 from edgekit import runtime_check as rc
 from edgekit.errors import EdgekitError
+from edgekit.runner import RUNNER
 
 QEMU = "qemu-aarch64-static"
 SKIP_MESSAGE = (f"emulated check skipped: {QEMU} not found; install qemu-user-static to enable "
@@ -42,12 +43,12 @@ EMULATED_THREADS = 1
 CPUINFO = "".join(f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
                   f"CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\n"
                   f"CPU revision\t: 3\n\n" for i in range(4))
-DUMP_SCRIPT = '''"""Writes an artifact's float outputs on every eval.npz sample with the bundle's own runner code."""
+DUMP_SCRIPT = '''"""Writes an artifact's float outputs on every eval.npz sample with edgekit's runner code."""
 import json, sys
 from pathlib import Path
 import numpy as np
 bundle, name, out, threads = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-sys.path.insert(0, str(bundle))
+sys.path.insert(0, sys.argv[5])  # edgekit's runner, never the bundle's copy
 import runner
 manifest = json.loads((bundle / "manifest.json").read_text())
 runner.check_files(bundle, manifest)
@@ -207,7 +208,7 @@ def dump_outputs(python: list[str], bundle: Path, artifact: str, out: Path, env:
     script = out.with_name("dump_outputs.py")
     script.write_text(DUMP_SCRIPT)
     try:
-        proc = subprocess.run([*python, str(script), str(bundle), artifact, str(out), str(threads)],
+        proc = subprocess.run([*python, str(script), str(bundle), artifact, str(out), str(threads), str(RUNNER.parent)],
                               capture_output=True, text=True, env=env, timeout=rc.RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"writing the outputs did not finish in {rc.RUN_TIMEOUT_S} s"

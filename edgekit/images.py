@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.targets import RUNTIMES, Target
+from edgekit.manifest import bundle_files, read_manifest
+from edgekit.targets import RUNTIMES, Target, host_arch
 
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
 PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
@@ -175,20 +176,60 @@ def write_repo_files(targets: list[Target], root: Path = DOCKER_DIR) -> list[Pat
     return written
 
 
+CONTEXT_MARKER = ".edgekit-docker-context"  # written first: a folder with it is a context edgekit made
+CONTEXT_FILES = ("Dockerfile", "base.Dockerfile", "edgekit-runner", "bundle", CONTEXT_MARKER)
+
+
+def clear_context(dest: Path) -> None:
+    """Make room for a context in `dest`: a new or empty folder, or a context edgekit wrote there before (its
+    marker) holding nothing else. Only edgekit's own files are removed; anything else is refused, never deleted."""
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise DockerError(f"'{dest}' is a file, not a folder; pass a new or empty folder to --out")
+    names = sorted(p.name for p in dest.iterdir())
+    if names and CONTEXT_MARKER not in names:
+        raise DockerError(f"'{dest}' is not empty and is not an edgekit docker context; edgekit never deletes what it "
+                          "did not write: pass a new or empty folder to --out")
+    foreign = [n for n in names if n not in CONTEXT_FILES or (dest / n).is_symlink()]
+    if foreign:
+        raise DockerError(f"'{dest / foreign[0]}' was not written by edgekit; move it out of the docker context "
+                          "or pass another --out")
+    for path in (dest / n for n in names if n != CONTEXT_MARKER):  # the marker stays: a crash here is redone
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def copy_bundle(bundle: Path, dest: Path) -> None:
+    """The files a bundle's manifest lists (and the manifest), as regular files: no link is followed or copied."""
+    dest.mkdir(mode=0o755)
+    for rel, path in bundle_files(bundle, read_manifest(bundle)).items():
+        (dest / rel).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel, follow_symlinks=False)
+        (dest / rel).chmod(0o644)
+
+
 def write_context(target: Target, dest: Path, bundle: Path | None = None) -> Path:
     """A build context: Dockerfile (+ base.Dockerfile), edgekit-runner and, with a bundle, the bundle."""
     if bundle is not None:
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        if manifest["target"]["name"] != target.name:
-            raise DockerError(f"'{bundle}' is a {manifest['target']['name']} bundle, not {target.name}")
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    (dest / "Dockerfile").write_text(runtime_dockerfile(target, with_bundle=bundle is not None))
-    (dest / "base.Dockerfile").write_text(base_dockerfile(target))
-    (dest / "edgekit-runner").write_text(runner_script())
-    (dest / "edgekit-runner").chmod(0o755)
+        name = read_manifest(bundle)["target"]["name"]
+        if name != target.name:
+            raise DockerError(f"'{bundle}' is a {name} bundle, not {target.name}")
+    clear_context(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _write(dest / CONTEXT_MARKER, "A Docker build context written by `edgekit docker`; it rewrites this folder.\n")
+    _write(dest / "Dockerfile", runtime_dockerfile(target, with_bundle=bundle is not None))
+    _write(dest / "base.Dockerfile", base_dockerfile(target))
+    _write(dest / "edgekit-runner", runner_script(), 0o755)
     if bundle is not None:
-        shutil.copytree(bundle, dest / "bundle", ignore=shutil.ignore_patterns("results.json", "results-*.json", ".*"))
+        copy_bundle(bundle, dest / "bundle")
     return dest
 
 
@@ -237,11 +278,11 @@ def build_image(docker: Docker, target: Target, context: Path, tag: str, base: s
 
 
 def run_command(docker: Docker, target: Target, tag: str, results: Path, emulated: bool,
-                args: list[str] | None = None) -> list[str]:
-    """docker run of a runtime image: no network, results in `results`, as the calling user."""
+                args: list[str] | None = None, user: str | None = None) -> list[str]:
+    """docker run of a runtime image: no network, results in `results`, as `user` (default: the calling user)."""
     env = ["-e", "EDGEKIT_EMULATED=1"] if emulated else []
     return docker.argv("run", "--rm", "--network", "none", "--platform", PLATFORMS[target.arch], *env,
-                       "--user", f"{os.getuid()}:{os.getgid()}", "-v", f"{results.resolve()}:/results", tag,
+                       "--user", user or f"{os.getuid()}:{os.getgid()}", "-v", f"{results.resolve()}:/results", tag,
                        *(args or []))
 
 
@@ -392,12 +433,6 @@ def default_tag(target: Target, bundle: Path | None) -> str:
     if bundle is None:
         return f"edgekit-runner-{target.name}:latest"
     return f"edgekit-runner-{target.name}:{json.loads((bundle / 'manifest.json').read_text())['bundle_id']}"
-
-
-def host_arch() -> str:
-    import platform
-
-    return {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine(), platform.machine())
 
 
 def make(target: Target, out: Path, *, bundle: Path | None = None, tag: str | None = None, base: str | None = None,

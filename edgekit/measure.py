@@ -1,8 +1,9 @@
-"""`edgekit run` and `edgekit compare`: measure a bundle's artifacts with the bundle's own runner, check each
+"""`edgekit run` and `edgekit compare`: measure a bundle's artifacts with edgekit's own runner, check each
 result against the runner's JSON schema, and put several results side by side.
 
 Each artifact runs in a child process: a damaged model can crash its runtime, not edgekit, and the
-runner process imports only what a device has (numpy and the runtime).
+runner process imports only what a device has (numpy and the runtime). A bundle may come from anyone: its own
+runner.py is never executed here (it runs on the device), and its manifest may only name files inside it.
 """
 
 from __future__ import annotations
@@ -15,20 +16,12 @@ import tempfile
 from pathlib import Path
 
 from edgekit.errors import BundleError, EdgekitError
-from edgekit.runner import runner
+from edgekit.manifest import read_manifest
+from edgekit.runner import RUNNER, runner
 from edgekit.stages.base import write_bytes
+from edgekit.targets import host_arch
 
-SCHEMA_PATH = Path(runner.__file__).with_name(runner.SCHEMA_FILE)
-
-
-def read_manifest(bundle: Path) -> dict:
-    path = bundle / "manifest.json"
-    if not path.is_file():
-        raise BundleError(f"'{bundle}' is not a bundle (no manifest.json); pass a folder from DIR/bundles/")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"'{path}' is not valid JSON; rebuild the bundle") from exc
+SCHEMA_PATH = RUNNER.with_name(runner.SCHEMA_FILE)
 
 
 def schema(bundle: Path | None = None) -> dict:
@@ -69,14 +62,23 @@ def run_artifact(bundle: Path, name: str, threads: int | None = None, mode: str 
                  overrides: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        cmd = [sys.executable, str(bundle / "runner.py"), str(bundle), "--artifact", name, "--out", str(out)]
+        cmd = [sys.executable, str(RUNNER), str(bundle), "--artifact", name, "--out", str(out)]
         proc = subprocess.run(cmd + runner_args(threads, mode, overrides), capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise BundleError(f"the runner failed on artifact {name} of '{bundle}': {last}")
         result = json.loads(out.read_text())
-    validate(result, bundle, f"the result of {name}")
+    validate(result, None, f"the result of {name}")  # edgekit's runner wrote it: edgekit's schema
     return result
+
+
+def refuse_other_arch(bundle: Path, manifest: dict) -> None:
+    """A bundle for another CPU would run here on this machine's wheels and report this machine's numbers."""
+    arch = manifest["target"].get("arch")
+    if arch and arch != host_arch():
+        raise BundleError(f"'{bundle}' is a bundle for {arch} ({manifest['target']['name']}) and this machine is "
+                          f"{host_arch()}: measure it on the device with `edgekit run {bundle} --host USER@DEVICE`, "
+                          f"or check it here under emulation with `edgekit verify {bundle} --emulate`")
 
 
 def choose(manifest: dict, artifacts: list[str] | None, where: str) -> list[str]:
@@ -102,6 +104,7 @@ def run_bundle(bundle: Path, out: Path | None = None, artifacts: list[str] | Non
                overrides: dict | None = None) -> dict:
     """Run the chosen artifacts (default: all); the results file leads with the primary artifact."""
     manifest = read_manifest(bundle)
+    refuse_other_arch(bundle, manifest)
     results = {}
     for name in choose(manifest, artifacts, str(bundle)):
         log(f"  measuring {manifest['target']['name']}/{name} ...")

@@ -1,9 +1,10 @@
 """`edgekit run BUNDLE --host user@host`: run a bundle on a device over SSH with the system's OpenSSH client.
 
 Steps: probe the device (architecture, Python, numpy, the pinned runtime), optionally make a venv there and
-install the pinned runtime (`--setup`), copy the bundle as a tar.gz and check its sha256 on arrival, run the
-bundle's own runner once per artifact, bring the results back (validated against the results schema) and
-write them next to the bundle in one atomic step, then remove the remote folder unless asked to keep it.
+install the pinned runtime (`--setup`), copy the bundle as a tar.gz (only the files its manifest lists, as
+regular files inside it) and check its sha256 on arrival, run the bundle's own runner once per artifact (on the
+device), bring the results back (validated against the results schema) and write them next to the bundle in one
+atomic step, then remove the remote folder unless asked to keep it, also when a step failed.
 
 Security: keys only (BatchMode: never a password prompt, no password on any command line); host keys are
 checked against edgekit's own known-hosts file. An unknown key is refused unless --accept-new-host-key (then
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from edgekit import measure
 from edgekit.errors import EdgekitError
+from edgekit.manifest import bundle_files
 from edgekit.targets import RUNTIMES
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
@@ -46,6 +48,8 @@ except Exception:
 print(json.dumps({"machine": platform.machine(), "python": ".".join(map(str, sys.version_info[:3])),
                   "executable": sys.executable, "modules": mods, "onnx_providers": providers}))
 """.replace("MODULES", repr(sorted(RUNTIME_MODULES.items())))
+PYTHON_HINT = ("pass --python with the path of a Python 3 on the device (e.g. --python python3 or --python "
+               "'~/edgekit-venv/bin/python')")
 CHECK_ARCHIVE = "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
 
 
@@ -59,6 +63,14 @@ class HostKeyError(RemoteError):
 
 class ConnectionLost(RemoteError):
     """The SSH connection dropped in the middle of a step."""
+
+
+class CommandFailed(RemoteError):
+    """A command on the device ended with an error (ssh itself worked); `detail` is its last line of stderr."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def default_known_hosts() -> Path:
@@ -108,10 +120,19 @@ class Connection:
         if proc.returncode == 255:
             raise ssh_error(self, step, proc.stderr.decode(errors="replace"))
         if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()
-                     and not ln.startswith(("INFO:", "WARNING:"))]
-            raise RemoteError(f"on {self.host}, {step} failed: {(lines or [f'exit code {proc.returncode}'])[-1]}")
+            raise command_error(self, step, proc)
         return proc.stdout
+
+
+def command_error(conn: Connection, step: str, proc: subprocess.CompletedProcess) -> RemoteError:
+    """A command on the device failed: its last real line of stderr, and what to do where that is known."""
+    lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()
+             and not ln.startswith(("INFO:", "WARNING:"))]
+    last = (lines or [f"exit code {proc.returncode}"])[-1]
+    if "No space left on device" in proc.stderr.decode(errors="replace"):
+        return RemoteError(f"{conn.host} is out of disk space: {step} failed ({last}). Free space in the device's "
+                           "$TMPDIR (default /tmp), then run again")
+    return CommandFailed(f"on {conn.host}, {step} failed: {last}", last)
 
 
 def ssh_error(conn: Connection, step: str, stderr: str) -> RemoteError:
@@ -149,11 +170,17 @@ def rpython(python: str) -> str:
 
 
 def probe(conn: Connection, python: str) -> dict:
-    out = conn.ssh(f"{rpython(python)} -c {shlex.quote(PROBE)}", "connecting")
     try:
-        return json.loads(out.decode().strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError) as exc:
-        raise RemoteError(f"'{python}' on {conn.host} did not answer the probe; is it a Python 3?") from exc
+        out = conn.ssh(f"{rpython(python)} -c {shlex.quote(PROBE)}", "connecting")
+    except CommandFailed as exc:
+        raise RemoteError(f"'{python}' on {conn.host} is not a working Python ({exc.detail}); {PYTHON_HINT}") from None
+    try:
+        info = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        info = None
+    if not isinstance(info, dict) or "machine" not in info:
+        raise RemoteError(f"'{python}' on {conn.host} did not answer the probe (is it a Python 3?); {PYTHON_HINT}")
+    return info
 
 
 def requirements(runtime: str, version: str) -> list[str]:
@@ -209,12 +236,12 @@ def setup_venv(conn: Connection, manifest: dict, names: list[str], python: str, 
 # --- running -----------------------------------------------------------------------------------------------
 
 def pack(bundle: Path, manifest: dict, dest: Path) -> tuple[Path, str]:
-    """The manifest's files (and the results schema) as NAME.tar.gz, with its sha256."""
+    """The manifest's files (and the manifest, the results schema) as NAME.tar.gz, with its sha256: regular files
+    inside the bundle only, whatever the manifest names."""
     archive = dest / f"{bundle.name}.tar.gz"
-    extra = [n for n in ("manifest.json", "results.schema.json") if (bundle / n).is_file()]
     with tarfile.open(archive, "w:gz") as tar:
-        for rel in [*manifest["files"], *extra]:
-            tar.add(bundle / rel, arcname=f"{bundle.name}/{rel}")
+        for rel, path in bundle_files(bundle, manifest).items():
+            tar.add(path, arcname=f"{bundle.name}/{rel}", recursive=False)
     return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
 
 

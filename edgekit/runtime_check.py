@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.runner import RUNNER
 from edgekit.targets import RUNTIMES
 
 READY = ".edgekit-ready"  # written last: an environment without it is incomplete and made again
@@ -133,18 +134,14 @@ def advice(error: str, runtime: str, version: str) -> dict:
     return {"op": op, "op_version": op_version, "hint": hint}
 
 
-def _accuracy_only(bundle: Path) -> list[str]:
-    """Skips the timed runs where the bundle's runner can (`--mode accuracy`): a check needs no timings."""
-    return ["--mode", "accuracy"] if '"--mode"' in (bundle / "runner.py").read_text() else []
-
-
 def run_runner(python: Path | str, bundle: Path, artifact: str, *, prefix: list[str] | None = None,
                env: dict | None = None, threads: int | None = None) -> tuple[dict | None, str | None]:
-    """Runs the bundle's own runner.py on one artifact: (results, None) or (None, one-line error)."""
+    """Runs edgekit's runner.py on one artifact of the bundle, accuracy only (a check needs no timings):
+    (results, None) or (None, one-line error)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        cmd = [*(prefix or []), str(python), str(bundle / "runner.py"), str(bundle), "--artifact", artifact,
-               "--out", str(out), *(["--threads", str(threads)] if threads else []), *_accuracy_only(bundle)]
+        cmd = [*(prefix or []), str(python), str(RUNNER), str(bundle), "--artifact", artifact,
+               "--out", str(out), *(["--threads", str(threads)] if threads else []), "--mode", "accuracy"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -177,7 +174,7 @@ def check_result(spec: dict, arch: str, emulated: bool, results: dict | None, er
 
 
 def check_artifact(bundle: Path, spec: dict, python_version: str = "3.11", log=print) -> dict:
-    """Loads and runs one artifact with its pinned runtime version (x86 wheel), through the bundle's runner."""
+    """Loads and runs one artifact with its pinned runtime version (x86 wheel), through edgekit's runner."""
     runtime, version = spec["runtime"], spec["runtime_version"]
     if runtime in NO_CHECK:
         return {"runtime": runtime, "version": version, "arch": "x86_64", "emulated": False, "ok": None,

@@ -119,9 +119,14 @@ class Target:
 
     @property
     def runs_here(self) -> bool:
-        import platform
+        return host_arch() == self.arch
 
-        return platform.machine() == self.arch
+
+def host_arch() -> str:
+    """This machine's CPU architecture in the targets' terms (x86_64, aarch64)."""
+    import platform
+
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(platform.machine().lower(), platform.machine())
 
 
 def _artifact(raw: object, versions: dict, where: str) -> ArtifactSpec:

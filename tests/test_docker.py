@@ -162,8 +162,9 @@ def test_offline_runtime_image_runs_a_bundle(dockerd, e2e_build, tmp_path, targe
     assert images.build_image(dockerd.docker, target, context, tag, base) in ("classic builder", "buildx")
     results = tmp_path / "results"
     results.mkdir()
-    proc = subprocess.run(images.run_command(dockerd.docker, target, tag, results, emulated), capture_output=True,
-                          text=True)
+    results.chmod(0o777)  # the image's own user (10001), not root: the baked-in bundle must be readable by it
+    proc = subprocess.run(images.run_command(dockerd.docker, target, tag, results, emulated, user=images.USER),
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((results / "results.json").read_text())
     measure.validate(data)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -45,7 +47,7 @@ class Sshd:
             f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}", f"PidFile {root}/sshd.pid",
             f"AuthorizedKeysFile {root}/authorized_keys", "PubkeyAuthentication yes", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no",
-            f"AllowUsers {self.user}", "LogLevel INFO", ""]))
+            f"AllowUsers {self.user}", "AcceptEnv TMPDIR", "LogLevel INFO", ""]))
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
         self.log = (root / "sshd.log").open("w")
@@ -114,6 +116,17 @@ def pinned(sshd, tmp_path):
 
 def _remote_folders() -> set[str]:
     return {p.name for p in Path("/tmp").glob("edgekit-??????")}
+
+
+@pytest.fixture()
+def device_tmp(tmp_path, monkeypatch):
+    """The device's $TMPDIR, where edgekit makes its remote folder: private to the test, so that the cleanup is
+    checked without seeing the folders of other runs."""
+    folder = tmp_path / "device-tmp"
+    folder.mkdir()
+    options = remote.Connection.options
+    monkeypatch.setattr(remote.Connection, "options", lambda self: [*options(self), "-o", f"SetEnv=TMPDIR={folder}"])
+    return folder
 
 
 def test_run_over_ssh_brings_back_schema_valid_results_and_cleans_up(sshd, pinned, bundle, capsys):
@@ -201,7 +214,7 @@ def test_device_that_lacks_the_runtime_is_told_what_to_install(sshd, pinned, bun
                        ["tflite_int8"], sys.executable, False)
 
 
-def test_dropped_connection_is_a_clear_error_and_a_second_run_works(sshd, pinned, bundle):
+def test_dropped_connection_is_a_clear_error_and_a_second_run_works(sshd, pinned, bundle, device_tmp):
     out = bundle / "results-127.0.0.1.json"
     slow = FAST | {"min_seconds": 60.0, "max_seconds": 120.0}
     caught: list[BaseException] = []
@@ -225,6 +238,7 @@ def test_dropped_connection_is_a_clear_error_and_a_second_run_works(sshd, pinned
     assert len(caught) == 1 and isinstance(caught[0], remote.ConnectionLost), caught
     assert "lost while running artifact onnx_int8" in str(caught[0]) and "Nothing was written locally" in str(caught[0])
     assert not out.exists() and not list(bundle.glob(".results*"))
+    assert list(device_tmp.iterdir()) == []  # the remote folder is gone
     data, path = remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, artifacts=["onnx_int8"],
                                    overrides=FAST, log=lambda *_: None)
     assert path == out and data["artifacts"]["onnx_int8"]["valid"] is True
@@ -249,3 +263,92 @@ def test_setup_makes_a_venv_on_the_device_with_the_pinned_runtime(sshd, pinned, 
     assert data["remote"]["python"] == f"{venv}/bin/python"
     assert data["runtime"]["version"] == "1.23.0" and data["valid"] is True
     assert (venv / "bin" / "python").exists()
+
+
+# --- faults on the device side: each one line, nothing written locally, the remote folder removed -------------
+
+def _receiving(sshd: Sshd) -> bool:
+    """The device side of the upload (`cat > archive`) is running."""
+    for p in sshd.session_processes():
+        with contextlib.suppress(psutil.Error):
+            if p.name() == "cat":
+                return True
+    return False
+
+
+def _feed_then_drop(payload: bytes, fifo: Path, sshd: Sshd) -> None:
+    """Half the archive goes up, then the link drops (the device's sshd processes are killed)."""
+    with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
+        f.write(payload[: len(payload) // 2])
+        f.flush()
+        deadline = time.monotonic() + 60
+        while not _receiving(sshd) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sshd.drop_connections()
+        f.write(payload[len(payload) // 2:])
+
+
+def test_dropped_connection_mid_upload(sshd, pinned, bundle, device_tmp, tmp_path, monkeypatch):
+    pack, fifo = remote.pack, tmp_path / "slow" / f"{bundle.name}.tar.gz"
+
+    def slow_pack(*args):  # the archive reaches ssh through a pipe that the test controls
+        archive, digest = pack(*args)
+        fifo.parent.mkdir()
+        os.mkfifo(fifo)
+        threading.Thread(target=_feed_then_drop, args=(archive.read_bytes(), fifo, sshd), daemon=True).start()
+        return fifo, digest
+
+    monkeypatch.setattr(remote, "pack", slow_pack)
+    with pytest.raises(remote.ConnectionLost, match="lost while copying the bundle") as caught:
+        remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, artifacts=["onnx_int8"],
+                          overrides=FAST, log=lambda *_: None)
+    assert "\n" not in str(caught.value)
+    assert list(device_tmp.iterdir()) == [] and not (bundle / "results-127.0.0.1.json").exists()
+
+
+@pytest.mark.parametrize("python", ["/no/such/python3", "/bin/echo"])
+def test_wrong_python_on_the_device(sshd, pinned, bundle, device_tmp, python):
+    with pytest.raises(remote.RemoteError, match="--python") as caught:
+        remote.run_remote(bundle, sshd.connection(pinned), python=python, log=lambda *_: None)
+    assert "\n" not in str(caught.value) and python in str(caught.value)
+    assert list(device_tmp.iterdir()) == [] and not (bundle / "results-127.0.0.1.json").exists()
+
+
+@pytest.fixture()
+def full_device_disk(device_tmp):
+    """The device's $TMPDIR on a 64 KB tmpfs: the bundle does not fit."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(device_tmp)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield device_tmp
+    subprocess.run(["umount", str(device_tmp)], check=True)
+
+
+def test_full_disk_on_the_device(sshd, pinned, bundle, full_device_disk):
+    with pytest.raises(remote.RemoteError, match="out of disk space") as caught:
+        remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, artifacts=["onnx_int8"],
+                          overrides=FAST, log=lambda *_: None)
+    assert "\n" not in str(caught.value)
+    assert list(full_device_disk.iterdir()) == [] and not (bundle / "results-127.0.0.1.json").exists()
+
+
+def test_device_that_is_not_aarch64_is_refused_before_anything_is_copied(sshd, pinned, e2e_build, device_tmp):
+    rpi5 = e2e_build[0] / "bundles" / "rpi5"
+    before = sorted(os.listdir(rpi5))
+    with pytest.raises(remote.RemoteError, match="the device is x86_64, the bundle is for aarch64") as caught:
+        remote.run_remote(rpi5, sshd.connection(pinned), python=sys.executable, log=lambda *_: None)
+    assert "\n" not in str(caught.value)
+    assert list(device_tmp.iterdir()) == [] and sorted(os.listdir(rpi5)) == before
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="an aarch64 bundle on an x86 host")
+def test_local_run_of_an_aarch64_bundle_on_x86_is_refused(e2e_build, capsys):
+    rpi5 = e2e_build[0] / "bundles" / "rpi5"
+    before = sorted(os.listdir(rpi5))
+    assert cli.main(["run", str(rpi5)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgekit: error: ") and "--host" in err[0] and "--emulate" in err[0]
+    assert sorted(os.listdir(rpi5)) == before

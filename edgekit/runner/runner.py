@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS_FILE = "results.json"
+EVAL_FILE = "eval.npz"
 SCHEMA_FILE = "results.schema.json"
 SCHEMA_VERSION = 1
 RUNNER_VERSION = "2"
@@ -435,7 +436,7 @@ def _memory(load: dict, sampler: MemorySampler) -> dict:
 def measure(bundle: Path, spec: dict, run_cfg: dict, threads: int | None, mode: str = "all") -> dict:
     """Load, then accuracy on every bundled sample and/or the timed runs, with memory sampled throughout."""
     path = bundle / spec["file"]
-    with np.load(bundle / "eval.npz") as f:
+    with np.load(bundle / EVAL_FILE) as f:
         x, y = f["x"], f["y"]
     settings = _settings(run_cfg)
     sampler = MemorySampler()
@@ -459,14 +460,40 @@ def measure(bundle: Path, spec: dict, run_cfg: dict, threads: int | None, mode: 
     return result
 
 
+class UnsafePath(ValueError):
+    """A manifest names a file that is not a regular file inside the bundle."""
+
+
+def bundle_path(bundle: Path, rel: str) -> Path:
+    """The bundle's file `rel`: a relative path without '..' that stays inside the bundle, with no link on the way.
+    A bundle may come from anyone; its manifest must not point this code (or edgekit) at other files."""
+    parts = Path(rel).parts if isinstance(rel, str) else ()
+    if not parts or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise UnsafePath(f"manifest.json names '{rel}', which is not a path inside the bundle (absolute paths, "
+                         "'..' and links are refused); rebuild the bundle or get it from a source you trust")
+    path = bundle
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePath(f"'{rel}' in the bundle is a link; only regular files inside the bundle are used: "
+                             "rebuild the bundle or get it from a source you trust")
+    return path
+
+
 def check_files(bundle: Path, manifest: dict) -> None:
-    """Every file listed in the manifest must match its sha256 before anything is loaded."""
+    """Every file listed in the manifest must be inside the bundle and match its sha256 before anything is loaded."""
     for rel, digest in manifest["files"].items():
-        path = bundle / rel
+        try:
+            path = bundle_path(bundle, rel)
+        except UnsafePath as exc:
+            raise SystemExit(f"runner: error: {exc}") from exc
         if not path.is_file():
             raise SystemExit(f"runner: error: {rel} is missing from the bundle; copy the whole bundle again")
         if sha256(path) != digest:
             raise SystemExit(f"runner: error: {rel} does not match its sha256 in manifest.json; the copy is damaged")
+    for rel in {EVAL_FILE, *(spec["file"] for spec in manifest["artifacts"])}:  # what is loaded is what was checked
+        if rel not in manifest["files"]:
+            raise SystemExit(f"runner: error: {rel} is not listed in manifest.json with a sha256; rebuild the bundle")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -484,7 +511,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    try:
+        manifest = json.loads(bundle_path(args.bundle, "manifest.json").read_text())
+    except UnsafePath as exc:
+        raise SystemExit(f"runner: error: {exc}") from exc
     check_files(args.bundle, manifest)
     name = args.artifact or manifest["primary"]
     specs = {a["name"]: a for a in manifest["artifacts"]}
@@ -521,13 +551,21 @@ def dumps(obj: object, indent: int = 0) -> str:
     return json.dumps(obj)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic, mode 0644, through a fresh temporary file (never through a link planted at a fixed name)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     result = run(args)
-    out = args.out or args.bundle / RESULTS_FILE
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(dumps(result) + "\n")
-    os.replace(tmp, out)
+    write_text(args.out or args.bundle / RESULTS_FILE, dumps(result) + "\n")
     brief = {k: result[k] for k in ("artifact", "accuracy", "load_ms", "valid")}
     print(json.dumps(brief | {"p90_ms": result["latency_ms"]["p90"]}))
     return 0

@@ -90,6 +90,7 @@ def write_bytes(path: Path, payload: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(payload)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600: a bundle must be readable by the device's (or image's) user
     os.replace(tmp, path)
 
 
