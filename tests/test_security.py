@@ -125,7 +125,40 @@ def test_manifest_paths_outside_the_bundle_are_refused(bundle, tmp_path, capsys,
     assert not (tmp_path / "r.json").exists()
 
 
-# 5. (torch.load weights_only) — added by the engineer who does item 5; not here.
+# 5. A pickle planted in a build folder is refused, never executed (stage models load with weights_only=True)
+
+class _Planted:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["resume", "debug"])
+def test_a_pickle_planted_in_a_build_folder_is_never_executed(command, e2e_build, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "build"
+    shutil.copytree(e2e_build[0], out)
+    marker = tmp_path / "pwned"
+    for planted in (out / "stages").glob("*/model.pt"):
+        torch.save({"format": "edgekit-model/1", "tensors": _Planted(marker)}, planted)
+    if command == "resume":  # export, verify and bundle run again: export loads the stage models
+        for stage in ("export", "verify", "bundle"):
+            (out / "stages" / stage / "metrics.json").unlink(missing_ok=True)
+        (out / "fidelity").mkdir(exist_ok=True)
+        argv = ["build", "--resume", str(out)]
+    else:  # the layer-wise debug of a TFLite int8 artifact rebuilds its float twin from the stage model
+        shutil.rmtree(out / "fidelity", ignore_errors=True)
+        (out / "stages" / "export" / "tflite_fp32.tflite").unlink(missing_ok=True)
+        argv = ["debug", str(out), "--artifact", "tflite_int8"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err  # export's progress lines may come before the error
+    errors = [ln for ln in err.splitlines() if ln.startswith("edgekit: error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "is not a model file edgekit wrote" in errors[0], errors[0]
+    assert not marker.exists()
 
 
 # 6. Bundle files were written 0600 (mkstemp): the image's USER 10001 could not read manifest.json.
