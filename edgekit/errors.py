@@ -27,3 +27,8 @@ class FidelityError(EdgekitError):
 
 class BundleError(EdgekitError):
     """A bundle is missing files or a file does not match its manifest."""
+
+
+class BuildDirError(EdgekitError):
+    """The build folder cannot be used: not a folder, not writable, locked by another build, or resumed with
+    another config."""
