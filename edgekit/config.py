@@ -207,7 +207,7 @@ def _check_ranges(cfg: Config) -> None:
     for key, ok in checks:
         if not ok:
             value = _value(cfg, key)
-            raise ConfigError(f"config: '{key}' is {value!r}, out of range; "
+            raise ConfigError(f"config: '{key}' is out of range (got {value!r}); "
                               "see `edgekit config --default` for sane values")
     if cfg.data.source not in ("digits", "digits32") and not cfg.data.path:
         raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
