@@ -270,6 +270,8 @@ def load(path: str | Path | None, log=None) -> Config:
     if path is None:
         return from_dict({})
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; pass a YAML file (see `edgekit config --default`)")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; write one from `edgekit config --default`")
     try:
