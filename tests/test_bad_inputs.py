@@ -500,3 +500,49 @@ def test_bad_input_in_a_process(tmp_path, files, argv, needle):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("edgekit: error: ") and needle in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert snapshot(tmp_path) == before
+
+
+# --- faults that need a fix outside this module's files (edgekit/models, measure.py, runner) -----------------
+
+@pytest.mark.xfail(strict=True, reason="torch.save raises RuntimeError('unexpected pos') on ENOSPC; "
+                                       "models.save_model should write through stages.base.write_bytes")
+def test_full_disk_in_a_stage_says_free_space_and_resume(tmp_path, monkeypatch, capsys, mounted):
+    full = mounted("size=16k")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("data: {limit: 200}\ntrain: {epochs: 1}\nbuild: {targets: [x86-64]}\n")
+    code = cli.main(["build", "c.yaml", "--out", str(full / "b")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "No space left on device" in err and f"edgekit build --resume {full / 'b'}" in err
+
+
+def _reseal(bundle: Path, name: str) -> None:
+    """Make the manifest's sha256 match the (damaged) file again: what a damaged original would show."""
+    from edgekit.runner import runner
+
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["files"][name] = runner.sha256(bundle / name)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(strict=True, reason="the sha256 check lives in the runner / measure.py: it reports a mismatch, "
+                                       "not a Git LFS pointer")
+def test_git_lfs_pointer_is_named(bundle, capsys):
+    (bundle / "tflite_int8.tflite").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                               "oid sha256:" + "0" * 64 + "\nsize 25000\n")
+    code = cli.main(["run", str(bundle), "--artifact", "tflite_int8", "--out", str(bundle / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Git LFS pointer" in err and "git lfs pull" in err
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(strict=True, reason="measure.run_artifact reports 'exit code -11', not that the runtime "
+                                       "crashed on a probably damaged file")
+def test_runtime_crash_on_a_matching_file_says_damaged(bundle, capsys):
+    path = bundle / "tflite_int8.tflite"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 4])
+    _reseal(bundle, path.name)
+    code = cli.main(["run", str(bundle), "--artifact", "tflite_int8", "--out", str(bundle / "r.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "crashed" in err and "damaged" in err
