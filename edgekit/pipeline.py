@@ -72,8 +72,11 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     chosen = targets.get(target_names or cfg.build.targets)
     _check_int8_overrides(cfg, chosen)
     data = load_dataset(cfg)
-    models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
+    model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
+    if enabled(cfg, "prune"):
+        prune.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
     if enabled(cfg, "distill"):
+        distill._pairs(cfg.distill.feature_layers)  # the form of each entry; the layers are found in the stage
         for path in cfg.distill.teachers:
             teacher = config.with_checkpoint(cfg, path)
             models.build_model(teacher, data.sample_shape, data.num_classes)

@@ -250,6 +250,10 @@ MODEL_CASES = [
                                  "w.pt": lambda p: torch.save({"w": torch.zeros(1)}, p)},
      BUILD, "does not fit the model"),
     ("teacher-missing", {"c.yaml": "distill: {teachers: [teacher.pt]}\n"}, BUILD, "teacher.pt' not found"),
+    ("prune-ignore-unknown", {"c.yaml": "prune: {ignore: [head]}\n"}, BUILD,
+     "prune.ignore names 'head', which is not a module of the model; valid:"),
+    ("feature-layers-malformed", {"c.yaml": "distill: {losses: [feature], feature_layers: [conv1]}\n"}, BUILD,
+     "distill.feature_layers entry 'conv1' must look like teacher_module:student_module"),
 ]
 
 OUT_CASES = [
@@ -413,7 +417,7 @@ def mounted(tmp_path):
 
     yield mount
     for path in made:
-        subprocess.run(["umount", str(path)], check=False)
+        subprocess.run(["umount", "--lazy", str(path)], check=False)  # lazy: a failed build may still hold a file
 
 
 def test_out_on_a_read_only_filesystem(tmp_path, monkeypatch, capsys, mounted):
