@@ -33,6 +33,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     if args.resume:
         out = Path(args.resume)
+        if args.out and Path(args.out).resolve() != out.resolve():
+            raise BuildDirError(f"--out '{args.out}' and --resume '{out}' name different folders; "
+                                "--resume continues a build in its own folder, so drop --out")
         saved = out / "config.yaml"
         if not saved.is_file():
             raise BuildDirError(f"'{out}' has no config.yaml from an earlier build; nothing to resume "
@@ -315,6 +318,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from edgekit.data import load_dataset
     from edgekit.stages.base import write_json
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EdgekitError(f"--out '{out}' is a file; pass the folder for sensitivity.json and sensitivity.png")
     cfg = config.load(args.config)
     data = load_dataset(cfg)
     training.seed_everything(cfg.train.seed)
@@ -323,7 +329,6 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                  weight_decay=t.weight_decay, seed=t.seed)
     result = sensitivity.analyse(model, data, protect_stem=cfg.prune.protect_stem)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sensitivity.json", {**result, "layer_ratios": sensitivity.to_ratios(result)})
     sensitivity.plot(result, out / "sensitivity.png")

@@ -267,6 +267,9 @@ OUT_CASES = [
     ("resume-changed-config", {"b": lambda p: saved_build(p.parent),
                                "new.yaml": "train: {epochs: 2}\nprune: {ratio: 0.3}\n"},
      ["build", "new.yaml", "--resume", "b"], "the config differs from the one 'b' was built with in train, prune"),
+    ("resume-with-other-out", {"b": lambda p: saved_build(p.parent)}, ["build", "--resume", "b", "--out", "c"],
+     "--out 'c' and --resume 'b' name different folders"),
+    ("sensitivity-out-is-file", {"s": "x"}, ["sensitivity", "--out", "s"], "--out 's' is a file"),
     ("resume-saved-config-broken", {"b/config.yaml": "train: [\n", "b/stages/train/x": "1"},
      ["build", "--resume", "b"], "is not valid YAML"),
 ]
