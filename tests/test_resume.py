@@ -34,19 +34,30 @@ def _edgekit(args: list[str], env: dict) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _kill_in(stage: str, args: list[str], env: dict) -> str:
+def _kill_in(stage: str, args: list[str], env: dict, out: Path) -> str:
     """Run the build until `stage` starts, then SIGKILL it; return what it printed."""
     proc = _edgekit(args, env)
     seen = []
     for line in proc.stdout:  # type: ignore[union-attr]
         seen.append(line)
         if f"[{stage}] running" in line:
-            time.sleep(0.3 if stage in ("train", "export", "quantize") else 0)  # well inside the slow stages
+            _wait_inside(stage, out)
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     return "".join(seen)
+
+
+def _wait_inside(stage: str, out: Path) -> None:
+    """Export: until its temporary folder exists (the kill must leave one); train, quantize: a moment in."""
+    if stage == "export":
+        deadline = time.monotonic() + 120
+        while not list((out / "stages" / "export").glob(".tmp-*/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list((out / "stages" / "export").glob(".tmp-*/*")), "export made no temporary folder in DIR"
+    elif stage in ("train", "quantize"):
+        time.sleep(0.3)
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -64,9 +75,9 @@ def test_kill_9_in_every_stage_then_resume(tmp_path):
                          capture_output=True, text=True, env=env, timeout=900)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
     out = tmp_path / "b"
-    _kill_in(STAGE_NAMES[0], ["build", str(cfg), "--out", str(out)], env)
+    _kill_in(STAGE_NAMES[0], ["build", str(cfg), "--out", str(out)], env, out)
     for stage in STAGE_NAMES[1:]:
-        log = _kill_in(stage, ["build", "--resume", str(out)], env)
+        log = _kill_in(stage, ["build", "--resume", str(out)], env, out)
         assert f"[{STAGE_NAMES[0]}] finished earlier, kept (resume)" in log or stage == STAGE_NAMES[1]
     done = subprocess.run([sys.executable, "-m", "edgekit", "build", "--resume", str(out)], capture_output=True,
                           text=True, env=env, timeout=900)
