@@ -12,15 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 from edgekit import quiet
-from edgekit.errors import BuildDirError, BundleError, EdgekitError
+from edgekit.errors import BuildDirError, BundleError, ConfigError, EdgekitError, UsageError
 
 quiet.setup()  # before anything imports tensorflow
 
 MANIFEST_KEYS = {"target": dict, "artifacts": list, "primary": str, "files": dict, "bundle_id": str}
-
-
-class UsageError(EdgekitError):
-    """A command line argparse cannot read."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,10 +133,10 @@ def _check_out_file(path: str | None, option: str, example: str = "results.json"
         return None
     out = Path(path)
     if out.is_dir():
-        raise EdgekitError(f"{option} '{out}' is a folder; give a file name, e.g. {out / example}")
+        raise ConfigError(f"{option} '{out}' is a folder; give a file name, e.g. {out / example}")
     parent = next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir():
-        raise EdgekitError(f"{option} '{out}': '{parent}' is a file, not a folder; pick another path")
+        raise ConfigError(f"{option} '{out}': '{parent}' is a file, not a folder; pick another path")
     return out
 
 
@@ -149,7 +145,7 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
     for key, least in limits.items():
         value = getattr(args, key)
         if value is not None and value < least:
-            raise EdgekitError(f"--{key.replace('_', '-')} is {value}; give at least {least}")
+            raise ConfigError(f"--{key.replace('_', '-')} is {value}; give at least {least}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -320,7 +316,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise EdgekitError(f"--out '{out}' is a file; pass the folder for sensitivity.json and sensitivity.png")
+        raise ConfigError(f"--out '{out}' is a file; pass the folder for sensitivity.json and sensitivity.png")
     cfg = config.load(args.config)
     data = load_dataset(cfg)
     training.seed_everything(cfg.train.seed)

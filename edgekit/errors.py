@@ -9,6 +9,10 @@ class ConfigError(EdgekitError):
     """The config file or a command-line option is invalid."""
 
 
+class UsageError(ConfigError):
+    """The command line cannot be parsed (unknown option, missing argument, wrong type)."""
+
+
 class DataError(EdgekitError):
     """The dataset is missing or has the wrong form."""
 
