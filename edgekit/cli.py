@@ -87,11 +87,11 @@ def _cmd_debug(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_file(path: Path, what: str, hint: str) -> object:
+def _json_file(path: Path, what: str, hint: str, error: type[EdgekitError] = BundleError) -> object:
     try:
         return json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
-        raise BundleError(f"{what} '{path}' cannot be read as JSON ({type(exc).__name__}); {hint}") from exc
+        raise error(f"{what} '{path}' cannot be read as JSON ({type(exc).__name__}); {hint}") from exc
 
 
 def _manifest_problem(manifest: object) -> str | None:
@@ -200,13 +200,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     csv_path = _check_out_file(args.csv, "--csv", "compare.csv")
     for path in map(Path, args.results):
-        if not isinstance(_json_file(path, "results file", "pass results.json files written by `edgekit run`"),
-                          dict):
-            raise EdgekitError(f"'{path}' is not a results file (not a JSON object); pass one written by `edgekit run`")
+        hint = "pass results.json files written by `edgekit run`"
+        if not isinstance(_json_file(path, "results file", hint, ConfigError), dict):
+            raise ConfigError(f"'{path}' is not a results file (not a JSON object); pass one written by `edgekit run`")
     try:
         table = measure.compare([Path(p) for p in args.results], csv_path)
     except OSError as exc:
-        raise EdgekitError(f"cannot write --csv '{csv_path}': {exc.strerror}; pick a writable path") from exc
+        raise ConfigError(f"cannot write --csv '{csv_path}': {exc.strerror}; pick a writable path") from exc
     print(table)
     print(f"csv: {csv_path}")
     return 0
