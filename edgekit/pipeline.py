@@ -84,11 +84,11 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
 
 
 def _check_int8_overrides(cfg: Config, chosen: list[targets.Target]) -> None:
-    names = {t.name for t in chosen}
+    names = set(targets.available()) | {t.name for t in chosen}  # a config may serve targets not built now
     for key, value in cfg.export.int8.items():
         if isinstance(value, dict) and key not in names:
-            raise ConfigError(f"config: export.int8.{key} names no target of this build; "
-                              f"targets built: {', '.join(sorted(names))}")
+            raise ConfigError(f"config: export.int8.{key} names no known target; "
+                              f"valid targets: {', '.join(sorted(names))}")
     for target in chosen:
         onnx_int8.effective(target, cfg.export.int8)
     onnx_int8.settings_by_key(chosen, cfg.export.int8)
