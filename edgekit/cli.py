@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shlex
 import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
 
 from edgekit import quiet
-from edgekit.errors import EdgekitError
+from edgekit.errors import BuildDirError, BundleError, ConfigError, EdgekitError, UsageError
 
 quiet.setup()  # before anything imports tensorflow
+
+MANIFEST_KEYS = {"target": dict, "artifacts": list, "primary": str, "files": dict, "bundle_id": str}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line like every other error, not argparse's usage block
+        raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -20,13 +29,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     if args.resume:
         out = Path(args.resume)
+        if args.out and Path(args.out).resolve() != out.resolve():
+            raise BuildDirError(f"--out '{args.out}' and --resume '{out}' name different folders; "
+                                "--resume continues a build in its own folder, so drop --out")
         saved = out / "config.yaml"
         if not saved.is_file():
-            raise EdgekitError(f"'{out}' has no config.yaml from an earlier build; nothing to resume")
-        cfg = config.load(args.config or saved)
+            raise BuildDirError(f"'{out}' has no config.yaml from an earlier build; nothing to resume "
+                                "(pass the --out folder of an interrupted build)")
+        cfg = config.load(args.config or saved, log=print)
     else:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, log=print)
         out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    args.build_dir = out  # for the interrupt message
     if args.allow_fidelity_miss:
         cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, allow_fidelity_miss=True))
     result = pipeline.build(cfg, out, args.target, resume=bool(args.resume))
@@ -73,9 +87,73 @@ def _cmd_debug(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_file(path: Path, what: str, hint: str, error: type[EdgekitError] = BundleError) -> object:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise error(f"{what} '{path}' cannot be read as JSON ({type(exc).__name__}); {hint}") from exc
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is missing or not a JSON {kind.__name__}"
+    if not all(isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("file"), str)
+               for a in manifest["artifacts"]) or not manifest["artifacts"]:
+        return "'artifacts' must list objects with a name and a file"
+    if not {"name", "arch"} <= manifest["target"].keys():
+        return "'target' needs a name and an arch"
+    return None
+
+
+def check_bundle(path: str) -> Path:
+    """A bundle folder whose manifest has the form edgekit writes, else one line that says what to pass."""
+    bundle = Path(path)
+    if bundle.is_file():
+        packed = bundle.name.endswith((".tar.gz", ".tgz"))
+        hint = f"unpack it (tar xzf {bundle}) and pass the folder" if packed else "pass a folder from DIR/bundles/"
+        raise BundleError(f"'{bundle}' is a file, not a bundle folder; {hint}")
+    if not bundle.is_dir():
+        raise BundleError(f"bundle folder '{bundle}' not found; pass a folder from DIR/bundles/")
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"'{bundle}' is not a bundle (no manifest.json); pass a folder from DIR/bundles/")
+    again = "rebuild the bundle or copy it again"
+    problem = _manifest_problem(_json_file(manifest_path, "manifest", again))
+    if problem:
+        raise BundleError(f"'{manifest_path}' is not an edgekit manifest: {problem}; {again}")
+    return bundle
+
+
+def _check_out_file(path: str | None, option: str, example: str = "results.json") -> Path | None:
+    """A file to write: not a folder, in a folder that exists or can be made."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{option} '{out}' is a folder; give a file name, e.g. {out / example}")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"{option} '{out}': '{parent}' is a file, not a folder; pick another path")
+    return out
+
+
+def _check_run_numbers(args: argparse.Namespace) -> None:
+    limits = {"threads": 1, "warmup_runs": 0, "warmup_seconds": 0, "min_runs": 1, "min_seconds": 0, "max_seconds": 0}
+    for key, least in limits.items():
+        value = getattr(args, key)
+        if value is not None and value < least:
+            raise ConfigError(f"--{key.replace('_', '-')} is {value}; give at least {least}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgekit import measure
 
+    check_bundle(args.bundle)
+    _check_run_numbers(args)
+    _check_out_file(args.out, "--out")
     overrides = {k: getattr(args, k) for k in ("warmup_runs", "warmup_seconds", "min_runs", "min_seconds",
                                                "max_seconds")}
     out = Path(args.out) if args.out else None
@@ -120,8 +198,16 @@ def _run_options(r: argparse.ArgumentParser) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from edgekit import measure
 
-    csv_path = Path(args.csv)
-    print(measure.compare([Path(p) for p in args.results], csv_path))
+    csv_path = _check_out_file(args.csv, "--csv", "compare.csv")
+    for path in map(Path, args.results):
+        hint = "pass results.json files written by `edgekit run`"
+        if not isinstance(_json_file(path, "results file", hint, ConfigError), dict):
+            raise ConfigError(f"'{path}' is not a results file (not a JSON object); pass one written by `edgekit run`")
+    try:
+        table = measure.compare([Path(p) for p in args.results], csv_path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --csv '{csv_path}': {exc.strerror}; pick a writable path") from exc
+    print(table)
     print(f"csv: {csv_path}")
     return 0
 
@@ -136,7 +222,7 @@ def _cmd_docker(args: argparse.Namespace) -> int:
     if not args.target:
         raise EdgekitError("name a target (edgekit targets lists them), or pass --write-dockerfiles")
     target = targets.get([args.target])[0]
-    bundle = Path(args.bundle) if args.bundle else None
+    bundle = check_bundle(args.bundle) if args.bundle else None
     out = Path(args.out or (bundle.parent.parent / "docker" / target.name if bundle else f"docker-{target.name}"))
     done = images.make(target, out, bundle=bundle, tag=args.tag, base=args.base, build=args.build,
                        offline=args.offline_base)
@@ -176,11 +262,11 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from edgekit import measure, runtime_check
+    from edgekit import runtime_check
     from edgekit.stages.base import write_json
 
-    bundle = Path(args.bundle)
-    measure.read_manifest(bundle)  # a clear error when the folder is not a bundle
+    bundle = check_bundle(args.bundle)
+    _check_out_file(args.out, "--out")
     result = runtime_check.verify_bundle(bundle, args.emulate)
     out = Path(args.out) if args.out else bundle / "verify.json"
     write_json(out, result)
@@ -229,6 +315,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from edgekit.data import load_dataset
     from edgekit.stages.base import write_json
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; pass the folder for sensitivity.json and sensitivity.png")
     cfg = config.load(args.config)
     data = load_dataset(cfg)
     training.seed_everything(cfg.train.seed)
@@ -237,7 +326,6 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                  weight_decay=t.weight_decay, seed=t.seed)
     result = sensitivity.analyse(model, data, protect_stem=cfg.prune.protect_stem)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sensitivity.json", {**result, "layer_ratios": sensitivity.to_ratios(result)})
     sensitivity.plot(result, out / "sensitivity.png")
@@ -248,7 +336,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgekit", description="Take a PyTorch model and its data to devices.")
+    p = _Parser(prog="edgekit", description="Take a PyTorch model and its data to devices.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train, prune, distill, quantize, export, verify and bundle")
     b.add_argument("config", nargs="?", help="YAML config (default: the built-in digits demo)")
@@ -283,16 +371,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted(out: Path | None) -> str:
+    if out is None:
+        return "edgekit: interrupted"
+    if (out / "config.yaml").is_file():
+        return f"edgekit: interrupted; continue with `edgekit build --resume {shlex.quote(str(out))}`"
+    return "edgekit: interrupted before the build started; nothing was written"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.command == "config" and not (args.default or args.file):
-        args.default = True
+    args = argparse.Namespace()
     warnings.filterwarnings("ignore")  # library deprecation chatter is not the user's business
     try:
+        args = parser().parse_args(argv)
+        if args.command == "config" and not (args.default or args.file):
+            args.default = True
         return args.func(args)
     except EdgekitError as exc:
-        print(f"edgekit: error: {exc}", file=sys.stderr)
+        print(f"edgekit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edgekit: interrupted; continue with `edgekit build --resume DIR`", file=sys.stderr)
+        print(_interrupted(getattr(args, "build_dir", None)), file=sys.stderr)
         return 130

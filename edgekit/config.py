@@ -203,14 +203,51 @@ def _check_ranges(cfg: Config) -> None:
         ("data.calib_samples", cfg.data.calib_samples > 0),
         ("data.copies", cfg.data.copies > 0),
         ("run.min_runs", cfg.run.min_runs > 0),
+        *_counts_and_rates(cfg),
     ]
     for key, ok in checks:
         if not ok:
-            raise ConfigError(f"config: '{key}' is out of range; see `edgekit config --default` for sane values")
+            value = _value(cfg, key)
+            raise ConfigError(f"config: '{key}' is out of range (got {value!r}); "
+                              "see `edgekit config --default` for sane values")
     if cfg.data.source not in ("digits", "digits32") and not cfg.data.path:
         raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
+    if cfg.data.source in ("digits", "digits32") and cfg.data.path:
+        raise ConfigError(f"config: data.path is set but data.source '{cfg.data.source}' is built in and would "
+                          "ignore it; set data.source to npz or imagefolder, or remove data.path")
     if not cfg.build.targets:
         raise ConfigError("config: build.targets is empty; list at least one target (see `edgekit targets`)")
+
+
+def _counts_and_rates(cfg: Config) -> list[tuple[str, bool]]:
+    """Epochs, counts and learning rates: a negative epoch count would ship untrained weights."""
+    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "data.image_size", "model.width",
+                "export.opset", "run.max_seconds"]
+    non_negative = ["train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs",
+                    "quantize.qat_epochs", "train.weight_decay", "distill.feature_weight", "distill.relation_weight",
+                    "run.warmup_runs", "run.min_seconds"]
+    optional_positive = ["data.limit", "prune.round_to", "quantize.mixed_precision_tolerance"]
+    return ([(k, _value(cfg, k) > 0) for k in positive] + [(k, _value(cfg, k) >= 0) for k in non_negative]
+            + [(k, _value(cfg, k) is None or _value(cfg, k) > 0) for k in optional_positive]
+            + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds)])
+
+
+def _value(cfg: Config, key: str) -> object:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _infer_source(data: object) -> object:
+    """`data: {path: x.npz}` without a source means the user's file, never the built-in digits."""
+    if not isinstance(data, dict) or "source" in data or not isinstance(data.get("path"), str):
+        return data
+    suffix = Path(data["path"]).suffix.lower()
+    if suffix == ".npz":
+        return {**data, "source": "npz"}
+    if not suffix:
+        return {**data, "source": "imagefolder"}
+    raise ConfigError(f"config: data.path '{data['path']}' is neither a .npz file nor a folder; "
+                      "save arrays x and y with numpy.savez, or set data.source")
 
 
 def from_dict(raw: dict | None, base_dir: str | Path = ".") -> Config:
@@ -222,17 +259,20 @@ def from_dict(raw: dict | None, base_dir: str | Path = ".") -> Config:
     for key, value in raw.items():
         if key not in sections:
             raise ConfigError(f"config: unknown section '{key}'; valid sections: {', '.join(sections)}")
+        value = _infer_source(value) if key == "data" else value
         built[key] = _build_section(sections[key].default_factory, value, key)  # type: ignore[misc]
     cfg = Config(**built, base_dir=str(base_dir))
     _check_ranges(cfg)
     return cfg
 
 
-def load(path: str | Path | None) -> Config:
-    """Load a YAML config; None gives the built-in default."""
+def load(path: str | Path | None, log=None) -> Config:
+    """Load a YAML config; None gives the built-in default. `log` is told when a file holds no settings."""
     if path is None:
         return from_dict({})
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; pass a YAML file (see `edgekit config --default`)")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; write one from `edgekit config --default`")
     try:
@@ -241,7 +281,17 @@ def load(path: str | Path | None) -> Config:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file '{path}' cannot be read ({type(exc).__name__}); "
+                          "write a YAML text file from `edgekit config --default`") from exc
+    if raw is None and log is not None:
+        log(f"note: '{path}' holds no settings; building the built-in digits demo (see `edgekit config --default`)")
     return from_dict(raw, base_dir=path.parent.resolve())
+
+
+def with_checkpoint(cfg: Config, checkpoint: str) -> Config:
+    """The same config with another model checkpoint (a distillation teacher)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=checkpoint))
 
 
 def to_dict(cfg: Config) -> dict:

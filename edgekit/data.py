@@ -5,6 +5,7 @@ Every source ends as float32 arrays (N, *sample_shape) and int64 labels, split o
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from edgekit.config import Config, DataConfig
 from edgekit.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+MIN_SPLIT = {"train": 10, "validation": 5, "test": 10}  # fewer gives accuracies that mean nothing
+MAX_ZIP_RATIO = 1100  # deflate cannot compress better than about 1032:1
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,39 @@ def _digits32(copies: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]
     return xs, y, [str(c) for c in range(10)], prep, np.repeat(np.arange(n), copies)
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Read each array's header, never its data: a damaged or hostile file may declare a shape of terabytes."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"'{path}' is not a .npz archive; save arrays x and y with numpy.savez")
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size or info.file_size > MAX_ZIP_RATIO * info.compress_size + 4096:
+                name = info.filename[:-4]
+                raise DataError(f"'{path}': array '{name}' declares shape {shape} ({declared} bytes) but holds "
+                                f"{info.file_size}; the file is damaged, save it again with numpy.savez")
+
+
 def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     if not path.is_file():
         raise DataError(f"data file '{path}' not found; set data.path to a .npz with arrays 'x' and 'y'")
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
                 raise DataError(f"'{path}' has arrays {sorted(f.files)}; it needs 'x' (float32) and 'y' (labels)")
             x, y = f["x"], f["y"]
             labels = [str(v) for v in f["labels"]] if "labels" in f else None
-    except (ValueError, OSError) as exc:
-        raise DataError(f"'{path}' is not a readable .npz file ({exc}); save it with numpy.savez") from exc
-    if x.ndim < 2 or len(x) != len(y) or y.ndim != 1:
-        raise DataError(f"'{path}': x has shape {x.shape} and y {y.shape}; need x (N, ...) and y (N,) with equal N")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"'{path}' is not a readable .npz file ({_one_line(exc)}); save it with numpy.savez") from exc
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+        raise DataError(f"'{path}': x has shape {x.shape} and y {y.shape}; need x (N, ...) and y (N,) with equal N > 0")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"'{path}': y must hold non-negative integer class ids, got dtype {y.dtype}")
     n_classes = int(y.max()) + 1
@@ -99,8 +122,6 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
 
 
 def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
-    from PIL import Image
-
     if not root.is_dir():
         raise DataError(f"image folder '{root}' not found; set data.path to a folder with one subfolder per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -111,15 +132,54 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            with Image.open(file) as img:
-                img = img.convert("L" if grayscale else "RGB").resize((size, size))
-                arr = np.asarray(img, dtype=np.float32) / 255.0
-            xs.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+            xs.append(_image(file, size, grayscale))
             ys.append(idx)
     if not xs:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
     mode = "grayscale" if grayscale else "RGB"
     return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {size}x{size}, pixel / 255, CHW"
+
+
+def _image(file: Path, size: int, grayscale: bool) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            img = img.convert("L" if grayscale else "RGB").resize((size, size))
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's damaged-file errors
+        raise DataError(f"'{file}' is not a readable image ({_one_line(exc)}); replace or remove it") from exc
+    return arr[None] if grayscale else arr.transpose(2, 0, 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_classes(y: np.ndarray, labels: list[str], where: str) -> None:
+    """Class ids 0..K-1, each with samples, K >= 2: a gap would build a model with classes nobody has."""
+    present = np.unique(y)
+    if len(present) < 2:
+        raise DataError(f"{where}: every sample is of class {labels[int(present[0])] if len(present) else '-'}; "
+                        "a classifier needs samples of at least two classes")
+    missing = sorted(set(range(len(labels))) - set(present.tolist()))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = ", ".join(labels[i] for i in missing[:5]) + more
+        raise DataError(f"{where}: {len(present)} classes are used but the class ids run to {len(labels) - 1}; "
+                        f"no sample has class {shown}; renumber the labels 0..{len(present) - 1} "
+                        "(numpy.unique(y, return_inverse=True)) or drop the unused labels")
+
+
+def _check_split_sizes(sizes: dict[str, int], cfg: DataConfig) -> None:
+    if all(sizes[k] >= MIN_SPLIT[k] for k in MIN_SPLIT):
+        return
+    got = ", ".join(f"{v} {k}" for k, v in sizes.items())
+    need = ", ".join(f"{v} {k}" for k, v in MIN_SPLIT.items())
+    cause = f"data.limit {cfg.limit} leaves" if cfg.limit else "the dataset gives"
+    raise DataError(f"{cause} {sum(sizes.values())} samples: {got}; each split needs at least {need} samples "
+                    f"(data.test_fraction {cfg.test_fraction}, data.val_fraction {cfg.val_fraction}); "
+                    "use more data or a larger data.limit")
 
 
 def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig,
@@ -132,8 +192,7 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig,
         order = order[: cfg.limit]
     n = len(order)
     n_test, n_val = max(1, int(n * cfg.test_fraction)), max(1, int(n * cfg.val_fraction))
-    if n - n_test - n_val < 2:
-        raise DataError(f"only {n} samples; need enough for train, validation and test splits")
+    _check_split_sizes({"train": n - n_test - n_val, "validation": n_val, "test": n_test}, cfg)
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     calib = train[: cfg.calib_samples]
     return tuple(Split(x[i], y[i]) for i in (train, val, test, calib))  # type: ignore[return-value]
@@ -151,5 +210,6 @@ def load_dataset(cfg: Config) -> Dataset:
         x, y, labels, prep = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
     if not np.isfinite(x).all():
         raise DataError("the data holds NaN or infinite values; clean it before building")
+    _check_classes(y, labels, f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}")
     train, val, test, calib = _split(x, y, d, groups)
     return Dataset(train, val, test, calib, labels, prep)

@@ -9,6 +9,10 @@ class ConfigError(EdgekitError):
     """The config file or a command-line option is invalid."""
 
 
+class UsageError(ConfigError):
+    """The command line cannot be parsed (unknown option, missing argument, wrong type)."""
+
+
 class DataError(EdgekitError):
     """The dataset is missing or has the wrong form."""
 
@@ -31,3 +35,8 @@ class BundleError(EdgekitError):
 
 class StageFailed(EdgekitError):
     """A library failed inside a stage; the message names both, the traceback is in the stage's error.log."""
+
+
+class BuildDirError(EdgekitError):
+    """The build folder cannot be used: not a folder, not writable, locked by another build, or resumed with
+    another config."""

@@ -1,16 +1,26 @@
-"""The build: an ordered list of stages, each writing its own folder; --resume skips finished ones."""
+"""The build: an ordered list of stages, each writing its own folder; --resume skips finished ones.
+
+Everything that can be checked is checked before the build folder is touched; the folder is locked while
+a build writes into it, and a build that fails before its first stage leaves nothing it created.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
 import sysconfig
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import bundle, config, targets
+from edgekit import bundle, config, models, onnx_int8, targets
 from edgekit.config import Config
-from edgekit.data import load_dataset
-from edgekit.errors import EdgekitError, StageFailed
+from edgekit.data import Dataset, load_dataset
+from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
 from edgekit.stages import distill, export, prune, quantize, train, verify
 from edgekit.stages.base import METRICS_FILE, Context, write_bytes, write_json
 
@@ -19,6 +29,11 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 STAGES = [train, prune, distill, quantize, export, verify, bundle]
 STAGE_NAMES = [s.name for s in STAGES]
 OPTIONAL = {"prune": "prune", "distill": "distill", "quantize": "quantize"}  # stage -> config section
+LOCK_FILE = ".edgekit.lock"  # flock'ed by the build writing into the folder
+CONFIG_FILE = "config.yaml"
+WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EROFS: "pick a writable --out", errno.EACCES: "pick a writable --out",
+                errno.EPERM: "pick a writable --out"}
 
 
 def enabled(cfg: Config, stage_name: str) -> bool:
@@ -57,6 +72,8 @@ def run_guarded(stage, ctx: Context) -> dict:
     except EdgekitError:
         raise
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+            raise  # a full disk or read-only folder: the build says what to do
         log_file = ctx.stage_dir(stage.name) / "error.log"
         log_file.write_text("".join(traceback.format_exception(exc)))
         first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -84,23 +101,187 @@ def failing_library(exc: BaseException) -> str:
     return "edgekit"
 
 
+def chosen_targets(cfg: Config, target_names: list[str] | None) -> list[targets.Target]:
+    """--target names or paths (relative to the working folder), else build.targets (relative to the config)."""
+    return targets.get(target_names) if target_names else targets.get(cfg.build.targets, Path(cfg.base_dir))
+
+
 def make_context(cfg: Config, out: Path, target_names: list[str] | None) -> Context:
-    chosen = targets.get(target_names) if target_names else targets.get(cfg.build.targets, Path(cfg.base_dir))
+    chosen = chosen_targets(cfg, target_names)
     return Context(cfg, load_dataset(cfg), out, chosen)
 
 
+# --- checks before the build folder is touched ------------------------------------------------------------
+
+def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.Target], Dataset]:
+    """Everything a stage would otherwise find out late: targets, export.int8, data, model, teachers."""
+    chosen = chosen_targets(cfg, target_names)
+    _check_int8_overrides(cfg, chosen)
+    data = load_dataset(cfg)
+    model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
+    if enabled(cfg, "prune"):
+        prune.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
+    if enabled(cfg, "distill"):
+        distill._pairs(cfg.distill.feature_layers)  # the form of each entry; the layers are found in the stage
+        for path in cfg.distill.teachers:
+            teacher = config.with_checkpoint(cfg, path)
+            models.build_model(teacher, data.sample_shape, data.num_classes)
+    return chosen, data
+
+
+def _check_int8_overrides(cfg: Config, chosen: list[targets.Target]) -> None:
+    names = set(targets.available()) | {t.name for t in chosen}  # a config may serve targets not built now
+    for key, value in cfg.export.int8.items():
+        if isinstance(value, dict) and key not in names:
+            raise ConfigError(f"config: export.int8.{key} names no known target; "
+                              f"valid targets: {', '.join(sorted(names))}")
+    for target in chosen:
+        onnx_int8.effective(target, cfg.export.int8)
+    onnx_int8.settings_by_key(chosen, cfg.export.int8)
+
+
+def check_out(cfg: Config, out: Path, resume: bool) -> None:
+    """A new build needs a new or empty folder; a resumed one the folder of a build with the same config."""
+    if out.exists() and not out.is_dir():
+        raise BuildDirError(f"'{out}' is a file, not a folder; pick another --out")
+    if not resume:
+        _check_empty(out)
+        return
+    if not (out / CONFIG_FILE).is_file():
+        raise BuildDirError(f"'{out}' has no {CONFIG_FILE} from an earlier build; nothing to resume")
+    changed = changed_sections(cfg, out)
+    if changed:
+        raise BuildDirError(f"--resume: the config differs from the one '{out}' was built with in "
+                            f"{', '.join(changed)}; resume with the same config (omit CONFIG to use "
+                            f"{out / CONFIG_FILE}) or build into a new --out")
+
+
+def changed_sections(cfg: Config, out: Path) -> list[str]:
+    saved = config.to_dict(config.absolute(config.load(out / CONFIG_FILE)))
+    new = config.to_dict(config.absolute(cfg))
+    new["build"]["allow_fidelity_miss"] = saved["build"]["allow_fidelity_miss"]  # a gate, changes no file
+    return [key for key in new if new[key] != saved.get(key)]
+
+
+def _check_empty(out: Path) -> None:
+    if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_FILE]:
+        return
+    if (out / CONFIG_FILE).exists():
+        raise BuildDirError(f"'{out}' already holds a build; use --resume to continue it or pick another --out")
+    raise BuildDirError(f"'{out}' is not empty; pick a new or empty --out (a build never writes among other files)")
+
+
+# --- the build folder: created after the checks, locked, cleaned when no stage ran ------------------------
+
+@dataclass
+class Claim:
+    out: Path
+    created: Path | None = None  # the outermost folder this build made
+    lock_made: bool = False
+    config_written: bool = False
+    started: bool = False  # a stage ran: keep everything, for --resume
+    fd: int | None = field(default=None, repr=False)
+
+    def release(self, failed: bool) -> None:
+        if failed and not self.started:
+            if self.created is not None:
+                shutil.rmtree(self.created, ignore_errors=True)
+            if self.config_written:
+                (self.out / CONFIG_FILE).unlink(missing_ok=True)
+            if self.lock_made:
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+@contextlib.contextmanager
+def claim(out: Path, resume: bool):
+    """The build folder, made if missing and locked (flock) while this build writes into it."""
+    held = Claim(out, created=None if resume else _create(out))
+    try:
+        _lock(held)
+        if not resume:
+            _check_empty(out)  # again, under the lock: another build may have started meanwhile
+        yield held
+    except BaseException:
+        held.release(failed=True)
+        raise
+    held.release(failed=False)
+
+
+def _create(out: Path) -> Path | None:
+    """Make `out` and missing parents; return the outermost folder made (None when `out` was there)."""
+    missing = []
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise BuildDirError(f"'{path}' is a file, not a folder; pick another --out")
+            break
+        missing.append(path)
+    if not missing:
+        return None
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:
+        return None  # another build made it just now; the lock decides
+    except OSError as exc:
+        if missing[-1].exists():
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise BuildDirError(f"cannot create '{out}': {exc.strerror}; pick a writable --out") from exc
+    return missing[-1]
+
+
+def _lock(held: Claim) -> None:
+    path = held.out / LOCK_FILE
+    try:
+        try:
+            held.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            held.lock_made = True
+        except FileExistsError:
+            held.fd = os.open(path, os.O_RDWR)
+        fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise BuildDirError(f"another edgekit build is writing into '{held.out}' (it holds {path}); "
+                            "wait for it to end or pick another --out") from exc
+    except OSError as exc:
+        raise BuildDirError(f"cannot write into '{held.out}': {exc.strerror}; pick a writable --out") from exc
+
+
+def _write_error(exc: OSError, held: Claim) -> BuildDirError | None:
+    """A full disk or a read-only folder, in one line that says how to go on."""
+    hint = WRITE_ERRORS.get(exc.errno)
+    if hint is None:
+        return None
+    then = f", then `edgekit build --resume {held.out}`" if held.started else " and build again"
+    return BuildDirError(f"cannot write '{exc.filename or held.out}': {exc.strerror}; {hint}{then}")
+
+
+# --- the build ---------------------------------------------------------------------------------------------
+
 def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resume: bool = False,
           log=print) -> dict:
-    """Run every stage into `out`, run the bundles this machine can run, check every artifact with its
-    target's pinned runtime (aarch64 also under qemu), write report.json."""
+    """Check everything, then run every stage into `out`, run the bundles this machine can run, check every
+    artifact with its target's pinned runtime (aarch64 also under qemu), write report.json."""
+    check_out(cfg, out, resume)
+    chosen, data = validate(cfg, target_names)
+    with claim(out, resume) as held:
+        try:
+            return _build_in(held, Context(cfg, data, out, chosen), resume, log)
+        except OSError as exc:
+            error = _write_error(exc, held)
+            if error is None:
+                raise
+            raise error from exc
+
+
+def _build_in(held: Claim, ctx: Context, resume: bool, log) -> dict:
     from edgekit import measure, report, runtime_check
 
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise EdgekitError(f"'{out}' already holds a build; use --resume to continue it or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, out = ctx.cfg, ctx.out
     if not resume:
-        write_bytes(out / "config.yaml", config.dump(config.absolute(cfg)).encode())
-    ctx = make_context(cfg, out, target_names)
+        write_bytes(out / CONFIG_FILE, config.dump(config.absolute(cfg)).encode())
+        held.config_written = True
+    held.started = True
     stage_metrics = run_stages(ctx, log)
     runs = {}
     if cfg.build.run_local:

@@ -167,11 +167,31 @@ def parse(raw: object, source: str) -> Target:
     arts = tuple(_with_int8(_artifact(a, versions, source), int8) for a in raw["artifacts"])
     if not arts:
         raise TargetError(f"{source}: 'artifacts' is empty; list at least one")
-    budgets = raw["budgets"]
+    budgets = _budgets(raw, source)
     return Target(raw["name"], raw["description"], raw["arch"], str(raw["python"]), arts, raw["threads"],
-                  int(budgets.get("memory_mb", 0)), float(budgets.get("latency_ms", 0)),
+                  int(budgets["memory_mb"]), float(budgets["latency_ms"]),
                   float(raw["accuracy_tolerance_pp"]), raw["docker_base"], source,
                   **_fidelity(raw.get("fidelity") or {}, source), int8=int8)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _budgets(raw: dict, source: str) -> dict:
+    """Threads, budgets and the accuracy tolerance: numbers in range (0 budget: none)."""
+    if isinstance(raw["threads"], bool) or raw["threads"] < 1:
+        raise TargetError(f"{source}: threads is {raw['threads']!r}; give a whole number of at least 1")
+    if not _number(raw["accuracy_tolerance_pp"]) or raw["accuracy_tolerance_pp"] < 0:
+        raise TargetError(f"{source}: accuracy_tolerance_pp is {raw['accuracy_tolerance_pp']!r}; give a number >= 0")
+    budgets = {"memory_mb": 0, "latency_ms": 0} | raw["budgets"]
+    unknown = set(budgets) - {"memory_mb", "latency_ms"}
+    if unknown:
+        raise TargetError(f"{source}: unknown budget '{sorted(unknown)[0]}'; valid: memory_mb, latency_ms")
+    for key, value in budgets.items():
+        if not _number(value) or value < 0:
+            raise TargetError(f"{source}: budgets.{key} is {value!r}; give a number >= 0 (0: no budget)")
+    return budgets
 
 
 def _with_int8(spec: ArtifactSpec, int8: Int8Settings) -> ArtifactSpec:
@@ -194,7 +214,7 @@ def _fidelity(raw: dict, source: str) -> dict:
 def load_file(path: Path) -> Target:
     try:
         raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise TargetError(f"target file '{path}' cannot be read as YAML: {type(exc).__name__}") from exc
     return parse(raw, str(path))
 

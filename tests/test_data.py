@@ -43,7 +43,7 @@ def test_bad_npz_is_a_clear_error(tmp_path, arrays, needle):
 def test_imagefolder(tmp_path):
     for cls, value in (("cat", 30), ("dog", 220)):
         (tmp_path / cls).mkdir()
-        for i in range(10):
+        for i in range(30):  # 60 images: enough for the smallest splits (data.MIN_SPLIT)
             Image.new("RGB", (20, 12), (value, i, 0)).save(tmp_path / cls / f"{i}.png")
     cfg = config.from_dict({"data": {"source": "imagefolder", "path": str(tmp_path), "image_size": 16}})
     ds = data.load_dataset(cfg)

@@ -88,10 +88,14 @@ def write_json(path: Path, data: object) -> None:
 def write_bytes(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600: a bundle must be readable by the device's (or image's) user
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: a bundle must be readable by the device's (or image's) user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
+        raise
 
 
 def _json_default(obj: object) -> object:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import shutil
 import socket
 import sys
 import tempfile
@@ -64,7 +65,9 @@ def run(ctx: Context) -> dict:
     else:
         passes[int8_source] = (int8_keys, int8_settings)
     built: list[tuple[dict, bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="edgekit-export-") as tmp:
+    for stale in ctx.stage_dir(name).glob(".tmp-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=ctx.stage_dir(name)) as tmp:  # inside DIR, not /tmp
         for source, (wanted, settings) in passes.items():
             if wanted:
                 (Path(tmp) / source).mkdir()
