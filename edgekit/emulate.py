@@ -24,7 +24,7 @@ import numpy as np
 
 from edgekit import runtime_check as rc
 from edgekit.errors import EdgekitError
-from edgekit.runner import RUNNER
+from edgekit.runner import RUNNER, error_line
 
 QEMU = "qemu-aarch64-static"
 SKIP_MESSAGE = (f"emulated check skipped: {QEMU} not found; install qemu-user-static to enable "
@@ -212,7 +212,7 @@ def dump_outputs(python: list[str], bundle: Path, artifact: str, out: Path, env:
                               capture_output=True, text=True, env=env, timeout=rc.RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"writing the outputs did not finish in {rc.RUN_TIMEOUT_S} s"
-    return None if proc.returncode == 0 and out.is_file() else rc.error_line(proc.stderr, proc.returncode)
+    return None if proc.returncode == 0 and out.is_file() else error_line(proc.stderr, proc.returncode)
 
 
 def compare(x86: np.ndarray, emulated: np.ndarray, spec: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.manifest import read_manifest
-from edgekit.runner import RUNNER, runner
+from edgekit.runner import RUNNER, error_line, runner
 from edgekit.stages.base import write_bytes
 from edgekit.targets import host_arch
 
@@ -65,8 +65,8 @@ def run_artifact(bundle: Path, name: str, threads: int | None = None, mode: str 
         cmd = [sys.executable, str(RUNNER), str(bundle), "--artifact", name, "--out", str(out)]
         proc = subprocess.run(cmd + runner_args(threads, mode, overrides), capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
-            last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-            raise BundleError(f"the runner failed on artifact {name} of '{bundle}': {last}")
+            raise BundleError(f"the runner failed on artifact {name} of '{bundle}': "
+                              f"{error_line(proc.stderr, proc.returncode)}")
         result = json.loads(out.read_text())
     validate(result, None, f"the result of {name}")  # edgekit's runner wrote it: edgekit's schema
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,13 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.runner import RUNNER
+from edgekit.runner import OP_VERSION, RUNNER, error_line
 from edgekit.targets import RUNTIMES
 
 READY = ".edgekit-ready"  # written last: an environment without it is incomplete and made again
 RUN_TIMEOUT_S = 600
 PIP_NETWORK = ("--retries", "2", "--timeout", "60")  # offline: give up soon and say the check was skipped
-OP_VERSION = re.compile(r"Didn't find op for builtin opcode '(?P<op>\w+)' version '(?P<version>\d+)'")
 # The check is about what the runtime can load and compute, not speed (`edgekit run` measures that): one thread,
 # since a Pi's 4 XNNPACK threads on a 2-core machine spin-wait (tflite-runtime 2.14 fp32: 31 s instead of 2 s).
 CHECK_THREADS = 1
@@ -106,17 +104,6 @@ def _make_venv(env_dir: Path, package: str, version: str, python: str, log) -> N
         _FAILED[str(env_dir)] = f"cannot install {package}=={version} from the package index: {pip_failure(proc)}"
         raise RuntimeEnvError(_FAILED[str(env_dir)])
     (env_dir / READY).write_text(" ".join(requirements(package, version)) + "\n")
-
-
-def error_line(stderr: str, returncode: int) -> str:
-    """The one line of a failed runner that says why: a known runtime message, else the last real line."""
-    found = OP_VERSION.search(stderr)
-    if found:
-        return found.group(0)
-    if returncode < 0:
-        return f"the runtime crashed (signal {-returncode})"
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("INFO:", "WARNING:"))]
-    return (lines or [f"exit code {returncode}"])[-1]
 
 
 def advice(error: str, runtime: str, version: str) -> dict:

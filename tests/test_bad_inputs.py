@@ -509,10 +509,8 @@ def test_bad_input_in_a_process(tmp_path, files, argv, needle):
     assert snapshot(tmp_path) == before
 
 
-# --- faults that need a fix outside this module's files (edgekit/models, measure.py, runner) -----------------
+# --- faults while writing and in the runtime ------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="torch.save raises RuntimeError('unexpected pos') on ENOSPC; "
-                                       "models.save_model should write through stages.base.write_bytes")
 def test_full_disk_in_a_stage_says_free_space_and_resume(tmp_path, monkeypatch, capsys, mounted):
     full = mounted("size=16k")
     monkeypatch.chdir(tmp_path)
@@ -521,6 +519,7 @@ def test_full_disk_in_a_stage_says_free_space_and_resume(tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "No space left on device" in err and f"edgekit build --resume {full / 'b'}" in err
+    assert not list((full / "b").rglob(".model.pt.*")), "a half-written model file was left behind"
 
 
 def _reseal(bundle: Path, name: str) -> None:
@@ -533,8 +532,6 @@ def _reseal(bundle: Path, name: str) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="the sha256 check lives in the runner / measure.py: it reports a mismatch, "
-                                       "not a Git LFS pointer")
 def test_git_lfs_pointer_is_named(bundle, capsys):
     (bundle / "tflite_int8.tflite").write_text("version https://git-lfs.github.com/spec/v1\n"
                                                "oid sha256:" + "0" * 64 + "\nsize 25000\n")
@@ -544,8 +541,6 @@ def test_git_lfs_pointer_is_named(bundle, capsys):
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="measure.run_artifact reports 'exit code -11', not that the runtime "
-                                       "crashed on a probably damaged file")
 def test_runtime_crash_on_a_matching_file_says_damaged(bundle, capsys):
     path = bundle / "tflite_int8.tflite"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 4])

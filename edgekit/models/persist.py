@@ -9,12 +9,14 @@ folder is refused, not executed.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgekit.errors import ModelError
+from edgekit.files import write_bytes
 
 FORMAT = "edgekit-model/1"
 _PLAIN = (bool, int, float, str, type(None))
@@ -60,10 +62,10 @@ def apply_state(model: nn.Module, state: dict, where: str) -> nn.Module:
 
 
 def save(model: nn.Module, path: Path) -> None:
-    """Write atomically: a crash leaves the old file or none."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model_state(model), tmp)
-    tmp.replace(path)
+    """Write atomically: a crash or a full disk leaves the old file or none."""
+    buffer = io.BytesIO()
+    torch.save(model_state(model), buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def read(path: Path) -> dict:

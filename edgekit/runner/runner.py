@@ -31,6 +31,7 @@ import numpy as np
 
 RESULTS_FILE = "results.json"
 EVAL_FILE = "eval.npz"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"  # what a clone without git-lfs holds instead
 SCHEMA_FILE = "results.schema.json"
 SCHEMA_VERSION = 1
 RUNNER_VERSION = "2"
@@ -480,6 +481,14 @@ def bundle_path(bundle: Path, rel: str) -> Path:
     return path
 
 
+def damage(path: Path, rel: str) -> str:
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            return (f"{rel} is a Git LFS pointer, not the file itself; run `git lfs pull` where the bundle came from, "
+                    "or copy the real file")
+    return f"{rel} does not match its sha256 in manifest.json; the copy is damaged: copy the bundle again"
+
+
 def check_files(bundle: Path, manifest: dict) -> None:
     """Every file listed in the manifest must be inside the bundle and match its sha256 before anything is loaded."""
     for rel, digest in manifest["files"].items():
@@ -490,7 +499,7 @@ def check_files(bundle: Path, manifest: dict) -> None:
         if not path.is_file():
             raise SystemExit(f"runner: error: {rel} is missing from the bundle; copy the whole bundle again")
         if sha256(path) != digest:
-            raise SystemExit(f"runner: error: {rel} does not match its sha256 in manifest.json; the copy is damaged")
+            raise SystemExit(f"runner: error: {damage(path, rel)}")
     for rel in {EVAL_FILE, *(spec["file"] for spec in manifest["artifacts"])}:  # what is loaded is what was checked
         if rel not in manifest["files"]:
             raise SystemExit(f"runner: error: {rel} is not listed in manifest.json with a sha256; rebuild the bundle")

@@ -7,8 +7,6 @@ The pipeline writes `metrics.json` last, so a folder with it is a finished stage
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +18,7 @@ from torch import nn
 from edgekit import models
 from edgekit.config import Config
 from edgekit.data import Dataset
+from edgekit.files import write_bytes, write_json  # noqa: F401  (stages import them from here)
 from edgekit.targets import Target
 
 MODEL_FILE = "model.pt"  # torch-pruning state dict of a stage's torch model
@@ -78,34 +77,6 @@ class Context:
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.from_numpy(self.data.train.x[:batch])
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write JSON atomically: a crash leaves the old file or none, never half of one."""
-    write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
-
-
-def write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: a bundle must be readable by the device's (or image's) user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
-        raise
-
-
-def _json_default(obj: object) -> object:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def finish_torch_stage(ctx: Context, name: str, model: nn.Module, **extra: object) -> dict:
