@@ -17,8 +17,9 @@ from edgekit.errors import ConfigError
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["digits", "digits32", "npz", "imagefolder"] = "digits"  # digits32: the harder built-in task
-    path: str | None = None  # .npz file or ImageFolder root, relative to the config file
+    # digits32: the harder built-in task; fashion-mnist: Debian's dataset-fashion-mnist (or its IDX files at path)
+    source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist"] = "digits"
+    path: str | None = None  # .npz file, ImageFolder root or folder of IDX files, relative to the config file
     image_size: int = 32  # imagefolder: images are resized to image_size x image_size
     grayscale: bool = False  # imagefolder: one channel instead of three
     val_fraction: float = 0.15
@@ -210,7 +211,7 @@ def _check_ranges(cfg: Config) -> None:
             value = _value(cfg, key)
             raise ConfigError(f"config: '{key}' is out of range (got {value!r}); "
                               "see `edgekit config --default` for sane values")
-    if cfg.data.source not in ("digits", "digits32") and not cfg.data.path:
+    if cfg.data.source not in ("digits", "digits32", "fashion-mnist") and not cfg.data.path:
         raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
     if cfg.data.source in ("digits", "digits32") and cfg.data.path:
         raise ConfigError(f"config: data.path is set but data.source '{cfg.data.source}' is built in and would "

@@ -1,4 +1,4 @@
-"""Datasets: the built-in offline digits, a user's .npz, an ImageFolder directory.
+"""Datasets: the built-in offline digits, Fashion-MNIST and MNIST-format IDX files, a user's .npz, an ImageFolder.
 
 Every source ends as float32 arrays (N, *sample_shape) and int64 labels, split once with a fixed seed.
 """
@@ -11,9 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit import idx
 from edgekit.config import Config, DataConfig
 from edgekit.errors import DataError
 
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where that Debian package puts the IDX files
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                        "Ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MIN_SPLIT = {"train": 10, "validation": 5, "test": 10}  # fewer gives accuracies that mean nothing
 MAX_ZIP_RATIO = 1100  # deflate cannot compress better than about 1032:1
@@ -128,12 +133,12 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
     if len(classes) < 2:
         raise DataError(f"'{root}' has {len(classes)} class folders; an ImageFolder needs at least two")
     xs, ys = [], []
-    for idx, name in enumerate(classes):
+    for class_id, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             xs.append(_image(file, size, grayscale))
-            ys.append(idx)
+            ys.append(class_id)
     if not xs:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
     mode = "grayscale" if grayscale else "RGB"
@@ -198,8 +203,60 @@ def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig,
     return tuple(Split(x[i], y[i]) for i in (train, val, test, calib))  # type: ignore[return-value]
 
 
+def _official_split(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                    cfg: DataConfig) -> tuple[Split, Split, Split, Split]:
+    """The publisher's test set as the test split (its first data.limit * test_fraction samples with a limit);
+    validation carved from the training set. Only the samples used are read and converted."""
+    n_test = min(len(test[0]), max(1, int(cfg.limit * cfg.test_fraction))) if cfg.limit else len(test[0])
+    order = np.random.default_rng(cfg.seed).permutation(len(train[0]))[: cfg.limit - n_test if cfg.limit else None]
+    n_val = max(1, int(len(order) * cfg.val_fraction))
+    _check_split_sizes({"train": len(order) - n_val, "validation": n_val, "test": n_test}, cfg)
+    val, fit = np.sort(order[:n_val]), np.sort(order[n_val:])  # sorted: sequential reads of memory-mapped files
+
+    def take(x: np.ndarray, y: np.ndarray, i: np.ndarray | slice) -> Split:
+        return Split(np.asarray(x[i], np.float32)[:, None] / 255.0, np.asarray(y[i], np.int64))
+
+    return take(*train, fit), take(*train, val), take(*test, slice(0, n_test)), take(*train, fit[: cfg.calib_samples])
+
+
+def _idx_sets(folder: Path, hint: str) -> tuple[tuple, tuple | None]:
+    """(train images, labels) and, when present, (t10k images, labels): MNIST's file names, .gz or not."""
+    def find(stem: str) -> Path | None:
+        return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+
+    files = {k: find(f"{k}-idx{3 if 'images' in k else 1}-ubyte")
+             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    if not folder.is_dir() or files["train-images"] is None or files["train-labels"] is None:
+        raise DataError(f"no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] in '{folder}'; {hint}")
+    sets = [(idx.read(files[f"{s}-images"]), idx.read(files[f"{s}-labels"])) if files[f"{s}-images"] else None
+            for s in ("train", "t10k")]
+    for pair in filter(None, sets):
+        if pair[0].ndim != 3 or pair[1].ndim != 1 or len(pair[0]) != len(pair[1]):
+            raise DataError(f"'{folder}': images {pair[0].shape} and labels {pair[1].shape} do not pair up; "
+                            "need images (N, H, W) and labels (N,)")
+    return sets[0], sets[1]
+
+
+def _idx_dataset(cfg: Config) -> Dataset:
+    d = cfg.data
+    fashion = d.source == "fashion-mnist"
+    folder = cfg.resolve(d.path) if d.path else FASHION_MNIST_DIR
+    hint = (f"install Debian's package (apt-get install {FASHION_MNIST_PACKAGE}) or set data.path to a folder with "
+            "Fashion-MNIST's four IDX files") if fashion else "set data.path to a folder of MNIST-format IDX files"
+    train, test = _idx_sets(folder, hint)
+    labels = FASHION_MNIST_LABELS if fashion else [str(c) for c in range(int(train[1].max()) + 1)]
+    _check_classes(np.asarray(train[1]), labels, f"'{folder}'")
+    prep = f"pixel / 255, shape (1, {train[0].shape[1]}, {train[0].shape[2]})"
+    if test is None:  # no t10k files: one pool, split like any other source
+        x = np.asarray(train[0], np.float32)[:, None] / 255.0
+        return Dataset(*_split(x, np.asarray(train[1], np.int64), d), labels, prep)
+    return Dataset(*_official_split(train, test, d), labels, prep + "; the publisher's train/test split")
+
+
 def load_dataset(cfg: Config) -> Dataset:
     d, groups = cfg.data, None
+    if d.source in ("idx", "fashion-mnist"):
+        return _idx_dataset(cfg)
     if d.source == "digits":
         x, y, labels, prep = _digits()
     elif d.source == "digits32":

@@ -2,7 +2,8 @@
 # System packages the test suite uses, installed only when missing (needs root and apt):
 # OpenSSH (the SSH tests start their own sshd on 127.0.0.1), Docker's engine (the image tests start their own
 # dockerd with the vfs driver on a socket of their own), QEMU user mode (arm64 bundles and images under
-# emulation), and apt's arm64 keyring + dpkg-deb (the emulated Pi check unpacks a Debian arm64 sysroot).
+# emulation), apt's arm64 keyring + dpkg-deb (the emulated Pi check unpacks a Debian arm64 sysroot), and
+# Fashion-MNIST's original IDX files (data.source: fashion-mnist).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
@@ -12,6 +13,7 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || need+=(dataset-fashion-mnist)
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
 fi
