@@ -23,7 +23,7 @@ import torch
 
 from edgekit import metrics, models, quiet, training
 from edgekit.config import QuantizeConfig
-from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
+from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context, stage_files
 
 name = "quantize"
 ONNX_FILE = "model_int8.onnx"
@@ -304,7 +304,7 @@ def run(ctx: Context) -> dict:
     return {
         "name": name, "accuracy": metrics.accuracy(test_logits, data.test.y), "ptq_accuracy": ptq_acc,
         "val_accuracy": best_val, "params": src["params"], "macs": src["macs"],
-        "size_bytes": src["params"],  # int8 weights: one byte each
+        **stage_files(out_dir),  # model.pt: the QAT-tuned weights (fp32); model_int8.onnx: NNCF's QDQ export
         "method": f"nncf-{q.method}", "library": "nncf", "source_stage": source, "mixed_precision": mixed,
         "settings": {"library": "nncf", "method": q.method, "subset_size": q.subset_size,
                      "qat_epochs": q.qat_epochs if q.method == "qat" else 0, "lr": q.lr, **calibration.describe()},
