@@ -120,9 +120,10 @@ def _run_options(r: argparse.ArgumentParser) -> None:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from edgekit import measure
 
-    csv_path = Path(args.csv)
+    csv_path = Path(args.csv) if args.csv else None
     print(measure.compare([Path(p) for p in args.results], csv_path))
-    print(f"csv: {csv_path}")
+    if csv_path:
+        print(f"csv: {csv_path}")
     return 0
 
 
@@ -169,9 +170,9 @@ def _add_docker(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    c = sub.add_parser("compare", help="side-by-side table (and CSV) of several results.json files")
+    c = sub.add_parser("compare", help="side-by-side table of several results.json files (--csv: also as CSV)")
     c.add_argument("results", nargs="+", help="results files written by `edgekit run`")
-    c.add_argument("--csv", default="compare.csv", help="CSV file to write (default: compare.csv)")
+    c.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
     c.set_defaults(func=_cmd_compare)
 
 
