@@ -93,7 +93,7 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
           log=print) -> dict:
     """Run every stage into `out`, run the bundles this machine can run, check every artifact with its
     target's pinned runtime (aarch64 also under qemu), write report.json."""
-    from edgekit import measure, report, runtime_check
+    from edgekit import measure, report, report_html, runtime_check
 
     if out.exists() and any(out.iterdir()) and not resume:
         raise EdgekitError(f"'{out}' already holds a build; use --resume to continue it or pick another --out")
@@ -113,5 +113,6 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
     result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
     runtime_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
     write_json(out / "report.json", result)
+    report_html.write([out], out / "report.html")  # the page people look at, from report.json and the results
     runtime_check.raise_on_failures(result)
     return result

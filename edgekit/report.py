@@ -6,6 +6,21 @@ from edgekit import __version__
 from edgekit.config import Config, to_dict
 
 MODEL_STAGES = ("train", "prune", "distill", "quantize")
+LIBRARIES = ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert",
+             "numpy")
+
+
+def library_versions() -> dict:
+    """The installed versions of the libraries a build uses (from package metadata; nothing is imported)."""
+    from importlib import metadata
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def artifact_rows(verified: list[dict], bundles: list[dict], targets: list) -> list[dict]:
@@ -64,6 +79,7 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
                                      row.get("measured", {}).get("peak_rss_mb"))
     return {
         "edgekit_version": __version__,
+        "versions": library_versions(),
         "config": to_dict(cfg),
         "targets": [t.name for t in targets],
         "stages": [m for m in stage_metrics if m["name"] in MODEL_STAGES],
