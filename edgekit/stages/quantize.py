@@ -284,10 +284,14 @@ def run(ctx: Context) -> dict:
     out_dir = ctx.stage_dir(name)
     calibration = Calibration.from_config(q, tuple(q.keep_float))
     mixed = None
-    with quiet.silenced(out_dir / LOG_FILE):  # NNCF, torchao and torch.onnx print a lot
-        if q.mixed_precision_tolerance is not None:
+    if q.mixed_precision_tolerance is not None:
+        with quiet.phase(name, "mixed precision: calibrating once per weighted layer (NNCF)", "layers ranked"), \
+                quiet.silenced(out_dir / LOG_FILE):  # NNCF, torchao and torch.onnx print a lot
             calibration, mixed = mixed_precision(ctx.load_model(source), data.calib.x, data.val, q.subset_size,
                                                  calibration, q.mixed_precision_tolerance)
+    samples = min(q.subset_size, len(data.calib.x))
+    with quiet.phase(name, f"calibrating (NNCF {calibration.method}, {samples} samples)", "calibrated"), \
+            quiet.silenced(out_dir / LOG_FILE):
         qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size, calibration)
     ptq_acc = metrics.accuracy(metrics.logits(qmodel, data.test.x), data.test.y)
     best_val = None
