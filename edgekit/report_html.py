@@ -86,10 +86,18 @@ def labels(paths: list[Path]) -> list[str]:
 
 # --- what the template shows --------------------------------------------------------------------------------
 
-def _stage_rows(rep: dict) -> list[dict]:
-    return [{"name": s["name"], "accuracy": s.get("accuracy"), "params": s.get("params"), "macs": s.get("macs"),
-             "size_bytes": s.get("size_bytes"), "size_file": s.get("size_file"), "files": s.get("files") or {},
-             "seconds": s.get("seconds")} for s in rep["stages"]]
+def _stage_rows(rep: dict, build: Path) -> list[dict]:
+    from edgekit.stages.base import stage_files
+
+    rows = []
+    for s in rep["stages"]:
+        folder = build / "stages" / s["name"]
+        if "files" not in s and folder.is_dir():  # a report.json from before real sizes: read the folder
+            s = {**s, **stage_files(folder)}
+        rows.append({"name": s["name"], "accuracy": s.get("accuracy"), "params": s.get("params"),
+                     "macs": s.get("macs"), "size_bytes": s.get("size_bytes"), "size_file": s.get("size_file"),
+                     "files": s.get("files") or {}, "seconds": s.get("seconds")})
+    return rows
 
 
 def _artifact_row(row: dict, budgets: dict) -> dict:
@@ -145,7 +153,7 @@ def build_view(source: Source) -> dict:
     view = {"label": source.label, "path": str(source.path), "runs": _run_rows(source),
             "fidelity": _fidelity(source), "stages": [], "targets": [], "config_yaml": None, "versions": {}}
     if rep:
-        view.update(stages=_stage_rows(rep), targets=_targets(rep, source.budgets),
+        view.update(stages=_stage_rows(rep, source.path), targets=_targets(rep, source.budgets),
                     config_yaml=yaml.safe_dump(rep["config"], sort_keys=False),
                     versions={"edgekit": rep.get("edgekit_version"), **(rep.get("versions") or {})},
                     over_budget=rep.get("over_budget", []))

@@ -48,16 +48,27 @@ def pareto_front(points: list[dict]) -> list[str]:
     return front
 
 
+def _crowding(points: list[dict]) -> dict:
+    """How many earlier points sit close to each point, so that its label can be moved below theirs."""
+    xs = [p["x"] for p in points] or [0.0]
+    ys = [p["y"] for p in points] or [0.0]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    return {p["id"]: sum(abs(q["x"] - p["x"]) < 0.15 * dx and abs(q["y"] - p["y"]) < 0.05 * dy for q in points[:i])
+            for i, p in enumerate(points)}
+
+
 def tradeoff(points: list[dict], xlabel: str, title: str, *, log_x: bool = False) -> str:
     """Accuracy (y) against a cost (x), one marker per point, the Pareto front joined and ringed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    crowd = _crowding(points)
     for p in points:
         marker, colour, filled = KIND_STYLE[p["kind"]]
         (line,) = ax.plot([p["x"]], [p["y"]], marker=marker, markersize=7, linestyle="none", color=colour,
                           markerfacecolor=colour if filled else "none")
         line.set_gid(p["id"])
-        ax.annotate(p["short"], (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(p["short"], (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4 - 10 * crowd[p["id"]]),
+                    fontsize=7)
     front = sorted((p for p in points if p["id"] in set(pareto_front(points))), key=lambda p: p["x"])
     if front:
         (line,) = ax.plot([p["x"] for p in front], [p["y"] for p in front], drawstyle="steps-post", color="#d62728",
