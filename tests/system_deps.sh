@@ -12,6 +12,7 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
 fi
