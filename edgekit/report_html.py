@@ -32,6 +32,7 @@ class Source:
     results: list[tuple[str, dict]] = field(default_factory=list)  # (bundle/file label, results file)
     fidelity: list[dict] = field(default_factory=list)
     budgets: dict = field(default_factory=dict)  # target -> {"latency_ms", "memory_mb"} from the manifests
+    sensitivity: dict | None = None  # sensitivity.json of `edgekit sensitivity --out DIR`
 
 
 def _read(path: Path) -> dict:
@@ -66,6 +67,8 @@ def load(path: Path, label: str) -> Source:
         for bundle in sorted(p for p in (path / "bundles").glob("*") if p.is_dir()):
             _bundle_results(bundle, source)
         source.fidelity = [_read(p) for p in sorted((path / "fidelity").glob("*.json"))]
+        found = [p for p in (path / "sensitivity.json", path / "sensitivity" / "sensitivity.json") if p.is_file()]
+        source.sensitivity = _read(found[0]) if found else None
     elif (path / "manifest.json").is_file():
         _bundle_results(path, source)
     else:
@@ -148,10 +151,20 @@ def _fidelity(source: Source) -> list[dict]:
              "count": len(f.get("layers", []))} for f in source.fidelity]
 
 
+def _sensitivity(result: dict | None) -> dict | None:
+    if not result or not result.get("layers"):
+        return None
+    rows = [{"id": f"sens-{i}", "layer": name, "drops": drops}
+            for i, (name, drops) in enumerate(result["layers"].items())]
+    return {"baseline": result.get("baseline"), "ratios": [str(r) for r in result.get("ratios", [])], "rows": rows,
+            "svg": report_plots.sensitivity(result)}
+
+
 def build_view(source: Source) -> dict:
     rep = source.report
     view = {"label": source.label, "path": str(source.path), "runs": _run_rows(source),
-            "fidelity": _fidelity(source), "stages": [], "targets": [], "config_yaml": None, "versions": {}}
+            "fidelity": _fidelity(source), "sensitivity": _sensitivity(source.sensitivity), "stages": [],
+            "targets": [], "config_yaml": None, "versions": {}}
     if rep:
         view.update(stages=_stage_rows(rep, source.path), targets=_targets(rep, source.budgets),
                     config_yaml=yaml.safe_dump(rep["config"], sort_keys=False),

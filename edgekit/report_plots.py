@@ -118,3 +118,20 @@ def latency_distribution(curves: list[dict]) -> str:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return to_svg(fig)
+
+
+def sensitivity(result: dict) -> str:
+    """`edgekit sensitivity`: the accuracy drop of each prunable layer against the fraction of its channels
+    removed, the tolerance dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (name, drops) in enumerate(result["layers"].items()):
+        (line,) = ax.plot([float(r) for r in drops], [100 * d for d in drops.values()], marker="o", label=name)
+        line.set_gid(f"sens-{i}")
+    ax.axhline(100 * result["tolerance"], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("fraction of the layer's channels removed (L1, no fine-tuning)")
+    ax.set_ylabel("validation accuracy drop (pp)")
+    ax.set_title("pruning sensitivity per layer", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return to_svg(fig)

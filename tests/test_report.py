@@ -221,6 +221,9 @@ def test_two_builds_side_by_side_with_a_device_run_and_layer_fidelity(e2e_build,
                "max_abs_diff": 0.25, "ref_range": [-1.0, 3.0], "drop_db": 28.4}]
     (a / "fidelity" / "tflite_int8.json").write_text(json.dumps(
         {"artifact": "tflite_int8", "misses": ["agreement 0.97 < 0.99"], "layers": layers}))
+    sensitivity = {"baseline": 0.97, "ratios": [0.25, 0.5], "tolerance": 0.01,
+                   "layers": {"features.0": {"0.25": 0.004, "0.5": 0.031}, "features.3": {"0.25": 0.0, "0.5": 0.002}}}
+    (a / "sensitivity.json").write_text(json.dumps(sensitivity))
     html, png = tmp_path / "both.html", tmp_path / "both.png"
     assert cli.main(["report", str(a), str(b), "--out", str(html), "--screenshot", str(png)]) == 0
     assert f"report: {html}" in capsys.readouterr().out
@@ -236,6 +239,9 @@ def test_two_builds_side_by_side_with_a_device_run_and_layer_fidelity(e2e_build,
     fid = [e for e in cells.found if e["ctx"].get("data-artifact") == "tflite_int8" and e["attrs"]["data-key"]
            == "drop_db"]
     assert [float(e["attrs"]["data-value"]) for e in fid] == [28.4]  # the fidelity table of build a
+    drops = {e["ctx"]["data-layer"]: float(e["attrs"]["data-value"]) for e in cells.found
+             if e["attrs"]["data-key"] == "drop_0.5" and e["ctx"].get("data-source") == "a"}
+    assert drops == {"features.0": 0.031, "features.3": 0.002}  # the sensitivity curves of build a
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
