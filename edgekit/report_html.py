@@ -183,21 +183,22 @@ def _points(views: list[dict]) -> tuple[list[dict], list[dict]]:
     """(accuracy vs p90 latency, accuracy vs size): the build's artifacts and every device run."""
     many = len(views) > 1
     lat, size = [], []
-    for v in views:
+    for series, v in enumerate(views):
         for t in v["targets"]:
             for r in t["rows"]:
                 label = f"{v['label']}/{t['name']}/{r['name']}"
                 short = _short(v["label"], f"{t['name']}/{r['name']}", many)
                 size.append({"label": label, "short": short, "x": r["size_bytes"] / 1024, "y": r["accuracy"],
-                             "kind": "local"})
+                             "kind": "local", "series": series})
                 if r["p90_ms"] is not None:
                     lat.append({"label": label, "short": short, "x": r["p90_ms"], "y": r["accuracy"],
-                                "kind": "local", "source": r["latency_source"]})
+                                "kind": "local", "source": r["latency_source"], "series": series})
         for run in v["runs"]:
             if run["host"] or not v["targets"]:  # device runs; a build's own local runs are its artifacts above
                 kind = "device" if run["valid"] else "invalid"
                 lat.append({"label": run["id"], "short": _short(v["label"], f"{run['artifact']}{run['where']}", many),
-                            "x": run["latency"]["p90"], "y": run["accuracy"], "kind": kind, "source": "run"})
+                            "x": run["latency"]["p90"], "y": run["accuracy"], "kind": kind, "source": "run",
+                            "series": series})
     lat = [p for p in lat if p["y"] is not None]
     for prefix, points in (("lat", lat), ("size", size)):
         front = set(report_plots.pareto_front([{**p, "id": i} for i, p in enumerate(points)]))

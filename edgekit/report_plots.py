@@ -16,6 +16,7 @@ KIND_STYLE = {  # marker, colour, filled
     "device": ("s", "#2ca02c", True),
     "invalid": ("X", "#999999", False),
 }
+SERIES_COLOURS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 ECDF_POINTS = 400  # quantiles drawn per latency curve: the shape without tens of thousands of SVG vertices
 
 
@@ -64,6 +65,8 @@ def tradeoff(points: list[dict], xlabel: str, title: str, *, log_x: bool = False
     crowd = _crowding(points)
     for p in points:
         marker, colour, filled = KIND_STYLE[p["kind"]]
+        if p["kind"] != "invalid" and p.get("series"):  # one colour per build when there are several
+            colour = SERIES_COLOURS[p["series"] % len(SERIES_COLOURS)]
         (line,) = ax.plot([p["x"]], [p["y"]], marker=marker, markersize=7, linestyle="none", color=colour,
                           markerfacecolor=colour if filled else "none")
         line.set_gid(p["id"])
