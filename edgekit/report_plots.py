@@ -49,8 +49,10 @@ def pareto_front(points: list[dict]) -> list[str]:
     return front
 
 
-def _crowding(points: list[dict]) -> dict:
-    """How many earlier points sit close to each point, so that its label can be moved below theirs."""
+def _crowding(points: list[dict], log_x: bool) -> dict:
+    """How many earlier points sit close to each point (as drawn), so that its label can go below theirs."""
+    if log_x:
+        points = [{**p, "x": float(np.log10(p["x"]))} for p in points]
     xs = [p["x"] for p in points] or [0.0]
     ys = [p["y"] for p in points] or [0.0]
     dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
@@ -62,7 +64,9 @@ def tradeoff(points: list[dict], xlabel: str, title: str, *, log_x: bool = False
     """Accuracy (y) against a cost (x), one marker per point, the Pareto front joined and ringed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    crowd = _crowding(points)
+    xs = [p["x"] for p in points if p["x"] and p["x"] > 0]
+    log_x = bool(log_x and xs and len(xs) == len(points) and max(xs) / min(xs) > 20)  # log only across decades
+    crowd = _crowding(points, log_x)
     for p in points:
         marker, colour, filled = KIND_STYLE[p["kind"]]
         if p["kind"] != "invalid" and p.get("series"):  # one colour per build when there are several
@@ -78,8 +82,7 @@ def tradeoff(points: list[dict], xlabel: str, title: str, *, log_x: bool = False
                           linewidth=1.2, marker="o", markersize=12, markerfacecolor="none", label="Pareto front")
         line.set_gid("pareto-front")
         ax.legend(loc="lower right", fontsize=8)
-    xs = [p["x"] for p in points if p["x"] and p["x"] > 0]
-    if log_x and xs and max(xs) / min(xs) > 20:  # a log axis only where the values span decades
+    if log_x:
         _log_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
