@@ -46,7 +46,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     result = pipeline.build(cfg, out, args.target, resume=bool(args.resume))
     print()
     print(report.summary_table(result))
-    print(f"\nreport: {out / 'report.json'}")
+    print(f"\nreport: {out / 'report.html'} (data: {out / 'report.json'})")
     _print_next(out, result)
     return 0
 
@@ -208,8 +208,32 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot write --csv '{csv_path}': {exc.strerror}; pick a writable path") from exc
     print(table)
-    print(f"csv: {csv_path}")
+    if csv_path:
+        print(f"csv: {csv_path}")
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from edgekit import browser, report_html
+
+    paths = [Path(p) for p in args.sources]
+    default = paths[0] / "report.html" if len(paths) == 1 and paths[0].is_dir() else Path("report.html")
+    out = report_html.write(paths, Path(args.out) if args.out else default)
+    print(f"report: {out}")
+    if args.screenshot:
+        print(f"screenshot: {browser.screenshot(out, Path(args.screenshot))}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    r = sub.add_parser("report", help="one self-contained HTML page for one or more builds, bundles or results "
+                                      "files, side by side")
+    r.add_argument("sources", nargs="+", metavar="DIR",
+                   help="build folder (with report.json), bundle folder or results.json")
+    r.add_argument("--out", metavar="FILE", help="HTML file (default: DIR/report.html for one folder, else "
+                                                 "./report.html)")
+    r.add_argument("--screenshot", metavar="PNG", help="also save a 1280-pixel-wide screenshot (headless Chromium)")
+    r.set_defaults(func=_cmd_report)
 
 
 def _cmd_docker(args: argparse.Namespace) -> int:
@@ -255,9 +279,9 @@ def _add_docker(sub) -> None:
 
 
 def _add_compare(sub) -> None:
-    c = sub.add_parser("compare", help="side-by-side table (and CSV) of several results.json files")
+    c = sub.add_parser("compare", help="side-by-side table of several results.json files (--csv: also as CSV)")
     c.add_argument("results", nargs="+", help="results files written by `edgekit run`")
-    c.add_argument("--csv", default="compare.csv", help="CSV file to write (default: compare.csv)")
+    c.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
     c.set_defaults(func=_cmd_compare)
 
 
@@ -355,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
     _run_options(r)
     r.set_defaults(func=_cmd_run)
     _add_compare(sub)
+    _add_report(sub)
     _add_docker(sub)
     _add_verify(sub)
     t = sub.add_parser("targets", help="list target profiles, or check a new one")

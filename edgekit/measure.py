@@ -116,65 +116,136 @@ def run_bundle(bundle: Path, out: Path | None = None, artifacts: list[str] | Non
 
 # --- compare -----------------------------------------------------------------------------------------------
 
-COLUMNS = (  # header, width, value from one artifact's result
-    ("run", 28, lambda r: r["_label"]),
-    ("target", 10, lambda r: r.get("target")),
-    ("device", 18, lambda r: r["environment"].get("device_model") or r["environment"].get("cpu")),
-    ("runtime", 22, lambda r: f"{r['runtime']['name']} {r['runtime']['version']}"),
-    ("accel", 14, lambda r: r["runtime"].get("accelerator")),
-    ("thr", 3, lambda r: r.get("threads")),
-    ("acc", 6, lambda r: r.get("accuracy")),
-    ("load_ms", 8, lambda r: r["load_ms"]),
-    ("first_ms", 8, lambda r: r["first_inference_ms"]),
-    ("p50_ms", 8, lambda r: r["latency_ms"]["p50"]),
-    ("p90_ms", 8, lambda r: r["latency_ms"]["p90"]),
-    ("p99_ms", 8, lambda r: r["latency_ms"]["p99"]),
-    ("mean_ms", 8, lambda r: r["latency_ms"]["mean"]),
-    ("std_ms", 8, lambda r: r["latency_ms"]["std"]),
-    ("runs", 7, lambda r: r["latency_ms"]["runs"]),
-    ("per_s", 9, lambda r: r.get("throughput_per_s")),
-    ("rss_d_mb", 8, lambda r: r.get("peak_rss_delta_mb")),
-    ("valid", 5, lambda r: r.get("valid")),
+COLUMNS = (  # header, number format (None: text), value from one artifact's result
+    ("run", None, lambda r: r["_label"]),
+    ("artifact", None, lambda r: r["_artifact"]),
+    ("target", None, lambda r: r.get("target")),
+    ("device", None, lambda r: r["environment"].get("device_model") or r["environment"].get("cpu")),
+    ("runtime", None, lambda r: f"{r['runtime']['name']} {r['runtime']['version']}"),
+    ("accel", None, lambda r: r["runtime"].get("accelerator")),
+    ("thr", "d", lambda r: r.get("threads")),
+    ("acc", ".4f", lambda r: r.get("accuracy")),
+    ("load_ms", ".2f", lambda r: r["load_ms"]),
+    ("first_ms", ".3f", lambda r: r["first_inference_ms"]),
+    ("p50_ms", ".4f", lambda r: r["latency_ms"]["p50"]),
+    ("p90_ms", ".4f", lambda r: r["latency_ms"]["p90"]),
+    ("p99_ms", ".4f", lambda r: r["latency_ms"]["p99"]),
+    ("mean_ms", ".4f", lambda r: r["latency_ms"]["mean"]),
+    ("std_ms", ".4f", lambda r: r["latency_ms"]["std"]),
+    ("runs", "d", lambda r: r["latency_ms"]["runs"]),
+    ("per_s", ".1f", lambda r: r.get("throughput_per_s")),
+    ("rss_d_mb", ".1f", lambda r: r.get("peak_rss_delta_mb")),
+    ("valid", None, lambda r: _validity(r)),
 )
 
 
-def _rows_of(path: Path) -> list[dict]:
+def _validity(result: dict) -> str:
+    if result.get("valid", True):
+        return "yes"
+    return "NO: " + "; ".join(result.get("invalid_reasons") or ["marked invalid"])
+
+
+def what_it_is(data: object, path: Path) -> str | None:
+    """What a JSON file that is not a results file looks like, with the file to pass instead; None for a
+    results file."""
+    if not isinstance(data, dict):
+        return f"'{path}' is not a results file (it holds a JSON {type(data).__name__})"
+    if "latency_ms" in data and "artifact" in data:
+        return None
+    if "stages" in data and "bundles" in data:
+        targets = data.get("targets") or ["x86-64"]
+        return f"'{path}' is a build report; pass {path.parent}/bundles/{targets[0]}/results.json"
+    if path.name == "manifest.json" or ("artifacts" in data and "target" in data and "primary" in data):
+        return (f"'{path}' is a bundle manifest; measure the bundle with `edgekit run {path.parent}` and pass "
+                f"{path.parent}/results.json")
+    if "layers" in data and "misses" in data:
+        return f"'{path}' is a fidelity record (see `edgekit debug`); pass a results.json written by `edgekit run`"
+    if path.name == "verify.json" or "emulated" in data and "artifacts" in data:
+        return f"'{path}' is a runtime check (`edgekit verify`); pass a results.json written by `edgekit run`"
+    if "name" in data and "accuracy" in data and "params" in data:
+        return f"'{path}' is a stage's metrics.json; pass a results.json written by `edgekit run`"
+    return f"'{path}' is not a results file (no latency_ms); pass a results.json written by `edgekit run`"
+
+
+def _load_results(path: Path) -> dict:
+    if path.is_dir():
+        hint = f"pass {path}/results.json" if (path / "results.json").is_file() else \
+            "pass a results.json written by `edgekit run`"
+        raise EdgekitError(f"'{path}' is a folder; {hint}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgekitError(f"'{path}' cannot be read as a results JSON: {type(exc).__name__}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgekitError(f"'{path}' cannot be read as JSON ({type(exc).__name__}); pass a results.json written "
+                           "by `edgekit run`") from exc
+    problem = what_it_is(data, path)
+    if problem:
+        raise EdgekitError(problem)
     validate(data, None, f"'{path}'")
-    results = data.get("artifacts") or {data["artifact"]: data}
-    label = path.parent.name if path.name.startswith("results") else path.stem
-    host = data.get("remote", {}).get("host")
-    return [{**r, "_label": f"{label}{'@' + host if host else ''}/{name}"} for name, r in results.items()]
+    return data
 
 
-def _cell(value: object, width: int) -> str:
-    if isinstance(value, bool) or value is None:
-        text = "-" if value is None else ("yes" if value else "NO")
-    elif isinstance(value, float):
-        text = f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+def _base_parts(path: Path, data: dict) -> tuple[list[str], str]:
+    """Folder names that place a results file (most specific last, 'bundles' left out) and its device host."""
+    host = (data.get("remote") or {}).get("host")
+    if path.name.startswith("results"):
+        parts = [p for p in path.resolve().parent.parts[1:] if p != "bundles"]
+        host = host or path.stem.removeprefix("results").removeprefix("-") or None
     else:
-        text = str(value)
-    return text[:width].rjust(width) if isinstance(value, int | float) else text[:width].ljust(width)
+        parts = [p for p in path.resolve().parent.parts[1:] if p != "bundles"] + [path.stem]
+    return parts, f"@{host}" if host else ""
+
+
+def run_labels(paths: list[Path], datas: list[dict]) -> list[str]:
+    """The shortest labels (build/target[@host], from the end of each path) that tell the files apart."""
+    bases = [_base_parts(p, d) for p, d in zip(paths, datas, strict=True)]
+    longest = max(len(parts) for parts, _ in bases)
+    for depth in range(1, longest + 1):
+        labels = ["/".join(parts[-depth:]) + host for parts, host in bases]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{label}#{i + 1}" for i, label in enumerate(labels)]
+
+
+def _rows_of(data: dict, label: str) -> list[dict]:
+    results = data.get("artifacts") or {data["artifact"]: data}
+    return [{**r, "_label": label, "_artifact": name} for name, r in results.items()]
+
+
+def _text(value: object, spec: str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    return format(value, spec) if spec and isinstance(value, int | float) else str(value)
+
+
+def aligned(header: list[str], table: list[list[str]], numeric: list[bool]) -> str:
+    """Columns as wide as their longest cell: numbers right-aligned, text left-aligned, nothing cut."""
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w)
+                         for c, w, num in zip(cells, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(header), *(line(row) for row in table)])
 
 
 def compare(paths: list[Path], csv_path: Path | None = None) -> str:
-    """A side-by-side table of every artifact of every results file; the same values go to CSV."""
-    rows = [row for p in paths for row in _rows_of(Path(p))]
+    """A side-by-side table of every artifact of every results file; with csv_path the same values as CSV."""
+    paths = [Path(p) for p in paths]
+    datas = [_load_results(p) for p in paths]
+    rows = [row for d, label in zip(datas, run_labels(paths, datas), strict=True) for row in _rows_of(d, label)]
     if not rows:
         raise EdgekitError("no results to compare; pass results.json files written by `edgekit run`")
-    table = [[getter(r) for _, _, getter in COLUMNS] for r in rows]
+    values = [[getter(r) for _, _, getter in COLUMNS] for r in rows]
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with csv_path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([h for h, _, _ in COLUMNS])
-            writer.writerows(table)
-    lines = [" ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, w, _) in enumerate(COLUMNS))]
-    lines += [" ".join(_cell(v, w) for v, (_, w, _) in zip(row, COLUMNS, strict=True)) for row in table]
-    return "\n".join(lines)
+            writer.writerows(values)
+    table = [[_text(v, spec) for v, (_, spec, _) in zip(row, COLUMNS, strict=True)] for row in values]
+    return aligned([h for h, _, _ in COLUMNS], table, [spec is not None for _, spec, _ in COLUMNS])
 
 
 def compare_table(result: dict) -> str:

@@ -261,7 +261,7 @@ def _write_error(exc: OSError, held: Claim) -> BuildDirError | None:
 def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resume: bool = False,
           log=print) -> dict:
     """Check everything, then run every stage into `out`, run the bundles this machine can run, check every
-    artifact with its target's pinned runtime (aarch64 also under qemu), write report.json."""
+    artifact with its target's pinned runtime (aarch64 also under qemu), write report.json and report.html."""
     check_out(cfg, out, resume)
     chosen, data = validate(cfg, target_names)
     with claim(out, resume) as held:
@@ -275,7 +275,7 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
 
 
 def _build_in(held: Claim, ctx: Context, resume: bool, log) -> dict:
-    from edgekit import measure, report, runtime_check
+    from edgekit import measure, report, report_html, runtime_check
 
     cfg, out = ctx.cfg, ctx.out
     if not resume:
@@ -294,5 +294,6 @@ def _build_in(held: Claim, ctx: Context, resume: bool, log) -> dict:
     result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
     runtime_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
     write_json(out / "report.json", result)
+    report_html.write([out], out / "report.html")  # the page people look at, from report.json and the results
     runtime_check.raise_on_failures(result)
     return result

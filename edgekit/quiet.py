@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,14 @@ def silenced(log: str | Path | None = None) -> Iterator[None]:
         os.close(saved[0])
         os.close(saved[1])
         target.close()
+
+
+@contextlib.contextmanager
+def phase(stage: str, what: str, done: str | None = None) -> Iterator[None]:
+    """A progress line before a long phase whose own output goes to a log (enter it before `silenced()`), and,
+    with `done`, one after it with the time taken."""
+    print(f"[{stage}] {what} ...", flush=True)
+    t0 = time.perf_counter()
+    yield
+    if done:
+        print(f"[{stage}] {done} in {time.perf_counter() - t0:.1f} s", flush=True)

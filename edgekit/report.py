@@ -6,6 +6,21 @@ from edgekit import __version__
 from edgekit.config import Config, to_dict
 
 MODEL_STAGES = ("train", "prune", "distill", "quantize")
+LIBRARIES = ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert",
+             "numpy")
+
+
+def library_versions() -> dict:
+    """The installed versions of the libraries a build uses (from package metadata; nothing is imported)."""
+    from importlib import metadata
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def artifact_rows(verified: list[dict], bundles: list[dict], targets: list) -> list[dict]:
@@ -57,15 +72,42 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
         if result:
             row["measured"] = {"latency_ms": result["latency_ms"], "accuracy": result["accuracy"],
                                "peak_rss_mb": result["peak_rss_mb"], "runtime": result["runtime"]}
+    budgets = {t.name: {"latency_ms": t.latency_ms or None, "memory_mb": t.memory_mb or None} for t in targets}
+    for row in rows:
+        lat = _latency(row)[0] or {}
+        row["budget"] = budget_check(budgets[row["target"]], lat.get("p90"),
+                                     row.get("measured", {}).get("peak_rss_mb"))
     return {
         "edgekit_version": __version__,
+        "versions": library_versions(),
         "config": to_dict(cfg),
         "targets": [t.name for t in targets],
         "stages": [m for m in stage_metrics if m["name"] in MODEL_STAGES],
         "artifacts": rows,
         "bundles": by_name["bundle"]["bundles"],
         "runs": {t: {k: v for k, v in r.items() if k != "artifacts"} for t, r in runs.items()},
+        "over_budget": [f"{r['target']}/{r['name']}: {'; '.join(r['budget']['over'])}"
+                        for r in rows if r["budget"]["ok"] is False],
     }
+
+
+def budget_check(budgets: dict, p90_ms: float | None, peak_rss_mb: float | None) -> dict:
+    """Pass/fail of one artifact against its target's budgets: p90 latency (the headline) against
+    `latency_ms`, peak RSS of the whole runner process against `memory_mb`. None: not measured or no budget."""
+    lat_budget, mem_budget = budgets.get("latency_ms"), budgets.get("memory_mb")
+    latency_ok = None if lat_budget is None or p90_ms is None else p90_ms <= lat_budget
+    memory_ok = None if mem_budget is None or peak_rss_mb is None else peak_rss_mb <= mem_budget
+    over = ([f"p90 {p90_ms:.3g} ms > {lat_budget:g} ms"] if latency_ok is False else []) + \
+        ([f"peak RSS {peak_rss_mb:.1f} MB > {mem_budget:g} MB"] if memory_ok is False else [])
+    known = [v for v in (latency_ok, memory_ok) if v is not None]
+    return {"latency_ms": lat_budget, "memory_mb": mem_budget, "p90_ms": p90_ms, "peak_rss_mb": peak_rss_mb,
+            "latency_ok": latency_ok, "memory_ok": memory_ok, "ok": all(known) if known else None, "over": over}
+
+
+def budget_cell(check: dict | None) -> str:
+    """What the console and the HTML say: ok, OVER, or - (not measured here / no budget)."""
+    ok = (check or {}).get("ok")
+    return "-" if ok is None else "ok" if ok else "OVER"
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -73,13 +115,14 @@ def _fmt(value: object, spec: str) -> str:
 
 
 def summary_table(report: dict) -> str:
-    lines = [f"{'stage':<10} {'accuracy':>8} {'params':>8} {'MACs':>10} {'size KB':>8}"]
+    lines = [f"{'stage':<10} {'accuracy':>8} {'params':>8} {'MACs':>10} {'file KB':>8}  file"]
     for s in report["stages"]:
         lines.append(f"{s['name']:<10} {_fmt(s['accuracy'], '.4f'):>8} {_fmt(s['params'], 'd'):>8} "
-                     f"{_fmt(s['macs'], 'd'):>10} {_fmt(s['size_bytes'] and s['size_bytes'] / 1024, '.1f'):>8}")
+                     f"{_fmt(s['macs'], 'd'):>10} {_fmt(s['size_bytes'] and s['size_bytes'] / 1024, '.1f'):>8}  "
+                     f"{s.get('size_file') or '-'}")
     lines.append("")
     lines.append(f"{'target':<17} {'artifact':<19} {'runtime':<12} {'size KB':>7} {'acc':>6} {'agree':>6} "
-                 f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'int8/fp32':>9} {'fused':>7}")
+                 f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'int8/fp32':>9} {'fused':>7} {'budget':>6}")
     for r in report["artifacts"]:
         lat = _latency(r)[0] or {}
         name = r["name"] + ("*" if r.get("recommended") else "")
@@ -88,11 +131,15 @@ def summary_table(report: dict) -> str:
         lines.append(f"{r['target']:<17} {name:<19} {r['runtime']:<12} {r['size_bytes'] / 1024:>7.1f} "
                      f"{r['accuracy']:>6.3f} {r['top1_agreement']:>6.3f} {_fmt(r['sqnr_db'], '.1f'):>7} "
                      f"{_fmt(lat.get('p50'), '.4f'):>7} {_fmt(lat.get('p90'), '.4f'):>7} "
-                     f"{_fmt(_ratio(r, report['artifacts']), '.2f'):>9} {_fmt(fused, 's'):>7}")
+                     f"{_fmt(_ratio(r, report['artifacts']), '.2f'):>9} {_fmt(fused, 's'):>7} "
+                     f"{budget_cell(r.get('budget')):>6}")
     lines.append("p50, p90, int8/fp32: one side-by-side run per target (artifacts timed alternately at the "
                  "target's threads; else the runner's runs); int8/fp32 = p50 / p50 of the same-format fp32 row, "
                  "else the fastest fp32 row; * recommended")
-    lines.append("fused: int8 ops / float ops left unfused in onnxruntime's optimized graph")
+    lines.append("fused: int8 ops / float ops left unfused in onnxruntime's optimized graph; budget: the target's "
+                 "latency_ms (against p90) and memory_mb (against the runner's peak RSS), - where not measured here")
+    for line in report.get("over_budget", []):
+        lines.append(f"OVER BUDGET {line}")
     for b in report["bundles"]:
         rec = b.get("recommended") or {}
         lines.append(f"recommended for {b['target']}: {rec.get('artifact') or '-'} ({rec.get('reason', 'none')})")

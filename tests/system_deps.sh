@@ -14,6 +14,7 @@ command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || need+=(dataset-fashion-mnist)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
 fi

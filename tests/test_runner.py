@@ -165,10 +165,56 @@ def test_compare_prints_a_table_and_writes_csv(bundle, tmp_path, capsys):
     csv_path = tmp_path / "cmp.csv"
     assert cli.main(["compare", str(bundle / "results.json"), str(single), "--csv", str(csv_path)]) == 0
     printed = capsys.readouterr().out
-    assert "x86-64/onnx_int8" in printed and "one/tflite_int8" in printed and "p90_ms" in printed
+    assert "p90_ms" in printed and "tflite_int8" in printed and "CPUExecutionProvider" in printed  # not cut
     rows = list(csv.DictReader(csv_path.open()))
-    assert [r["run"] for r in rows] == ["x86-64/onnx_int8", "x86-64/onnx_fp32", "one/tflite_int8"]
+    assert [(r["run"], r["artifact"]) for r in rows] == [("x86-64", "onnx_int8"), ("x86-64", "onnx_fp32"),
+                                                         ("one", "tflite_int8")]
     assert all(float(r["p50_ms"]) <= float(r["p90_ms"]) for r in rows)
+
+
+def _with_latency(result: dict, scale: float) -> dict:
+    out = json.loads(json.dumps(result))
+    for r in [out, *out["artifacts"].values()]:
+        r["latency_ms"] = {k: (v * scale if k != "runs" else v) for k, v in r["latency_ms"].items()}
+    return out
+
+
+def test_compare_labels_builds_apart_aligns_any_magnitude_and_writes_no_csv_unasked(bundle, tmp_path, capsys,
+                                                                                      monkeypatch):
+    result = measure.run_bundle(bundle, artifacts=["onnx_int8", "onnx_fp32"], overrides=FAST, log=lambda *_: None)
+    paths = []
+    for build, scale in (("build-a", 1.0), ("build-b", 5000.0)):  # p99 of build-b far above 10 ms
+        path = tmp_path / build / "bundles" / "x86-64" / "results.json"
+        path.parent.mkdir(parents=True)
+        measure.write_results(path, _with_latency(result, scale))
+        paths.append(str(path))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compare", *paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not list(tmp_path.glob("*.csv"))  # CSV only with --csv
+    header, rows = lines[0], lines[1:]
+    assert [r.split()[:2] for r in rows] == [["build-a/x86-64", "onnx_int8"], ["build-a/x86-64", "onnx_fp32"],
+                                            ["build-b/x86-64", "onnx_int8"], ["build-b/x86-64", "onnx_fp32"]]
+    for column in ("load_ms", "p50_ms", "p99_ms", "runs"):  # numbers right-aligned: each ends under its header
+        end = header.index(column) + len(column)
+        assert all(r[end - 1] != " " and r[end] == " " for r in rows), column
+    end = header.index("p99_ms") + len("p99_ms")
+    p99 = [float(r[:end].split()[-1]) for r in rows]
+    assert p99[2] == pytest.approx(5000 * p99[0], rel=1e-3) and p99[2] > 10
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("report.json", {"stages": [], "bundles": [], "targets": ["rpi5"]},
+     "is a build report; pass {d}/bundles/rpi5/results.json"),
+    ("manifest.json", {"target": {}, "artifacts": [], "primary": "x"}, "is a bundle manifest"),
+    ("results.json", {"hello": 1}, "is not a results file"),
+])
+def test_compare_names_what_a_wrong_file_looks_like(tmp_path, capsys, name, content, says):
+    path = tmp_path / name
+    path.write_text(json.dumps(content))
+    assert cli.main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says.format(d=tmp_path) in err and "schema" not in err
 
 
 def test_compare_refuses_a_file_that_is_not_a_result(tmp_path):

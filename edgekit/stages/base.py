@@ -93,6 +93,13 @@ def finish_torch_stage(ctx: Context, name: str, model: nn.Module, **extra: objec
         "accuracy": metrics.accuracy(test_logits, ctx.data.test.y),
         "params": params,
         "macs": macs,
-        "size_bytes": params * 4,  # fp32 weights
+        **stage_files(out_dir),
         **extra,
     }
+
+
+def stage_files(out_dir: Path, model_file: str = MODEL_FILE) -> dict:
+    """The real sizes of the files a stage saved: `size_bytes` is its model file's, `files` all of them."""
+    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())
+             if p.is_file() and p.name != METRICS_FILE and not p.name.startswith(".")}
+    return {"size_bytes": files.get(model_file), "size_file": model_file, "files": files}

@@ -251,19 +251,26 @@ def _tflite_artifacts(ctx: Context, model: torch.nn.Module, work: Path, keys: li
     static = _torch_to_onnx(model, ctx, work / "static.onnx", dynamic_batch=False)
     log = ctx.stage_dir(name) / LOG_FILE
     log.write_bytes(b"")  # this run's converter output only
-    saved = _onnx_to_saved_model(static, work, ctx.data.calib.x, log)
-    fp32 = _tflite_convert(saved, None, int8_io=False, log=log)
+    with quiet.phase(name, "onnx2tf: ONNX -> float SavedModel", "SavedModel written"):
+        saved = _onnx_to_saved_model(static, work, ctx.data.calib.x, log)
+    with quiet.phase(name, "TFLite converter: float model"):
+        fp32 = _tflite_convert(saved, None, int8_io=False, log=log)
     reference = _ort_session(work / "fp32.onnx", "the fp32 ONNX export")
     perm = _find_transpose(fp32, reference, ctx.data.calib.x[:CHECK_SAMPLES])
     calib = ctx.data.calib.x.transpose(perm) if perm else ctx.data.calib.x
     built = []
     for key in keys:
         int8_io = key.endswith("_int8io")
-        payload = fp32 if key == "tflite_fp32" else _tflite_convert(saved, calib, int8_io, log)
+        payload = fp32 if key == "tflite_fp32" else _converted_int8(key, saved, calib, int8_io, log)
         built.append(_tflite_artifact(key, payload, source, perm))
         _progress(key, t0, len(payload))
         t0 = time.perf_counter()
     return built
+
+
+def _converted_int8(key: str, saved: Path, calib: np.ndarray, int8_io: bool, log: Path) -> bytes:
+    with quiet.phase(name, f"TFLite converter: {key} (full integer, {len(calib)} calibration samples)"):
+        return _tflite_convert(saved, calib, int8_io, log)
 
 
 @contextlib.contextmanager

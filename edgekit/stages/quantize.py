@@ -23,7 +23,7 @@ import torch
 
 from edgekit import metrics, models, quiet, training
 from edgekit.config import QuantizeConfig
-from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
+from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context, stage_files
 
 name = "quantize"
 ONNX_FILE = "model_int8.onnx"
@@ -284,10 +284,14 @@ def run(ctx: Context) -> dict:
     out_dir = ctx.stage_dir(name)
     calibration = Calibration.from_config(q, tuple(q.keep_float))
     mixed = None
-    with quiet.silenced(out_dir / LOG_FILE):  # NNCF, torchao and torch.onnx print a lot
-        if q.mixed_precision_tolerance is not None:
+    if q.mixed_precision_tolerance is not None:
+        with quiet.phase(name, "mixed precision: calibrating once per weighted layer (NNCF)", "layers ranked"), \
+                quiet.silenced(out_dir / LOG_FILE):  # NNCF, torchao and torch.onnx print a lot
             calibration, mixed = mixed_precision(ctx.load_model(source), data.calib.x, data.val, q.subset_size,
                                                  calibration, q.mixed_precision_tolerance)
+    samples = min(q.subset_size, len(data.calib.x))
+    with quiet.phase(name, f"calibrating (NNCF {calibration.method}, {samples} samples)", "calibrated"), \
+            quiet.silenced(out_dir / LOG_FILE):
         qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size, calibration)
     ptq_acc = metrics.accuracy(metrics.logits(qmodel, data.test.x), data.test.y)
     best_val = None
@@ -304,7 +308,7 @@ def run(ctx: Context) -> dict:
     return {
         "name": name, "accuracy": metrics.accuracy(test_logits, data.test.y), "ptq_accuracy": ptq_acc,
         "val_accuracy": best_val, "params": src["params"], "macs": src["macs"],
-        "size_bytes": src["params"],  # int8 weights: one byte each
+        **stage_files(out_dir),  # model.pt: the QAT-tuned weights (fp32); model_int8.onnx: NNCF's QDQ export
         "method": f"nncf-{q.method}", "library": "nncf", "source_stage": source, "mixed_precision": mixed,
         "settings": {"library": "nncf", "method": q.method, "subset_size": q.subset_size,
                      "qat_epochs": q.qat_epochs if q.method == "qat" else 0, "lr": q.lr, **calibration.describe()},
