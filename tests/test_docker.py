@@ -16,6 +16,8 @@ import pytest
 from edgekit import cli, images, measure, targets
 from edgekit.runner.runner import sha256
 
+pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
+
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
 
 

@@ -11,6 +11,8 @@ import pytest
 from edgekit import cli, emulate
 from edgekit import runtime_check as rc
 
+pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
+
 INSTALL = "qemu-aarch64-static is missing: install qemu-user-static (apt-get install qemu-user-static); .ci/run does"
 
 

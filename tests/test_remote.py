@@ -20,6 +20,8 @@ import pytest
 
 from edgekit import cli, measure, remote
 
+pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 20, "min_seconds": 0.0, "max_seconds": 5.0}
 

@@ -12,6 +12,8 @@ import pytest
 from edgekit import runtime_check as rc
 from edgekit.runner import runner
 
+pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
+
 OLD_RUNTIME_MESSAGE = ("ValueError: Didn't find op for builtin opcode 'FULLY_CONNECTED' version '12'. An older "
                        "version of this builtin might be supported. Are you using an old TFLite binary with a "
                        "newer model?\nRegistration failed.\n")
