@@ -38,7 +38,8 @@ def _int8_record(info: dict) -> dict:
     """How an ONNX int8 artifact was quantized and what onnxruntime fused of it."""
     fusion = info["fusion"]
     return {"settings": info["settings"], "kept_float": info["kept_float"], "fused": fusion["fused"],
-            "unfused_count": fusion["unfused_count"], "size_vs_fp32": info["size_vs_fp32"]}
+            "unfused_count": fusion["unfused_count"], "size_vs_fp32": info["size_vs_fp32"],
+            "repair": info.get("repair")}
 
 
 def _manifest(ctx: Context, target: Target, entries: list[dict], files: dict[str, str], recommended: dict) -> dict:
