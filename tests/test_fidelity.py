@@ -58,28 +58,31 @@ def test_allow_fidelity_miss_keeps_going_and_records_it(tmp_path):
 
 def test_onnx_layers_rank_the_quantizer_that_hurts(tmp_path):
     """A QDQ graph whose second activation quantizer has a far too coarse scale: that layer ranks first."""
-    import onnx
     from onnx import TensorProto, helper
 
     def qdq(name, scale):
         return [helper.make_node("QuantizeLinear", [name, f"s_{name}", "zp"], [f"{name}_q"]),
                 helper.make_node("DequantizeLinear", [f"{name}_q", f"s_{name}", "zp"], [f"{name}_dq"])]
 
+    def model(nodes, inits):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
     nodes = [*qdq("x", 0.01), helper.make_node("Relu", ["x_dq"], ["a"]), *qdq("a", 0.01),
              helper.make_node("Mul", ["a_dq", "two"], ["b"]), *qdq("b", 0.5),
              helper.make_node("Neg", ["b_dq"], ["y"])]
     scales = (("x", 0.01), ("a", 0.01), ("b", 0.5))
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2])
     inits = [helper.make_tensor(f"s_{n}", TensorProto.FLOAT, [], [s]) for n, s in scales]
-    inits += [helper.make_tensor("zp", TensorProto.INT8, [], [0]),
-              helper.make_tensor("two", TensorProto.FLOAT, [], [2])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], inits)
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    inits += [helper.make_tensor("zp", TensorProto.INT8, [], [0]), two]
+    twin = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "two"], ["b"]),
+            helper.make_node("Neg", ["b"], ["y"])]
     x = np.random.default_rng(0).uniform(0, 1, (32, 4)).astype(np.float32)
-    layers = fidelity.onnx_layers(str(path), x)
-    assert layers[0]["tensor"] == "y"  # Neg reads the coarse "b" quantizer's output: the damage shows there
-    assert layers[0]["drop_db"] > 10
+    for how in (fidelity.REFERENCE, fidelity.KERNELS):
+        layers = fidelity.onnx_layers(model(nodes, inits), model(twin, [two]), x, how)
+        assert layers[0]["tensor"] == "b" and layers[0]["layer"].startswith("Mul")  # the coarse quantizer's input
+        assert layers[0]["drop_db"] > 10
 
 
 def test_float_op_in_full_int8_tflite_is_an_error():
@@ -100,3 +103,37 @@ def test_target_fidelity_thresholds_validated(tmp_path):
     (tmp_path / "t.yaml").write_text(text)
     with pytest.raises(TargetError, match="unknown fidelity key 'min_sqnr'; valid: min_agreement, min_sqnr_db"):
         targets.load_file(tmp_path / "t.yaml")
+
+
+def _near_tie_model(bits: int):
+    """A nearest-centroid linear model on overlapping classes (about 87 % accurate: many near-ties) and its
+    twin with inputs and weights on a `bits`-bit grid (6 bits: the noise of a coarsely calibrated int8 model)."""
+    def grid(a):
+        step = np.abs(a).max() / (2 ** (bits - 1) - 1)
+        return np.round(a / step) * step
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8))
+    y = rng.integers(0, 4, 4000)
+    x = centers[y] + rng.normal(size=(4000, 8))
+    w, b = 2 * centers, -(centers**2).sum(1)
+    return x @ w.T + b, grid(x) @ grid(w).T + b, y
+
+
+def test_gate_judges_accuracy_and_confident_samples_not_near_ties():
+    from edgekit import targets
+
+    limits = fidelity.thresholds(targets.get(["x86-64"]), "onnx_int8")
+    reference, twin, y = _near_tie_model(bits=6)
+    result = fidelity.judge(reference, twin, y, limits)
+    assert result["top1_agreement"] < 0.99  # the old gate (agreement >= 99 %) stopped this build ...
+    assert result["accuracy"] >= result["reference_accuracy"]  # ... though the twin is as accurate
+    assert result["confident_agreement"] == 1.0 and result["confident_samples"] > 0.5 * len(y)
+    assert fidelity.misses(result, limits) == []
+    reference, coarse, y = _near_tie_model(bits=4)  # 1.3 pp less accurate: over the 1 pp tolerance
+    assert [m for m in fidelity.misses(fidelity.judge(reference, coarse, y, limits), limits)
+            if m.startswith("accuracy") and "tolerance 1 pp" in m]
+    noisy = reference + np.random.default_rng(1).normal(size=reference.shape) * 3
+    found = fidelity.misses(fidelity.judge(reference, noisy, y, limits), limits)
+    assert len(found) == 3 and "confident samples" in found[2]
+    assert "top-1 probability >= 0.9" in fidelity.rule(limits) and "within 1 pp" in fidelity.rule(limits)
