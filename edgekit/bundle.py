@@ -27,6 +27,7 @@ def _artifact_entries(ctx: Context, target: Target) -> list[dict]:
     for spec in target.artifacts:
         v = verified[spec.key]
         reference = {k: v[k] for k in ("accuracy", "top1_agreement", "max_abs_diff", "sqnr_db")}
+        reference["numerics"] = v.get("numerics", {}).get("name")  # how verify computed these numbers
         entries.append({k: v[k] for k in ("name", "file", "format", "precision", "io", "source_stage", "size_bytes",
                                           "input", "output", "graph")}
                        | {"runtime": spec.runtime, "runtime_version": spec.runtime_version, "reference": reference}

@@ -13,13 +13,13 @@ from edgekit.stages.base import METRICS_FILE, finish_torch_stage, write_json
 from tests.conftest import tiny
 
 
-def _outlier_build(tmp_path, allow: bool):
+def _outlier_build(tmp_path, allow: bool, targets=("rpi5",)):
     """Train, then give one channel of the first block a huge activation that the next conv ignores.
 
     The float model's logits do not change; its int8 twin must spend its 256 levels on that one channel.
     """
     cfg = config.from_dict(tiny(prune={"enabled": False}, quantize={"enabled": False},
-                                build={"targets": ["rpi5"], "run_local": False, "allow_fidelity_miss": allow}))
+                                build={"targets": list(targets), "run_local": False, "allow_fidelity_miss": allow}))
     ctx = pipeline.make_context(cfg, tmp_path / "b", None)
     write_json(ctx.stage_dir("train") / METRICS_FILE, train.run(ctx))
     model = ctx.load_model("train")
@@ -39,7 +39,8 @@ def test_outlier_layer_is_caught_and_named(tmp_path):
         verify.run(ctx)
     message = str(err.value)
     assert "artifact tflite_int8_int8io misses fidelity" in message and "\n" not in message
-    assert "worst layer CONV_2D " in message
+    assert "the error starts at CONV_2D " in message and "TFLite int8 stays full int8" in message
+    assert "top-1 probability >= 0.9" in message  # the gate's rule
     record = json.loads((ctx.out / "fidelity" / "tflite_int8_int8io.json").read_text())
     worst = record["layers"][0]
     # the first block's conv (fused BN + ReLU): the only conv whose float output holds the ~1000 outlier
@@ -49,11 +50,18 @@ def test_outlier_layer_is_caught_and_named(tmp_path):
 
 
 def test_allow_fidelity_miss_keeps_going_and_records_it(tmp_path):
-    ctx = _outlier_build(tmp_path, allow=True)
+    """... and the ONNX int8 of the same model is repaired: the layers where its error starts stay float."""
+    ctx = _outlier_build(tmp_path, allow=True, targets=("rpi5", "x86-64"))
     result = verify.run(ctx)
     by_name = {a["name"]: a for a in result["artifacts"]}
     assert by_name["tflite_int8_int8io"]["fidelity_miss"] is True
     assert by_name["tflite_fp32"]["fidelity_miss"] is False
+    onnx_int8 = by_name["onnx_int8"]
+    repair = onnx_int8["int8"]["repair"]
+    assert onnx_int8["fidelity_miss"] is False and repair["met"] and repair["kept_float"]
+    assert repair["before"]["top1_agreement"] < 0.99 <= repair["after"]["top1_agreement"]
+    assert repair["after"]["size_bytes"] > repair["before"]["size_bytes"]  # what it cost
+    assert onnx_int8["numerics"]["name"] == fidelity.KERNELS
 
 
 def test_onnx_layers_rank_the_quantizer_that_hurts(tmp_path):

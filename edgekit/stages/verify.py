@@ -16,7 +16,10 @@ from edgekit.stages.base import Context, write_json
 name = "verify"
 
 
-def check(ctx: Context, spec: dict, how: str, limits: dict) -> dict:
+def check(ctx: Context, spec: dict, how: str | None = None, limits: dict | None = None) -> dict:
+    """The artifact on the test split with numerics `how` (default: its targets' first) against its torch model."""
+    how = how or numerics_of(ctx, spec)[0]
+    limits = limits or fidelity.thresholds(ctx.targets, spec["name"])
     path = ctx.stage_dir("export") / spec["file"]
     with quiet.silenced():  # LiteRT announces its XNNPACK delegate on stderr
         out, runtime = fidelity.predict(path, spec, ctx.data.test.x, how)
