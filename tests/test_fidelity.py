@@ -145,3 +145,24 @@ def test_gate_judges_accuracy_and_confident_samples_not_near_ties():
     found = fidelity.misses(fidelity.judge(reference, noisy, y, limits), limits)
     assert len(found) == 3 and "confident samples" in found[2]
     assert "top-1 probability >= 0.9" in fidelity.rule(limits) and "within 1 pp" in fidelity.rule(limits)
+
+
+@pytest.mark.parametrize("artifact", ["tflite_int8", "tflite_int8_int8io", "onnx_int8"])
+def test_debug_on_a_healthy_build_shows_every_layer(e2e_build, capsys, artifact):
+    """The README's `edgekit debug DIR --artifact tflite_int8`: the verdict of the verification, and every
+    compute layer (it printed an empty table: the two converter runs name their tensors apart)."""
+    import onnx as onnx_lib
+
+    from edgekit import cli
+
+    out, _ = e2e_build
+    assert cli.main(["debug", str(out), "--artifact", artifact, "--top", "50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{artifact} (kernels numerics): meets its thresholds; pass = logit SQNR >= 15 dB")
+    rows = lines[2:]
+    if artifact.startswith("tflite"):
+        assert sum(r.startswith("CONV_2D") for r in rows) >= 2 and any(r.startswith("FULLY_CONNECTED") for r in rows)
+    else:
+        twin = onnx_lib.load(out / "stages" / "export" / "onnx_int8.float-twin.onnx")
+        assert sum(r.startswith("Conv") for r in rows) >= sum(n.op_type == "Conv" for n in twin.graph.node) - 1
+    assert not any(r.endswith(" <") for r in rows)  # healthy: no layer below the SQNR threshold
