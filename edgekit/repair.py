@@ -41,6 +41,26 @@ def _summary(result: dict, payload: bytes) -> dict:
     return {"size_bytes": len(payload), **{k: round(result[k], 4) for k in keys}}
 
 
+def _host_p50_ms(payloads: list[bytes], x: np.ndarray, runs: int = 200) -> list[float]:
+    """p50 of each model on one sample here (onnxruntime, 1 thread, runs interleaved so that load drifts hit
+    both alike): what keeping layers float costs, indicatively; the device's own numbers come from `edgekit run`."""
+    import time
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sessions = [ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for p in payloads]
+    feed = np.ascontiguousarray(x[:1], dtype=np.float32)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for sess, found in zip(sessions, times, strict=True):
+            t0 = time.perf_counter()
+            sess.run(None, {sess.get_inputs()[0].name: feed})
+            found.append(time.perf_counter() - t0)
+    return [round(float(np.median(t)) * 1e3, 4) for t in times]
+
+
 def _next_layer(layers: list[dict], kept: list[str]) -> str | None:
     """The node where the error starts that quantization can still leave float."""
     return next((lay["node"] for lay in layers if lay["node"] and lay["node"] not in kept and lay["drop_db"] > 0),
@@ -67,6 +87,7 @@ def quantize(fp32: Path, calib: np.ndarray, settings: Int8Settings, float_module
         payload, info = onnx_int8.quantize(fp32, calib, settings, float_modules, kept)
         how, result, found = _verdict(payload, x, y, reference, hows, limits)
     repair = {"met": not found, "before": first[2], "after": _summary(result, payload), "split": "val"}
+    repair["before"]["host_p50_ms"], repair["after"]["host_p50_ms"] = _host_p50_ms([first[0], payload], x)
     if found:  # nothing allowed met the gate: ship the plain int8 model and let verify say what was tried
         return first[0], {**first[1], "repair": repair | {"tried": kept, "kept_float": []}}
     return payload, {**info, "repair": repair | {"kept_float": kept}}

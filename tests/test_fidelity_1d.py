@@ -101,3 +101,4 @@ def test_int8_miss_is_repaired_by_keeping_the_culprit_float(signal_net):
     assert fix["met"] and fix["before"]["top1_agreement"] < 0.9 and fix["after"]["top1_agreement"] >= 0.99
     assert fix["kept_float"] and set(fix["kept_float"]) <= set(info["kept_float"])
     assert fix["after"]["size_bytes"] == len(payload) > len(plain) == fix["before"]["size_bytes"]
+    assert fix["before"]["host_p50_ms"] > 0 and fix["after"]["host_p50_ms"] > 0  # what it costs in time, here
