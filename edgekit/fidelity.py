@@ -1,9 +1,9 @@
-"""Where an int8 artifact loses fidelity: compare every intermediate tensor with its float twin.
+"""Fidelity of an artifact: with which numerics to run it, the gate it must pass, and where int8 loses it.
 
-TFLite: the int8 model and the float TFLite made from the same SavedModel share activation tensor names;
-both run with every intermediate tensor kept, and each int8 tensor is dequantized and compared.
-ONNX (QDQ): the float twin is the same graph with its activation QuantizeLinear/DequantizeLinear pairs
-bypassed, so names match by construction.
+Layer-wise, every intermediate tensor of the int8 model is compared with its float twin run on the float
+input. TFLite: the float TFLite made from the same SavedModel, ops paired by position, every tensor kept.
+ONNX (QDQ): the float model exactly as the quantizer read it (same tensor names); the int8 graph with its
+Q/DQ pairs bypassed is not it, since the quantizer folds ReLUs into the preceding convs' output ranges.
 
 Errors accumulate along the graph, so a layer is ranked by how much SQNR it *loses* against its
 inputs (`drop_db`), not by its SQNR alone: the worst layer is where the damage happens. SQNR is taken per
@@ -37,7 +37,7 @@ NUMERICS = {
 def avx2_exact(settings: dict) -> bool:
     """uint8 activations x 7-bit weights: onnxruntime's AVX2 u8 x s8 pair sums cannot saturate, so CPUs with
     and without VNNI compute the same integers and the host's kernels give every x86 CPU's verdict."""
-    return settings["activation_type"] == "uint8" and settings["reduce_range"]
+    return settings.get("activation_type") == "uint8" and bool(settings.get("reduce_range"))
 
 
 def numerics(runtime: str, arch: str, fmt: str, precision: str, settings: dict | None) -> str:
