@@ -40,7 +40,7 @@ def test_outlier_layer_is_caught_and_named(tmp_path):
     message = str(err.value)
     assert "artifact tflite_int8_int8io misses fidelity" in message and "\n" not in message
     assert "the error starts at CONV_2D " in message and "TFLite int8 stays full int8" in message
-    assert "top-1 probability >= 0.9" in message  # the gate's rule
+    assert "top-1 logit margin > 3 sigma" in message  # the gate's rule
     record = json.loads((ctx.out / "fidelity" / "tflite_int8_int8io.json").read_text())
     worst = record["layers"][0]
     # the first block's conv (fused BN + ReLU): the only conv whose float output holds the ~1000 outlier
@@ -136,7 +136,7 @@ def test_gate_judges_accuracy_and_confident_samples_not_near_ties():
     result = fidelity.judge(reference, twin, y, limits)
     assert result["top1_agreement"] < 0.99  # the old gate (agreement >= 99 %) stopped this build ...
     assert result["accuracy"] >= result["reference_accuracy"]  # ... though the twin is as accurate
-    assert result["confident_agreement"] == 1.0 and result["confident_samples"] > 0.5 * len(y)
+    assert result["confident_agreement"] == 1.0 and result["confident_samples"] > 0.4 * len(y)
     assert fidelity.misses(result, limits) == []
     reference, coarse, y = _near_tie_model(bits=4)  # 1.3 pp less accurate: over the 1 pp tolerance
     assert [m for m in fidelity.misses(fidelity.judge(reference, coarse, y, limits), limits)
@@ -144,7 +144,7 @@ def test_gate_judges_accuracy_and_confident_samples_not_near_ties():
     noisy = reference + np.random.default_rng(1).normal(size=reference.shape) * 3
     found = fidelity.misses(fidelity.judge(reference, noisy, y, limits), limits)
     assert len(found) == 3 and "confident samples" in found[2]
-    assert "top-1 probability >= 0.9" in fidelity.rule(limits) and "within 1 pp" in fidelity.rule(limits)
+    assert "top-1 logit margin > 3 sigma" in fidelity.rule(limits) and "within 1 pp" in fidelity.rule(limits)
 
 
 @pytest.mark.parametrize("artifact", ["tflite_int8", "tflite_int8_int8io", "onnx_int8"])
