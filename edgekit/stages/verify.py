@@ -49,10 +49,14 @@ def localise(ctx: Context, spec: dict, how: str | None = None) -> list[dict]:
     path = ctx.stage_dir("export") / spec["file"]
     perm = spec["input"].get("transpose")
     x = ctx.data.test.x.transpose(perm) if perm else ctx.data.test.x
+    name = (spec.get("int8") or {}).get("float_twin") if spec["format"] == "onnx" else spec.get("float_twin")
+    twin = ctx.stage_dir("export") / name if name else None
+    if twin is None or not twin.is_file():
+        raise FidelityError(f"{spec['name']} has no float twin in {ctx.stage_dir('export')} (made by an older "
+                            "edgekit); build again to compare it layer by layer")
     if spec["format"] == "onnx":
-        twin = ctx.stage_dir("export") / spec["int8"]["float_twin"]
         return fidelity.onnx_layers(path.read_bytes(), twin.read_bytes(), x, how or numerics_of(ctx, spec)[0])
-    return fidelity.tflite_layers(str(path), str(ctx.stage_dir("export") / spec["float_twin"]), x)
+    return fidelity.tflite_layers(str(path), str(twin), x)
 
 
 def report_miss(ctx: Context, result: dict, limits: dict, found: list[str]) -> str:
