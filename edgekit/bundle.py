@@ -27,6 +27,7 @@ def _artifact_entries(ctx: Context, target: Target) -> list[dict]:
     for spec in target.artifacts:
         v = verified[spec.key]
         reference = {k: v[k] for k in ("accuracy", "top1_agreement", "max_abs_diff", "sqnr_db")}
+        reference["numerics"] = v.get("numerics", {}).get("name")  # how verify computed these numbers
         entries.append({k: v[k] for k in ("name", "file", "format", "precision", "io", "source_stage", "size_bytes",
                                           "input", "output", "graph")}
                        | {"runtime": spec.runtime, "runtime_version": spec.runtime_version, "reference": reference}
@@ -38,7 +39,8 @@ def _int8_record(info: dict) -> dict:
     """How an ONNX int8 artifact was quantized and what onnxruntime fused of it."""
     fusion = info["fusion"]
     return {"settings": info["settings"], "kept_float": info["kept_float"], "fused": fusion["fused"],
-            "unfused_count": fusion["unfused_count"], "size_vs_fp32": info["size_vs_fp32"]}
+            "unfused_count": fusion["unfused_count"], "size_vs_fp32": info["size_vs_fp32"],
+            "repair": info.get("repair")}
 
 
 def _manifest(ctx: Context, target: Target, entries: list[dict], files: dict[str, str], recommended: dict) -> dict:

@@ -71,19 +71,11 @@ def _cmd_debug(args: argparse.Namespace) -> int:
     out = Path(args.build_dir)
     if not (out / "config.yaml").is_file() or not (out / "stages" / "export" / "metrics.json").is_file():
         raise EdgekitError(f"'{out}' is not a build directory with exported artifacts; run `edgekit build` first")
-    saved = out / "fidelity" / f"{args.artifact}.json"
-    if saved.is_file():
-        record = json.loads(saved.read_text())
-    else:
-        ctx = pipeline.make_context(config.load(out / "config.yaml"), out, None)
-        specs = {s["name"]: s for s in ctx.metrics("export")["artifacts"]}
-        if args.artifact not in specs:
-            raise EdgekitError(f"no artifact '{args.artifact}' in '{out}'; valid: {', '.join(specs)}")
-        if specs[args.artifact]["precision"] != "int8":
-            raise EdgekitError(f"{args.artifact} is not int8; layer-wise comparison is for int8 artifacts")
-        record = {"artifact": args.artifact, "misses": [], "layers": verify.localise(ctx, specs[args.artifact])}
-    print(f"{record['artifact']}: {', '.join(record['misses']) or 'meets its thresholds'}")
-    print(fidelity.table(record["layers"], args.top))
+    targets = json.loads((out / "stages" / "export" / "metrics.json").read_text()).get("targets")
+    record = verify.debug(pipeline.make_context(config.load(out / "config.yaml"), out, targets), args.artifact)
+    print(f"{record['artifact']} ({record['numerics']['name']} numerics): "
+          f"{', '.join(record['misses']) or 'meets its thresholds'}; {record['rule']}")
+    print(fidelity.table(record["layers"], args.top, record["thresholds"]["min_sqnr_db"]))
     return 0
 
 

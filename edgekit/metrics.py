@@ -1,17 +1,24 @@
-"""Numbers every stage reports: accuracy, size, MACs, and fidelity of one output against a reference."""
+"""Numbers every stage reports: accuracy, size, MACs, and fidelity of one output against a reference.
+
+torch is imported where it is used: fidelity checks import this module in processes that run a runtime only
+(e.g. under CPU emulation, where importing torch costs minutes)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch_pruning as tp
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
-@torch.no_grad()
 def logits(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    import torch
+
     model.eval()
-    outs = [model(torch.from_numpy(x[i : i + batch])).float().numpy() for i in range(0, len(x), batch)]
+    with torch.no_grad():
+        outs = [model(torch.from_numpy(x[i : i + batch])).float().numpy() for i in range(0, len(x), batch)]
     return np.concatenate(outs)
 
 
@@ -20,6 +27,9 @@ def accuracy(out: np.ndarray, y: np.ndarray) -> float:
 
 
 def macs_and_params(model: nn.Module, sample_shape: tuple[int, ...]) -> tuple[int, int]:
+    import torch
+    import torch_pruning as tp
+
     macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *sample_shape))
     return int(macs), int(params)
 

@@ -72,23 +72,33 @@ def nodes_of_modules(model, modules: list[str]) -> list[str]:
     return [by_module[m] for m in modules]
 
 
-def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings,
-             float_modules: list[str] = ()) -> tuple[bytes, dict]:
-    """Quantize an fp32 ONNX; returns the int8 model and what was kept in float and why: the target's first
-    conv (by design) and `float_modules` (torch module paths the quantize stage kept float: mixed precision)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quant_pre_process, quantize_static
+def float_twin(fp32: Path | bytes) -> bytes:
+    """The float model exactly as the quantizer reads it (shapes inferred, Conv+BN folded): same graph and
+    tensor names as the int8 model, so it is the int8 model's layer-by-layer reference."""
+    from onnxruntime.quantization import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="edgekit-int8-") as tmp:
-        work = Path(tmp)
-        src = work / "fp32.onnx"
+        src, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
         src.write_bytes(fp32 if isinstance(fp32, bytes) else Path(fp32).read_bytes())
-        pre = work / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # shapes + basic fusions (Conv+BN)
+        return pre.read_bytes()
+
+
+def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings,
+             float_modules: list[str] = (), float_nodes: list[str] = ()) -> tuple[bytes, dict]:
+    """Quantize an fp32 ONNX; returns the int8 model and what was kept in float and why: the target's first
+    conv (by design), `float_modules` (torch module paths the quantize stage kept float: mixed precision) and
+    `float_nodes` (nodes of the float twin kept float by the fidelity repair)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        pre.write_bytes(float_twin(fp32))
         model = onnx.load(str(pre))
         keep = [first_conv(model)] if settings.float_first_conv and first_conv(model) else []
-        keep += [n for n in nodes_of_modules(model, list(float_modules)) if n not in keep]
-        out = work / "int8.onnx"
+        keep += [n for n in [*nodes_of_modules(model, list(float_modules)), *float_nodes] if n not in keep]
+        out = Path(tmp) / "int8.onnx"
         quantize_static(
             str(pre), str(out), _Reader(calib_x, model.graph.input[0].name), quant_format=QuantFormat.QDQ,
             activation_type=_qtype(settings.activation_type), weight_type=_qtype(settings.weight_type),

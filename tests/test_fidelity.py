@@ -13,13 +13,13 @@ from edgekit.stages.base import METRICS_FILE, finish_torch_stage, write_json
 from tests.conftest import tiny
 
 
-def _outlier_build(tmp_path, allow: bool):
+def _outlier_build(tmp_path, allow: bool, targets=("rpi5",)):
     """Train, then give one channel of the first block a huge activation that the next conv ignores.
 
     The float model's logits do not change; its int8 twin must spend its 256 levels on that one channel.
     """
     cfg = config.from_dict(tiny(prune={"enabled": False}, quantize={"enabled": False},
-                                build={"targets": ["rpi5"], "run_local": False, "allow_fidelity_miss": allow}))
+                                build={"targets": list(targets), "run_local": False, "allow_fidelity_miss": allow}))
     ctx = pipeline.make_context(cfg, tmp_path / "b", None)
     write_json(ctx.stage_dir("train") / METRICS_FILE, train.run(ctx))
     model = ctx.load_model("train")
@@ -39,7 +39,8 @@ def test_outlier_layer_is_caught_and_named(tmp_path):
         verify.run(ctx)
     message = str(err.value)
     assert "artifact tflite_int8_int8io misses fidelity" in message and "\n" not in message
-    assert "worst layer CONV_2D " in message
+    assert "the error starts at CONV_2D " in message and "TFLite int8 stays full int8" in message
+    assert "top-1 logit margin > 3 sigma" in message  # the gate's rule
     record = json.loads((ctx.out / "fidelity" / "tflite_int8_int8io.json").read_text())
     worst = record["layers"][0]
     # the first block's conv (fused BN + ReLU): the only conv whose float output holds the ~1000 outlier
@@ -49,37 +50,47 @@ def test_outlier_layer_is_caught_and_named(tmp_path):
 
 
 def test_allow_fidelity_miss_keeps_going_and_records_it(tmp_path):
-    ctx = _outlier_build(tmp_path, allow=True)
+    """... and the ONNX int8 of the same model is repaired: the layers where its error starts stay float."""
+    ctx = _outlier_build(tmp_path, allow=True, targets=("rpi5", "x86-64"))
     result = verify.run(ctx)
     by_name = {a["name"]: a for a in result["artifacts"]}
     assert by_name["tflite_int8_int8io"]["fidelity_miss"] is True
     assert by_name["tflite_fp32"]["fidelity_miss"] is False
+    onnx_int8 = by_name["onnx_int8"]
+    repair = onnx_int8["int8"]["repair"]
+    assert onnx_int8["fidelity_miss"] is False and repair["met"] and repair["kept_float"]
+    assert repair["before"]["top1_agreement"] < 0.99 <= repair["after"]["top1_agreement"]
+    assert repair["after"]["size_bytes"] > repair["before"]["size_bytes"]  # what it cost
+    assert onnx_int8["numerics"]["name"] == fidelity.KERNELS
 
 
 def test_onnx_layers_rank_the_quantizer_that_hurts(tmp_path):
     """A QDQ graph whose second activation quantizer has a far too coarse scale: that layer ranks first."""
-    import onnx
     from onnx import TensorProto, helper
 
     def qdq(name, scale):
         return [helper.make_node("QuantizeLinear", [name, f"s_{name}", "zp"], [f"{name}_q"]),
                 helper.make_node("DequantizeLinear", [f"{name}_q", f"s_{name}", "zp"], [f"{name}_dq"])]
 
+    def model(nodes, inits):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
     nodes = [*qdq("x", 0.01), helper.make_node("Relu", ["x_dq"], ["a"]), *qdq("a", 0.01),
              helper.make_node("Mul", ["a_dq", "two"], ["b"]), *qdq("b", 0.5),
              helper.make_node("Neg", ["b_dq"], ["y"])]
     scales = (("x", 0.01), ("a", 0.01), ("b", 0.5))
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2])
     inits = [helper.make_tensor(f"s_{n}", TensorProto.FLOAT, [], [s]) for n, s in scales]
-    inits += [helper.make_tensor("zp", TensorProto.INT8, [], [0]),
-              helper.make_tensor("two", TensorProto.FLOAT, [], [2])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], inits)
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    inits += [helper.make_tensor("zp", TensorProto.INT8, [], [0]), two]
+    twin = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "two"], ["b"]),
+            helper.make_node("Neg", ["b"], ["y"])]
     x = np.random.default_rng(0).uniform(0, 1, (32, 4)).astype(np.float32)
-    layers = fidelity.onnx_layers(str(path), x)
-    assert layers[0]["tensor"] == "y"  # Neg reads the coarse "b" quantizer's output: the damage shows there
-    assert layers[0]["drop_db"] > 10
+    for how in (fidelity.REFERENCE, fidelity.KERNELS):
+        layers = fidelity.onnx_layers(model(nodes, inits), model(twin, [two]), x, how)
+        assert layers[0]["tensor"] == "b" and layers[0]["layer"].startswith("Mul")  # the coarse quantizer's input
+        assert layers[0]["drop_db"] > 10
 
 
 def test_float_op_in_full_int8_tflite_is_an_error():
@@ -100,3 +111,58 @@ def test_target_fidelity_thresholds_validated(tmp_path):
     (tmp_path / "t.yaml").write_text(text)
     with pytest.raises(TargetError, match="unknown fidelity key 'min_sqnr'; valid: min_agreement, min_sqnr_db"):
         targets.load_file(tmp_path / "t.yaml")
+
+
+def _near_tie_model(bits: int):
+    """A nearest-centroid linear model on overlapping classes (about 87 % accurate: many near-ties) and its
+    twin with inputs and weights on a `bits`-bit grid (6 bits: the noise of a coarsely calibrated int8 model)."""
+    def grid(a):
+        step = np.abs(a).max() / (2 ** (bits - 1) - 1)
+        return np.round(a / step) * step
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8))
+    y = rng.integers(0, 4, 4000)
+    x = centers[y] + rng.normal(size=(4000, 8))
+    w, b = 2 * centers, -(centers**2).sum(1)
+    return x @ w.T + b, grid(x) @ grid(w).T + b, y
+
+
+def test_gate_judges_accuracy_and_confident_samples_not_near_ties():
+    from edgekit import targets
+
+    limits = fidelity.thresholds(targets.get(["x86-64"]), "onnx_int8")
+    reference, twin, y = _near_tie_model(bits=6)
+    result = fidelity.judge(reference, twin, y, limits)
+    assert result["top1_agreement"] < 0.99  # the old gate (agreement >= 99 %) stopped this build ...
+    assert result["accuracy"] >= result["reference_accuracy"]  # ... though the twin is as accurate
+    assert result["confident_agreement"] == 1.0 and result["confident_samples"] > 0.4 * len(y)
+    assert fidelity.misses(result, limits) == []
+    reference, coarse, y = _near_tie_model(bits=4)  # 1.3 pp less accurate: over the 1 pp tolerance
+    assert [m for m in fidelity.misses(fidelity.judge(reference, coarse, y, limits), limits)
+            if m.startswith("accuracy") and "tolerance 1 pp" in m]
+    noisy = reference + np.random.default_rng(1).normal(size=reference.shape) * 3
+    found = fidelity.misses(fidelity.judge(reference, noisy, y, limits), limits)
+    assert len(found) == 3 and "confident samples" in found[2]
+    assert "top-1 logit margin > 3 sigma" in fidelity.rule(limits) and "within 1 pp" in fidelity.rule(limits)
+
+
+@pytest.mark.parametrize("artifact", ["tflite_int8", "tflite_int8_int8io", "onnx_int8"])
+def test_debug_on_a_healthy_build_shows_every_layer(e2e_build, capsys, artifact):
+    """The README's `edgekit debug DIR --artifact tflite_int8`: the verdict of the verification, and every
+    compute layer (it printed an empty table: the two converter runs name their tensors apart)."""
+    import onnx as onnx_lib
+
+    from edgekit import cli
+
+    out, _ = e2e_build
+    assert cli.main(["debug", str(out), "--artifact", artifact, "--top", "50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{artifact} (kernels numerics): meets its thresholds; pass = logit SQNR >= 15 dB")
+    rows = lines[2:]
+    if artifact.startswith("tflite"):
+        assert sum(r.startswith("CONV_2D") for r in rows) >= 2 and any(r.startswith("FULLY_CONNECTED") for r in rows)
+    else:
+        twin = onnx_lib.load(out / "stages" / "export" / "onnx_int8.float-twin.onnx")
+        assert sum(r.startswith("Conv") for r in rows) >= sum(n.op_type == "Conv" for n in twin.graph.node) - 1
+    assert not any(r.endswith(" <") for r in rows)  # healthy: no layer below the SQNR threshold

@@ -27,3 +27,13 @@ def test_jetson_bundle_has_tensorrt_ready_onnx(tmp_path):
     assert "--fp16" in manifest["tensorrt"]["trtexec"]["onnx_fp16"]
     for a in report["artifacts"]:
         assert a["top1_agreement"] >= 0.99, a
+    # verified with TensorRT's arithmetic (reference Q/DQ), whatever this CPU's int8 kernels do
+    verified = {a["name"]: a for a in json.loads((tmp_path / "b" / "stages" / "verify" / "metrics.json").read_text())
+                ["artifacts"]}
+    assert verified[names[0]]["numerics"]["name"] == "reference"
+    from edgekit.stages import verify
+
+    ctx = pipeline.make_context(cfg, tmp_path / "b", None)
+    record = verify.debug(ctx, names[0])  # a healthy artifact: no layer below its SQNR threshold
+    assert record["misses"] == [] and record["layers"]
+    assert min(lay["sqnr_db"] for lay in record["layers"]) >= record["thresholds"]["min_sqnr_db"]

@@ -46,7 +46,8 @@ THROTTLE_SINCE_BOOT = {0x10000: "under-voltage", 0x20000: "frequency capping", 0
 # --- feeds, run(feed) is the inference the timing loop times, output() the float32 logits of the last run. ----
 
 class OnnxModel:
-    def __init__(self, path: str, threads: int | None, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str, threads: int | None, providers: list[str] | None = None,
+                 optimize: bool = True) -> None:
         import onnxruntime as ort
 
         asked = providers or ["CPUExecutionProvider"]
@@ -58,6 +59,8 @@ class OnnxModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or 0
         opts.inter_op_num_threads = 1
+        if not optimize:  # Q/DQ evaluated as written (reference int8 math), not the host CPU's fused kernels
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(path, opts, providers=asked)
         used = self.session.get_providers()
         if used[0] != asked[0]:  # never a silent CPU fallback when a GPU provider was asked for
@@ -158,11 +161,11 @@ class TfliteModel:
 class Artifact:
     """One artifact of a manifest, opened with its runtime; takes inputs in the manifest's layout."""
 
-    def __init__(self, path: str | Path, spec: dict, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, spec: dict, threads: int | None = None, optimize: bool = True) -> None:
         self.spec = spec
         if spec["format"] == "onnx":
             providers = ["CUDAExecutionProvider"] if spec["runtime"] == "onnxruntime-gpu" else None
-            self.model = OnnxModel(str(path), threads, providers)
+            self.model = OnnxModel(str(path), threads, providers, optimize)
         else:
             self.model = TfliteModel(str(path), threads, spec["runtime"])
         self.transpose = spec.get("input", {}).get("transpose")

@@ -23,13 +23,14 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
 
-from edgekit import onnx_int8, quiet
+from edgekit import fidelity, metrics, onnx_int8, quiet, repair
 from edgekit.errors import EdgekitError
 from edgekit.stages import quantize
 from edgekit.stages.base import Context, write_bytes, write_json
@@ -79,7 +80,7 @@ def run(ctx: Context) -> dict:
     records = [record for record, _ in built]
     write_json(out / ARTIFACT_FILE, records)
     return {"name": name, "artifacts": records, "accuracy": None, "params": None, "macs": None,
-            "size_bytes": sum(r["size_bytes"] for r in records)}
+            "size_bytes": sum(r["size_bytes"] for r in records), "targets": [t.name for t in ctx.targets]}
 
 
 def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict,
@@ -94,8 +95,10 @@ def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict
     if "onnx_fp16" in keys:
         built.append(_onnx_artifact("onnx_fp16", _to_fp16(fp32), source))
     float_modules = kept_float_modules(ctx)
+    if int8_settings:
+        check = (ctx.data.val.x, ctx.data.val.y, metrics.logits(model, ctx.data.val.x))
     for key, settings in int8_settings.items():
-        built.append(_onnx_int8_artifact(key, fp32, ctx.data.calib.x, settings, source, float_modules))
+        built.append(_onnx_int8_artifact(ctx, key, fp32, settings, source, float_modules, check))
     tflite_keys = [k for k in keys if k.startswith("tflite_")]
     if tflite_keys:
         built += _tflite_artifacts(ctx, model, work, tflite_keys, source)
@@ -179,12 +182,17 @@ def _to_fp16(fp32: Path) -> bytes:
         return convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True).SerializeToString()
 
 
-def _onnx_int8_artifact(key: str, fp32: Path, calib: np.ndarray, settings, source: str,
-                        float_modules: list[str]) -> tuple[dict, bytes]:
-    """onnxruntime-fusable int8 from the fp32 export (edgekit.onnx_int8), with its fused/unfused op counts."""
-    payload, info = onnx_int8.quantize(fp32, calib, settings, float_modules)
+def _onnx_int8_artifact(ctx: Context, key: str, fp32: Path, settings, source: str, float_modules: list[str],
+                        check: tuple) -> tuple[dict, bytes]:
+    """onnxruntime-fusable int8 from the fp32 export (edgekit.onnx_int8), repaired when it misses its targets'
+    fidelity gate (edgekit.repair), with its fused/unfused op counts and its float twin (for edgekit debug)."""
+    hows = fidelity.numerics_of(ctx.targets, key, asdict(settings))
+    payload, info = repair.quantize(fp32, ctx.data.calib.x, settings, float_modules, check=check, hows=hows,
+                                    limits=fidelity.thresholds(ctx.targets, key))
     record, payload = _onnx_artifact(key, payload, source)
-    record["int8"] = {**info, "fusion": onnx_int8.fusion(payload, len(info["kept_float"])),
+    twin = f"{key}.float-twin.onnx"
+    write_bytes(ctx.stage_dir(name) / twin, onnx_int8.float_twin(fp32))
+    record["int8"] = {**info, "fusion": onnx_int8.fusion(payload, len(info["kept_float"])), "float_twin": twin,
                       "size_vs_fp32": round(len(payload) / fp32.stat().st_size, 3)}
     return record, payload
 
@@ -259,10 +267,14 @@ def _tflite_artifacts(ctx: Context, model: torch.nn.Module, work: Path, keys: li
     perm = _find_transpose(fp32, reference, ctx.data.calib.x[:CHECK_SAMPLES])
     calib = ctx.data.calib.x.transpose(perm) if perm else ctx.data.calib.x
     built = []
+    if any("_int8" in k for k in keys):  # the int8 models' layer-by-layer reference: same SavedModel, float
+        write_bytes(ctx.stage_dir(name) / f"tflite.{source}.float-twin.tflite", fp32)
     for key in keys:
         int8_io = key.endswith("_int8io")
         payload = fp32 if key == "tflite_fp32" else _converted_int8(key, saved, calib, int8_io, log)
         built.append(_tflite_artifact(key, payload, source, perm))
+        if "_int8" in key:
+            built[-1][0]["float_twin"] = f"tflite.{source}.float-twin.tflite"
         _progress(key, t0, len(payload))
         t0 = time.perf_counter()
     return built

@@ -1,99 +1,113 @@
 """Run every exported artifact with its runtime on the test split and compare it with its torch model.
 
-Each artifact must meet the fidelity thresholds of every target that ships it. An int8 artifact that
-misses is taken apart layer by layer (edgekit.fidelity) and the worst layers are named in the error.
+Each artifact is run with the numerics of the runtime that will run it on the device (edgekit.fidelity
+`numerics`: reference Q/DQ arithmetic for TensorRT, ARM and VNNI targets, onnxruntime's own kernels for x86
+CPU settings that every x86 CPU computes alike), so the host's instruction set never decides a verdict. Each
+artifact must pass the gate of every target that ships it (`fidelity.rule`). An int8 artifact that misses is
+taken apart layer by layer with the same numerics and the layer where the error starts is named.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from edgekit import fidelity, metrics, quiet
+from edgekit import fidelity, quiet
 from edgekit.errors import FidelityError
-from edgekit.runner.runner import Artifact
 from edgekit.stages.base import Context, write_json
 
 name = "verify"
-HOST_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert"}  # what runs each format on this build machine
 
 
-def check(ctx: Context, spec: dict) -> dict:
+def check(ctx: Context, spec: dict, how: str | None = None, limits: dict | None = None) -> dict:
+    """The artifact on the test split with numerics `how` (default: its targets' first) against its torch model."""
+    how = how or numerics_of(ctx, spec)[0]
+    limits = limits or fidelity.thresholds(ctx.targets, spec["name"])
     path = ctx.stage_dir("export") / spec["file"]
     with quiet.silenced():  # LiteRT announces its XNNPACK delegate on stderr
-        artifact = Artifact(path, spec | {"runtime": HOST_RUNTIME[spec["format"]]}, threads=None)
-    out = artifact.predict(ctx.data.test.x)
-    fid = metrics.fidelity(ctx.reference_logits(spec["source_stage"]), out)
-    return {**spec, "accuracy": metrics.accuracy(out, ctx.data.test.y), **fid,
-            "verified_with": artifact.runtime}
+        out, runtime = fidelity.predict(path, spec, ctx.data.test.x, how)
+    reference = ctx.reference_logits(spec["source_stage"])
+    return {**spec, **fidelity.judge(reference, out, ctx.data.test.y, limits), "verified_with": runtime,
+            "numerics": {"name": how, "what": fidelity.NUMERICS[how]}}
 
 
-def thresholds(ctx: Context, key: str) -> dict:
-    """The strictest thresholds among the targets that ship this artifact."""
-    users = [t for t in ctx.targets if any(a.key == key for a in t.artifacts)]
-    return {"min_agreement": max(t.min_agreement for t in users), "min_sqnr_db": max(t.min_sqnr_db for t in users),
-            "targets": [t.name for t in users]}
+def numerics_of(ctx: Context, spec: dict) -> list[str]:
+    return fidelity.numerics_of(ctx.targets, spec["name"], (spec.get("int8") or {}).get("settings"))
 
 
-def misses(result: dict, limits: dict) -> list[str]:
-    found = []
-    if result["top1_agreement"] < limits["min_agreement"]:
-        found.append(f"top-1 agreement {result['top1_agreement']:.1%} < {limits['min_agreement']:.1%}")
-    if result["sqnr_db"] < limits["min_sqnr_db"]:
-        found.append(f"SQNR {result['sqnr_db']:.1f} dB < {limits['min_sqnr_db']:.1f} dB")
-    return found
+def verdict(ctx: Context, spec: dict, limits: dict) -> tuple[dict, list[str]]:
+    """The artifact checked with each numerics its targets need; the first one that misses decides."""
+    result, found = {}, []
+    for how in numerics_of(ctx, spec):
+        result = check(ctx, spec, how, limits)
+        found = fidelity.misses(result, limits)
+        if found:
+            break
+    return result, found
 
 
-def _float_twin_tflite(ctx: Context, work: Path) -> Path:
-    """The float TFLite made the same way as the int8 one: the export's own, or made again for the debug."""
-    from edgekit.stages import export
-
-    made = ctx.stage_dir("export") / "tflite_fp32.tflite"
-    if made.is_file():
-        return made
-    model = ctx.load_model(ctx.latest_model_stage(before="quantize")).eval()
-    static = export._torch_to_onnx(model, ctx, work / "static.onnx", dynamic_batch=False)
-    log = work / "convert.log"
-    saved = export._onnx_to_saved_model(static, work, ctx.data.calib.x, log)
-    path = work / "fp32.tflite"
-    path.write_bytes(export._tflite_convert(saved, None, int8_io=False, log=log))
-    return path
-
-
-def localise(ctx: Context, spec: dict) -> list[dict]:
-    """Layer-wise comparison of an int8 artifact with its float twin, worst layer first."""
+def localise(ctx: Context, spec: dict, how: str | None = None) -> list[dict]:
+    """Layer-wise comparison of an int8 artifact with its float twin, worst layer first, with the numerics
+    `how` (default: the first its targets need)."""
     path = ctx.stage_dir("export") / spec["file"]
     perm = spec["input"].get("transpose")
     x = ctx.data.test.x.transpose(perm) if perm else ctx.data.test.x
+    name = (spec.get("int8") or {}).get("float_twin") if spec["format"] == "onnx" else spec.get("float_twin")
+    twin = ctx.stage_dir("export") / name if name else None
+    if twin is None or not twin.is_file():
+        raise FidelityError(f"{spec['name']} has no float twin in {ctx.stage_dir('export')} (made by an older "
+                            "edgekit); build again to compare it layer by layer")
     if spec["format"] == "onnx":
-        return fidelity.onnx_layers(str(path), x)
-    with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as tmp:
-        return fidelity.tflite_layers(str(path), str(_float_twin_tflite(ctx, Path(tmp))), x)
+        return fidelity.onnx_layers(path.read_bytes(), twin.read_bytes(), x, how or numerics_of(ctx, spec)[0])
+    return fidelity.tflite_layers(str(path), str(twin), x)
 
 
 def report_miss(ctx: Context, result: dict, limits: dict, found: list[str]) -> str:
     """Write fidelity/<artifact>.json and return the one-line message."""
-    layers = localise(ctx, result) if result["precision"] == "int8" else []
-    write_json(ctx.out / "fidelity" / f"{result['name']}.json",
-               {"artifact": result["name"], "misses": found, "thresholds": limits,
-                "metrics": {k: result[k] for k in ("accuracy", "top1_agreement", "max_abs_diff", "sqnr_db")},
-                "layers": layers})
-    worst = (f"; worst layer {layers[0]['layer']} (SQNR {layers[0]['sqnr_db']:.1f} dB, "
+    layers = localise(ctx, result, result["numerics"]["name"]) if result["precision"] == "int8" else []
+    write_json(ctx.out / "fidelity" / f"{result['name']}.json", record(result, limits, found, layers))
+    worst = (f"; the error starts at {layers[0]['layer']} (SQNR {layers[0]['sqnr_db']:.1f} dB, "
              f"drop {layers[0]['drop_db']:.1f} dB, float range {layers[0]['ref_range']})") if layers else ""
-    return (f"artifact {result['name']} misses fidelity against its torch model ({result['source_stage']}): "
-            f"{', '.join(found)}{worst}; details: edgekit debug {ctx.out} --artifact {result['name']} "
+    return (f"artifact {result['name']} misses fidelity against its torch model ({result['source_stage']}) with "
+            f"{result['numerics']['name']} numerics: {', '.join(found)} ({fidelity.rule(limits)}){worst}"
+            f"{_repair_note(result)}; details: edgekit debug {ctx.out} --artifact {result['name']} "
             "(--allow-fidelity-miss keeps going)")
+
+
+def _repair_note(result: dict) -> str:
+    repair = (result.get("int8") or {}).get("repair") or {}
+    if result["format"] == "tflite" and result["precision"] == "int8":
+        return "; TFLite int8 stays full int8 (its targets run integer-only kernels), so no layer can be kept float"
+    if not repair.get("tried"):
+        return ""
+    return f"; keeping {', '.join(repair['tried'])} float did not meet the thresholds either"
+
+
+def record(result: dict, limits: dict, found: list[str], layers: list[dict]) -> dict:
+    keys = ("accuracy", "reference_accuracy", "top1_agreement", "confident_agreement", "confident_samples",
+            "max_abs_diff", "sqnr_db")
+    return {"artifact": result["name"], "misses": found, "thresholds": limits, "rule": fidelity.rule(limits),
+            "numerics": result["numerics"], "metrics": {k: result[k] for k in keys}, "layers": layers}
+
+
+def debug(ctx: Context, artifact: str) -> dict:
+    """`edgekit debug`: the artifact's verdict and its layers, with the numerics its verification uses."""
+    specs = {s["name"]: s for s in ctx.metrics("export")["artifacts"]}
+    if artifact not in specs:
+        raise FidelityError(f"no artifact '{artifact}' in '{ctx.out}'; valid: {', '.join(specs)}")
+    if specs[artifact]["precision"] != "int8":
+        raise FidelityError(f"{artifact} is not int8; layer-wise comparison is for int8 artifacts")
+    limits = fidelity.thresholds(ctx.targets, artifact)
+    result, found = verdict(ctx, specs[artifact], limits)
+    return record(result, limits, found, localise(ctx, specs[artifact], result["numerics"]["name"]))
 
 
 def run(ctx: Context) -> dict:
     checked = []
     for spec in ctx.metrics("export")["artifacts"]:
-        result = check(ctx, spec)
-        limits = thresholds(ctx, spec["name"])
+        limits = fidelity.thresholds(ctx.targets, spec["name"])
+        result, found = verdict(ctx, spec, limits)
         result["fidelity_thresholds"] = limits
-        print(f"  {result['name']:<20} accuracy {result['accuracy']:.4f}  agreement {result['top1_agreement']:.4f}  "
-              f"SQNR {result['sqnr_db']:.1f} dB")
-        found = misses(result, limits)
+        print(f"  {result['name']:<20} accuracy {result['accuracy']:.4f}  agreement {result['top1_agreement']:.4f} "
+              f"(confident {result['confident_agreement']:.4f})  SQNR {result['sqnr_db']:.1f} dB  "
+              f"[{result['numerics']['name']} numerics]")
         result["fidelity_miss"] = bool(found)
         if found:
             message = report_miss(ctx, result, limits, found)
