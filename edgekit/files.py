@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +38,15 @@ def _json_default(obj: object) -> object:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@contextlib.contextmanager
+def temp_root(folder: Path) -> Iterator[None]:
+    """Every temporary file made meanwhile (ours, onnxruntime's quantizer's, onnx2tf's) goes under `folder` (inside
+    the build folder): a killed stage leaves nothing in the system's temp folder."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved

@@ -32,6 +32,7 @@ import torch
 
 from edgekit import fidelity, metrics, onnx_int8, quiet, repair
 from edgekit.errors import EdgekitError
+from edgekit.files import temp_root
 from edgekit.stages import quantize
 from edgekit.stages.base import Context, write_bytes, write_json
 
@@ -68,7 +69,7 @@ def run(ctx: Context) -> dict:
     built: list[tuple[dict, bytes]] = []
     for stale in ctx.stage_dir(name).glob(".tmp-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=ctx.stage_dir(name)) as tmp:  # inside DIR, not /tmp
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=ctx.stage_dir(name)) as tmp, temp_root(Path(tmp)):
         for source, (wanted, settings) in passes.items():
             if wanted:
                 (Path(tmp) / source).mkdir()
