@@ -26,8 +26,9 @@ import numpy as np
 
 from edgekit import config, data, metrics, quiet, targets
 from edgekit.errors import EdgekitError
+from edgekit.files import write_json
 from edgekit.stages import distill, export, prune, quantize, train, verify
-from edgekit.stages.base import METRICS_FILE, Context, write_json
+from edgekit.stages.base import METRICS_FILE, Context
 
 WIDTH = {"resnet8": 1.0, "ds_cnn": 1.0}  # the MLPerf Tiny sizes (78 k and 24 k parameters)
 COMBOS = [(task, {"name": name, "width_mult": w}) for name, w in WIDTH.items() for task in ("digits", "digits32")]

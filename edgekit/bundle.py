@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from edgekit import __version__, recommend
+from edgekit.files import write_json
 from edgekit.runner import runner
-from edgekit.stages.base import Context, write_json
+from edgekit.stages.base import Context
 from edgekit.targets import Target
 
 name = "bundle"

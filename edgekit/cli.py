@@ -278,12 +278,12 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from edgekit import runtime_check
-    from edgekit.stages.base import write_json
+    from edgekit import bundle_check, runtime_check
+    from edgekit.files import write_json
 
     bundle = check_bundle(args.bundle)
     _check_out_file(args.out, "--out")
-    result = runtime_check.verify_bundle(bundle, args.emulate)
+    result = bundle_check.verify_bundle(bundle, args.emulate)
     out = Path(args.out) if args.out else bundle / "verify.json"
     write_json(out, result)
     print(runtime_check.table(result))
@@ -329,7 +329,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from edgekit import config, models, sensitivity, training
     from edgekit.data import load_dataset
-    from edgekit.stages.base import write_json
+    from edgekit.files import write_json
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

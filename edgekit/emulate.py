@@ -1,7 +1,7 @@
 """Run an aarch64 bundle with edgekit's runner on this x86 machine under qemu user-mode emulation.
 
 Everything comes from the package registries and is cached under the cache directory (see
-`runtime_check.cache_dir`): a Debian arm64 sysroot with the target's Python (a private apt root, `apt-get
+`files.cache_dir`): a Debian arm64 sysroot with the target's Python (a private apt root, `apt-get
 --download-only`, each .deb unpacked; about 40 packages, 16 MB), and the aarch64 wheels of the target's pinned
 runtime and numpy (`pip install --only-binary=:all: --platform manylinux_2_X_aarch64 --target SITE`). The runner
 then runs as `qemu-aarch64-static -cpu CPU -L SYSROOT SYSROOT/usr/bin/python3.X runner.py ...`.
@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from edgekit import runtime_check as rc
-from edgekit.errors import EdgekitError
+from edgekit.errors import EmulationUnavailable
+from edgekit.files import READY, cache_dir, locked
 from edgekit.runner import RUNNER, error_line
+from edgekit.targets import requirements
 
 QEMU = "qemu-aarch64-static"
 SKIP_MESSAGE = (f"emulated check skipped: {QEMU} not found; install qemu-user-static to enable "
@@ -58,10 +60,6 @@ with np.load(bundle / "eval.npz") as f:
     x = f["x"]
 np.save(out, np.stack([artifact.predict(x[i : i + 1])[0] for i in range(len(x))]))
 '''
-
-
-class EmulationUnavailable(EdgekitError):
-    """The emulator or its sysroot cannot be had here; the message says how to enable it."""
 
 
 def qemu() -> str | None:
@@ -121,9 +119,9 @@ def sysroot(python_version: str = "3.11", log=print) -> Path:
         raise EmulationUnavailable(f"no Debian arm64 sysroot recipe for Python {python_version}; "
                                    f"known: {', '.join(DEBIAN)}")
     suite, _ = DEBIAN[python_version]
-    dest = rc.cache_dir() / "emulate" / f"sysroot-{suite}-arm64"
-    with rc.locked(dest):
-        if not (dest / rc.READY).is_file():
+    dest = cache_dir() / "emulate" / f"sysroot-{suite}-arm64"
+    with locked(dest):
+        if not (dest / READY).is_file():
             _make_sysroot(dest, suite, python_version, log)
     return dest
 
@@ -131,7 +129,7 @@ def sysroot(python_version: str = "3.11", log=print) -> Path:
 def _make_sysroot(dest: Path, suite: str, python_version: str, log) -> None:
     log(f"  [emulate] making a Debian {suite} arm64 sysroot with python{python_version} in {dest} "
         f"(once: about 40 packages, 16 MB) ...")
-    apt_root = rc.cache_dir() / "emulate" / f"apt-{suite}-arm64"
+    apt_root = cache_dir() / "emulate" / f"apt-{suite}-arm64"
     debs = _download_debs(apt_root, suite, python_version)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,7 +137,7 @@ def _make_sysroot(dest: Path, suite: str, python_version: str, log) -> None:
     _unpack(debs, tmp)
     if not (tmp / "usr/bin" / f"python{python_version}").is_file():
         raise EmulationUnavailable(f"the arm64 sysroot has no python{python_version} after unpacking")
-    (tmp / rc.READY).write_text(f"{len(debs)} packages\n")
+    (tmp / READY).write_text(f"{len(debs)} packages\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     shutil.rmtree(apt_root, ignore_errors=True)  # the downloaded .debs: unpacked, no longer needed
@@ -156,9 +154,9 @@ def platform_tags(python_version: str) -> list[str]:
 
 def site(package: str, version: str, python_version: str = "3.11", log=print) -> Path:
     """The aarch64 wheels of `package==version` and numpy, unpacked into a folder for PYTHONPATH."""
-    dest = rc.cache_dir() / "emulate" / f"site-{package}-{version}-aarch64-py{python_version}"
-    with rc.locked(dest):
-        if not (dest / rc.READY).is_file():
+    dest = cache_dir() / "emulate" / f"site-{package}-{version}-aarch64-py{python_version}"
+    with locked(dest):
+        if not (dest / READY).is_file():
             _install_wheels(dest, package, version, python_version, log)
     return dest
 
@@ -169,12 +167,12 @@ def _install_wheels(dest: Path, package: str, version: str, python_version: str,
     abi = "cp" + python_version.replace(".", "")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *rc.PIP_NETWORK,
            "--only-binary=:all:", *platform_tags(python_version), "--python-version", python_version,
-           "--implementation", "cp", "--abi", abi, "--target", str(dest), *rc.requirements(package, version)]
+           "--implementation", "cp", "--abi", abi, "--target", str(dest), *requirements(package, version)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(dest, ignore_errors=True)
         raise EmulationUnavailable(f"no aarch64 {abi} wheels of {package}=={version}: {rc.pip_failure(proc)}")
-    (dest / rc.READY).write_text(" ".join(rc.requirements(package, version)) + "\n")
+    (dest / READY).write_text(" ".join(requirements(package, version)) + "\n")
 
 
 def cpu_for(description: str) -> str:

@@ -40,3 +40,35 @@ class StageFailed(EdgekitError):
 class BuildDirError(EdgekitError):
     """The build folder cannot be used: not a folder, not writable, locked by another build, or resumed with
     another config."""
+
+
+class RuntimeEnvError(EdgekitError):
+    """The isolated runtime environment could not be made (no package index, no such version...)."""
+
+
+class DockerError(EdgekitError):
+    """Docker is missing, or an image could not be made."""
+
+
+class EmulationUnavailable(EdgekitError):
+    """The emulator or its sysroot cannot be had here; the message says how to enable it."""
+
+
+class RemoteError(EdgekitError):
+    """The device cannot be reached, refused us, or does not match the bundle."""
+
+
+class HostKeyError(RemoteError):
+    """The device's host key is unknown (not accepted) or has changed."""
+
+
+class ConnectionLost(RemoteError):
+    """The SSH connection dropped in the middle of a step."""
+
+
+class CommandFailed(RemoteError):
+    """A command on the device ended with an error (ssh itself worked); `detail` is its last line of stderr."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail

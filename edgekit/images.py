@@ -28,7 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import DockerError
+from edgekit.files import cache_dir
 from edgekit.manifest import bundle_files, read_manifest
 from edgekit.targets import RUNTIMES, Target, host_arch
 
@@ -42,10 +43,6 @@ DEBIAN_LIBS = ["libstdc++6", "libgomp1", "dash", "base-files"]  # besides python
 STRIP = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 NUMPY_PIN = "1.26.4"  # proven here with onnxruntime 1.23, ai-edge-litert 2.1 and tflite-runtime 2.14 (needs < 2)
 GENERATED = "# Generated from targets/{name}.yaml by `edgekit docker --write-dockerfiles`: edit the target, not this."
-
-
-class DockerError(EdgekitError):
-    """Docker is missing, or an image could not be made."""
 
 
 # --- generated files ---------------------------------------------------------------------------------------
@@ -289,9 +286,7 @@ def run_command(docker: Docker, target: Target, tag: str, results: Path, emulate
 # --- offline base image: Debian packages + wheels -> docker import -----------------------------------------
 
 def cache_root() -> Path:
-    base = os.environ.get("EDGEKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "edgekit")
-    return Path(base) / "images"
+    return cache_dir() / "images"
 
 
 def _apt_root(target: Target) -> tuple[Path, list[str]]:

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from edgekit.errors import BundleError, EdgekitError
+from edgekit.files import write_bytes
 from edgekit.manifest import read_manifest
 from edgekit.runner import RUNNER, error_line, runner
-from edgekit.stages.base import write_bytes
 from edgekit.targets import host_arch
 
 SCHEMA_PATH = RUNNER.with_name(runner.SCHEMA_FILE)

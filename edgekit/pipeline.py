@@ -21,13 +21,14 @@ from edgekit import bundle, config, models, onnx_int8, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
-from edgekit.stages import distill, export, prune, quantize, train, verify
-from edgekit.stages.base import METRICS_FILE, Context, write_bytes, write_json
+from edgekit.files import write_bytes, write_json
+from edgekit.stages import ORDER, distill, export, prune, quantize, train, verify
+from edgekit.stages.base import METRICS_FILE, Context
 
 EDGEKIT_DIR = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
-STAGES = [train, prune, distill, quantize, export, verify, bundle]
-STAGE_NAMES = [s.name for s in STAGES]
+STAGES = [{m.name: m for m in (train, prune, distill, quantize, export, verify, bundle)}[n] for n in ORDER]
+STAGE_NAMES = list(ORDER)
 OPTIONAL = {"prune": "prune", "distill": "distill", "quantize": "quantize"}  # stage -> config section
 LOCK_FILE = ".edgekit.lock"  # flock'ed by the build writing into the folder
 CONFIG_FILE = "config.yaml"
@@ -275,7 +276,7 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
 
 
 def _build_in(held: Claim, ctx: Context, resume: bool, log) -> dict:
-    from edgekit import measure, report, report_html, runtime_check
+    from edgekit import bundle_check, measure, report, report_html, runtime_check
 
     cfg, out = ctx.cfg, ctx.out
     if not resume:
@@ -292,7 +293,7 @@ def _build_in(held: Claim, ctx: Context, resume: bool, log) -> dict:
                 log(f"[run] {target.name}: {target.arch} bundle, not runnable on this machine; "
                     f"measure it on the device with `edgekit run`")
     result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
-    runtime_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
+    bundle_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
     write_json(out / "report.json", result)
     report_html.write([out], out / "report.html")  # the page people look at, from report.json and the results
     runtime_check.raise_on_failures(result)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit import measure
-from edgekit.errors import EdgekitError
+from edgekit.errors import CommandFailed, ConnectionLost, HostKeyError, RemoteError
 from edgekit.manifest import bundle_files
 from edgekit.targets import RUNTIMES
 
@@ -51,26 +51,6 @@ print(json.dumps({"machine": platform.machine(), "python": ".".join(map(str, sys
 PYTHON_HINT = ("pass --python with the path of a Python 3 on the device (e.g. --python python3 or --python "
                "'~/edgekit-venv/bin/python')")
 CHECK_ARCHIVE = "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
-
-
-class RemoteError(EdgekitError):
-    """The device cannot be reached, refused us, or does not match the bundle."""
-
-
-class HostKeyError(RemoteError):
-    """The device's host key is unknown (not accepted) or has changed."""
-
-
-class ConnectionLost(RemoteError):
-    """The SSH connection dropped in the middle of a step."""
-
-
-class CommandFailed(RemoteError):
-    """A command on the device ended with an error (ssh itself worked); `detail` is its last line of stderr."""
-
-    def __init__(self, message: str, detail: str) -> None:
-        super().__init__(message)
-        self.detail = detail
 
 
 def default_known_hosts() -> Path:

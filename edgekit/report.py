@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from edgekit import __version__
 from edgekit.config import Config, to_dict
+from edgekit.stages import MODEL_STAGES
 
-MODEL_STAGES = ("train", "prune", "distill", "quantize")
 LIBRARIES = ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert",
              "numpy")
 

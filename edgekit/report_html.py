@@ -252,7 +252,7 @@ def render(paths: list[Path]) -> str:
 
 
 def write(paths: list[Path], out: Path) -> Path:
-    from edgekit.stages.base import write_bytes
+    from edgekit.files import write_bytes
 
     write_bytes(out, render(paths).encode())
     return out

@@ -12,7 +12,6 @@ For an aarch64 target this runs the x86 wheel of the same pinned version (which 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -22,11 +21,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, RuntimeEnvError
+from edgekit.files import READY, cache_dir, locked
 from edgekit.runner import OP_VERSION, RUNNER, error_line
-from edgekit.targets import RUNTIMES
+from edgekit.targets import RUNTIMES, requirements
 
-READY = ".edgekit-ready"  # written last: an environment without it is incomplete and made again
 RUN_TIMEOUT_S = 600
 PIP_NETWORK = ("--retries", "2", "--timeout", "60")  # offline: give up soon and say the check was skipped
 # The check is about what the runtime can load and compute, not speed (`edgekit run` measures that): one thread,
@@ -36,23 +35,6 @@ NO_CHECK = {"onnxruntime-gpu": "needs a CUDA device; the ONNX file is checked by
 
 
 _FAILED: dict[str, str] = {}  # environment folder -> why it could not be made (once per process)
-
-
-class RuntimeEnvError(EdgekitError):
-    """The isolated runtime environment could not be made (no package index, no such version...)."""
-
-
-def cache_dir() -> Path:
-    """$EDGEKIT_CACHE, else $XDG_CACHE_HOME/edgekit, else ~/.cache/edgekit."""
-    if os.environ.get("EDGEKIT_CACHE"):
-        return Path(os.environ["EDGEKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgekit"
-
-
-def requirements(package: str, version: str) -> list[str]:
-    """What a device installs: the pinned runtime and numpy (below 2 for tflite-runtime, built against 1.x)."""
-    return [f"{package}=={version}", "numpy<2" if package == "tflite-runtime" else "numpy"]
 
 
 def package_of(runtime: str) -> str:
@@ -70,14 +52,6 @@ def pip_failure(proc: subprocess.CompletedProcess) -> str:
 
 
 @contextmanager
-def locked(path: Path):
-    """One process at a time makes a cached environment: two builds at once wait for each other."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def runtime_python(package: str, version: str, python: str = "3.11", log=print) -> Path:
     """The python of a venv holding exactly `package==version` and numpy; made once, then reused."""
     env_dir = cache_dir() / "runtimes" / f"{package}-{version}-x86_64-py{python}"
@@ -200,61 +174,6 @@ def failures(report: dict) -> list[str]:
     """One line per artifact whose pinned runtime cannot run it."""
     return [f"{a['target']}/{a['name']}: {a['runtime_check'].get('hint') or a['runtime_check'].get('error')}"
             for a in report["artifacts"] if a.get("runtime_check", {}).get("ok") is False]
-
-
-def _merge(native: dict, emulated: dict | None) -> dict:
-    """The emulated aarch64 check leads when there is one; the x86 check of the same version rides along."""
-    if emulated is None:
-        return native
-    if emulated["ok"] is None:  # nothing ran under qemu for this artifact: the x86 check stands, and says why
-        return native | {"emulation_skipped": emulated["skipped"]}
-    ok = emulated["ok"] if native["ok"] is not False else False
-    return emulated | {"ok": ok, "x86": native}
-
-
-def verify_bundle(bundle: Path, emulate: bool | None = None, log=print) -> dict:
-    """Runtime checks of every artifact of a bundle; for aarch64, also under emulation.
-
-    emulate: True runs the emulated check or raises EmulationUnavailable; None runs it when qemu is here and
-    says plainly when it is skipped; False never runs it.
-    """
-    from edgekit import emulate as emu
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    native = check_bundle(bundle, log)
-    result = {"target": manifest["target"]["name"], "arch": manifest["target"]["arch"], "emulation": None}
-    emulated: dict = {}
-    if manifest["target"]["arch"] == "aarch64" and emulate is not False:
-        try:
-            emulated = emu.verify_bundle(bundle, log)
-            ran = any(c["ok"] is not None for c in emulated.values())
-            result["emulation"] = {"ran": ran, "qemu": emu.qemu()} if ran else {
-                "ran": False, "message": "emulated check skipped: no artifact of this bundle can run on the CPU"}
-        except emu.EmulationUnavailable as exc:
-            if emulate:
-                raise
-            said = str(exc) if str(exc).startswith("emulated check skipped") else f"emulated check skipped: {exc}"
-            log(f"  [emulate] {result['target']}: {said}")
-            result["emulation"] = {"ran": False, "message": said}
-    elif emulate:
-        result["emulation"] = {"ran": False, "message": f"{result['arch']} bundle: checked natively; emulation "
-                                                        f"is for aarch64 bundles"}
-    result["artifacts"] = {name: _merge(check, emulated.get(name)) for name, check in native.items()}
-    return result
-
-
-def add_to_report(report: dict, log=print) -> None:
-    """Each artifact row gets `runtime_check`; report['emulated'] says per aarch64 target whether qemu ran."""
-    log("[runtime-check] each artifact with the runtime version its target pins (isolated, cached under "
-        f"{cache_dir()})")
-    rows = {(a["target"], a["name"]): a for a in report["artifacts"]}
-    report["emulated"] = {}
-    for b in report["bundles"]:
-        checked = verify_bundle(Path(b["path"]), None, log)
-        for name, check in checked["artifacts"].items():
-            rows[(b["target"], name)]["runtime_check"] = check
-        if checked["emulation"] is not None:
-            report["emulated"][b["target"]] = checked["emulation"]
 
 
 def raise_on_failures(report: dict) -> None:

@@ -62,7 +62,7 @@ def to_ratios(result: dict, tolerance: float = TOLERANCE) -> dict[str, float]:
 
 def layer_ratios(ctx, model: nn.Module) -> dict[str, float]:
     result = analyse(model, ctx.data, protect_stem=ctx.cfg.prune.protect_stem)
-    from edgekit.stages.base import write_json
+    from edgekit.files import write_json
 
     write_json(ctx.stage_dir("prune") / "sensitivity.json", result)
     return to_ratios(result)

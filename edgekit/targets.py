@@ -219,6 +219,11 @@ def load_file(path: Path) -> Target:
     return parse(raw, str(path))
 
 
+def requirements(package: str, version: str) -> list[str]:
+    """What a device installs: the pinned runtime and numpy (below 2 for tflite-runtime, built against 1.x)."""
+    return [f"{package}=={version}", "numpy<2" if package == "tflite-runtime" else "numpy"]
+
+
 def user_dirs() -> list[Path]:
     """Folders of a user's own profiles: $EDGEKIT_TARGETS (several joined by ':'), then the user config folder."""
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")

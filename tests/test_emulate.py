@@ -8,8 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edgekit import cli, emulate
-from edgekit import runtime_check as rc
+from edgekit import bundle_check, cli, emulate
 
 pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
 
@@ -44,13 +43,13 @@ def test_build_says_plainly_when_emulation_is_skipped(e2e_build, monkeypatch):
     out, _ = e2e_build
     monkeypatch.setattr(emulate, "qemu", lambda: None)
     messages: list[str] = []
-    result = rc.verify_bundle(out / "bundles" / "rpi5", None, messages.append)
+    result = bundle_check.verify_bundle(out / "bundles" / "rpi5", None, messages.append)
     assert result["emulation"] == {"ran": False, "message": emulate.SKIP_MESSAGE}
     assert any("emulated check skipped: qemu-aarch64-static not found; install qemu-user-static" in m
                for m in messages)
     assert all(c["emulated"] is False and c["ok"] is True for c in result["artifacts"].values())
     with pytest.raises(emulate.EmulationUnavailable, match="install qemu-user-static"):
-        rc.verify_bundle(out / "bundles" / "rpi5", True, messages.append)
+        bundle_check.verify_bundle(out / "bundles" / "rpi5", True, messages.append)
 
 
 def test_emulated_pi_bundle_matches_the_x86_run(e2e_build):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from edgekit import config, fidelity, pipeline
+from edgekit.files import write_json
 from edgekit.stages import export, train, verify
-from edgekit.stages.base import METRICS_FILE, finish_torch_stage, write_json
+from edgekit.stages.base import METRICS_FILE, finish_torch_stage
 from tests.conftest import tiny
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgekit import runtime_check as rc
+from edgekit.files import cache_dir
 from edgekit.runner import runner
 
 pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
@@ -22,9 +23,9 @@ OLD_RUNTIME_MESSAGE = ("ValueError: Didn't find op for builtin opcode 'FULLY_CON
 def test_cache_dir_follows_edgekit_cache_then_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("EDGEKIT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert rc.cache_dir() == tmp_path / "xdg" / "edgekit"
+    assert cache_dir() == tmp_path / "xdg" / "edgekit"
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "mine"))
-    assert rc.cache_dir() == tmp_path / "mine"
+    assert cache_dir() == tmp_path / "mine"
 
 
 def test_requirements_pin_the_runtime_and_an_abi_compatible_numpy():

@@ -8,9 +8,10 @@ import torch
 
 from edgekit import config, data, metrics, models, targets
 from edgekit.errors import ModelError
+from edgekit.files import write_json
 from edgekit.models import zoo
 from edgekit.stages import export, prune, quantize, verify
-from edgekit.stages.base import METRICS_FILE, Context, finish_torch_stage, write_json
+from edgekit.stages.base import METRICS_FILE, Context, finish_torch_stage
 
 CASES = {  # model -> (sample shape, width_mult)
     "small_cnn": ((1, 8, 8), 0.5),

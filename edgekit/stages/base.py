@@ -18,7 +18,7 @@ from torch import nn
 from edgekit import models
 from edgekit.config import Config
 from edgekit.data import Dataset
-from edgekit.files import write_bytes, write_json  # noqa: F401  (stages import them from here)
+from edgekit.stages import ORDER
 from edgekit.targets import Target
 
 MODEL_FILE = "model.pt"  # torch-pruning state dict of a stage's torch model
@@ -64,9 +64,7 @@ class Context:
 
     def latest_model_stage(self, before: str | None = None) -> str:
         """The last finished stage (in pipeline order, before `before`) that produced a torch model."""
-        from edgekit.pipeline import STAGE_NAMES
-
-        names = STAGE_NAMES[: STAGE_NAMES.index(before)] if before else STAGE_NAMES
+        names = ORDER[: ORDER.index(before)] if before else ORDER
         found = [n for n in names if self.has_model(n)]
         if not found:
             raise RuntimeError("no finished stage has produced a model yet")

@@ -32,9 +32,9 @@ import torch
 
 from edgekit import fidelity, metrics, onnx_int8, quiet, repair
 from edgekit.errors import EdgekitError
-from edgekit.files import temp_root
+from edgekit.files import temp_root, write_bytes, write_json
 from edgekit.stages import quantize
-from edgekit.stages.base import Context, write_bytes, write_json
+from edgekit.stages.base import Context
 
 name = "export"
 

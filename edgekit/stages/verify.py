@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from edgekit import fidelity, quiet
 from edgekit.errors import FidelityError
-from edgekit.stages.base import Context, write_json
+from edgekit.files import write_json
+from edgekit.stages.base import Context
 
 name = "verify"
 
