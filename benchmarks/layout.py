@@ -30,7 +30,7 @@ from edgekit import quiet  # noqa: E402
 quiet.setup()
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch's TorchScript-exporter notice
 
-from edgekit.models import small_cnn  # noqa: E402
+from edgekit.models.zoo import plain_cnn  # noqa: E402
 from edgekit.runner.runner import latency_stats  # noqa: E402
 from edgekit.stages import export  # noqa: E402
 
@@ -49,9 +49,9 @@ def mobilenet_v1_style(shape: tuple[int, ...], num_classes: int, width: int) -> 
 
 
 MODELS = {  # name -> (builder, sample shape, width)
-    "small_cnn 1x8x8 w32": (small_cnn, (1, 8, 8), 32),
-    "small_cnn 3x32x32 w32": (small_cnn, (3, 32, 32), 32),
-    "small_cnn 3x64x64 w64": (small_cnn, (3, 64, 64), 64),
+    "small_cnn 1x8x8 w32": (plain_cnn, (1, 8, 8), 32),
+    "small_cnn 3x32x32 w32": (plain_cnn, (3, 32, 32), 32),
+    "small_cnn 3x64x64 w64": (plain_cnn, (3, 64, 64), 64),
     "mobilenet_v1-style 3x96x96 w16": (mobilenet_v1_style, (3, 96, 96), 16),
 }
 ROUNDS, RUNS_PER_ROUND = 20, 50

@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import bundle, config, models, onnx_int8, targets
+from edgekit import bundle, config, models, onnx_int8, prunable, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
@@ -121,7 +121,7 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     data = load_dataset(cfg)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
     if enabled(cfg, "prune"):
-        prune.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
+        prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
     if enabled(cfg, "distill"):
         distill._pairs(cfg.distill.feature_layers)  # the form of each entry; the layers are found in the stage
         for path in cfg.distill.teachers:

@@ -16,22 +16,22 @@ from torch import nn
 
 from edgekit import metrics
 from edgekit.data import Dataset
-from edgekit.stages import prune
+from edgekit.prunable import L1_FILTER_NORM, protected_layers, weighted_layers
 
 RATIOS = (0.25, 0.5, 0.75)
 TOLERANCE = 0.02  # accuracy drop (absolute) a layer may cost without fine-tuning
 
 
 def prunable_layers(model: nn.Module, num_classes: int, protect_stem: bool = True) -> list[str]:
-    protected = set(map(id, prune.protected_layers(model, [], num_classes, protect_stem=protect_stem)))
-    return [n for n, m in prune._weighted(model) if id(m) not in protected]
+    protected = set(map(id, protected_layers(model, [], num_classes, protect_stem=protect_stem)))
+    return [n for n, m in weighted_layers(model) if id(m) not in protected]
 
 
 def _prune_one(model: nn.Module, layer: str, ratio: float, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     m = copy.deepcopy(model)
     modules = dict(m.named_modules())
-    ignored = prune.protected_layers(m, [], num_classes, protect_stem=False)
-    pruner = tp.pruner.MetaPruner(m, torch.zeros(1, *shape), importance=prune.L1_FILTER_NORM, pruning_ratio=0.0,
+    ignored = protected_layers(m, [], num_classes, protect_stem=False)
+    pruner = tp.pruner.MetaPruner(m, torch.zeros(1, *shape), importance=L1_FILTER_NORM, pruning_ratio=0.0,
                                   pruning_ratio_dict={modules[layer]: ratio}, ignored_layers=ignored)
     pruner.step()
     return m
@@ -58,14 +58,6 @@ def to_ratios(result: dict, tolerance: float = TOLERANCE) -> dict[str, float]:
         ok = [float(r) for r, d in drops.items() if d <= tolerance]
         out[name] = max(ok) if ok else 0.0
     return out
-
-
-def layer_ratios(ctx, model: nn.Module) -> dict[str, float]:
-    result = analyse(model, ctx.data, protect_stem=ctx.cfg.prune.protect_stem)
-    from edgekit.files import write_json
-
-    write_json(ctx.stage_dir("prune") / "sensitivity.json", result)
-    return to_ratios(result)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from edgekit import metrics, training
 from edgekit.data import Split
-from edgekit.models import small_cnn
+from edgekit.models.zoo import small_cnn
 from edgekit.stages import quantize
 
 

@@ -17,34 +17,6 @@ from edgekit.errors import ModelError
 from edgekit.models import persist
 
 
-def _conv_block(conv: type[nn.Module], bn: type[nn.Module], c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(conv(c_in, c_out, 3, stride=stride, padding=1, bias=False), bn(c_out), nn.ReLU())
-
-
-def small_cnn(sample_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
-    """Three conv-BN-ReLU blocks and a linear head; 2-D convs for (C,H,W), 1-D for (C,L), an MLP for (F,)."""
-    if len(sample_shape) == 1:
-        (f,) = sample_shape
-        hidden = width * 2
-        return nn.Sequential(nn.Linear(f, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                             nn.Linear(hidden, num_classes))
-    if len(sample_shape) not in (2, 3):
-        raise ModelError(f"the built-in model takes samples of rank 1-3, got shape {sample_shape}; use model.factory")
-    conv, bn, pool = (
-        (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if len(sample_shape) == 3
-        else (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
-    )
-    c = sample_shape[0]
-    return nn.Sequential(
-        _conv_block(conv, bn, c, width, 1),
-        _conv_block(conv, bn, width, width * 2, 2),
-        _conv_block(conv, bn, width * 2, width * 2, 1),
-        pool(1),
-        nn.Flatten(),
-        nn.Linear(width * 2, num_classes),
-    )
-
-
 def _load_factory(spec: str, base: Config) -> object:
     """`path/to/file.py:function`, or `package.module:function` importable from sys.path."""
     source, sep, func = spec.rpartition(":")

@@ -27,11 +27,11 @@ from torch import nn
 from edgekit import metrics, training
 from edgekit.config import PruneConfig
 from edgekit.errors import ConfigError
+from edgekit.files import write_json
+from edgekit.prunable import L1_FILTER_NORM, protected_layers
 from edgekit.stages.base import Context, finish_torch_stage
 
 name = "prune"
-# Li et al. 2017: rank a group's channels by the L1 norm of the filters of its first (pruned) conv.
-L1_FILTER_NORM = tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="first")
 FINE_STEPS = 60  # increments of a target search; each removes about 1/60 of the maximum ratio
 MAX_LAYER_RATIO = 0.9  # no layer loses more than this fraction of its channels (global ranking can gut one)
 GRAD_SAMPLES = 128  # samples whose loss gradient feeds Taylor importance
@@ -66,31 +66,6 @@ def method(key: str) -> Method:
     if key not in METHODS:
         raise ConfigError(f"prune.method '{key}' has no structured pruner; valid: {', '.join(METHODS)}")
     return METHODS[key]
-
-
-# --- which layers are protected -----------------------------------------------------------------------------
-
-def _weighted(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
-
-
-def protected_layers(model: nn.Module, names: list[str], num_classes: int, *, protect_stem: bool) -> list[nn.Module]:
-    """The classifier (any Linear/conv that outputs num_classes), the stem (first conv) and named modules."""
-    modules = dict(model.named_modules())
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise ConfigError(f"prune.ignore names '{unknown[0]}', which is not a module of the model; "
-                          f"valid: {', '.join(n for n in modules if n)}")
-    heads = [m for m in modules.values()
-             if (isinstance(m, nn.Linear) and m.out_features == num_classes)
-             or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == num_classes)]
-    layers = _weighted(model)
-    stem = [layers[0][1]] if protect_stem and layers and layers[0][1] not in heads else []
-    return heads + stem + [modules[n] for n in names]
-
-
-def _ignored(model: nn.Module, names: list[str], num_classes: int) -> list[nn.Module]:
-    return protected_layers(model, names, num_classes, protect_stem=False)
 
 
 # --- the pruning itself -------------------------------------------------------------------------------------
@@ -293,7 +268,9 @@ def run(ctx: Context) -> dict:
     if p.use_sensitivity:
         from edgekit import sensitivity
 
-        layer_ratios = sensitivity.layer_ratios(ctx, model)
+        result = sensitivity.analyse(model, ctx.data, protect_stem=p.protect_stem)
+        write_json(ctx.stage_dir(name) / "sensitivity.json", result)
+        layer_ratios = sensitivity.to_ratios(result)
         extra["layer_ratios"] = layer_ratios
     rounds, best_val = iterative_prune(ctx, model, plan_from_config(p, layer_ratios), p)
     macs1, params1 = metrics.macs_and_params(model, data.sample_shape)
