@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from edgekit.errors import EdgekitError, RuntimeEnvError
@@ -51,7 +50,6 @@ def pip_failure(proc: subprocess.CompletedProcess) -> str:
     return (lines or [f"exit code {proc.returncode}"])[-1]
 
 
-@contextmanager
 def runtime_python(package: str, version: str, python: str = "3.11", log=print) -> Path:
     """The python of a venv holding exactly `package==version` and numpy; made once, then reused."""
     env_dir = cache_dir() / "runtimes" / f"{package}-{version}-x86_64-py{python}"
