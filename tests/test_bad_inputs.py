@@ -326,7 +326,7 @@ BUNDLE_CASES = [
     ("compare-results-missing", {}, ["compare", "r.json", "--csv", "c.csv"], "'r.json' cannot be read as JSON"),
     ("compare-results-list", {"r.json": []}, ["compare", "r.json", "--csv", "c.csv"], "'r.json' is not a results file"),
     ("compare-results-schema", {"r.json": {"a": 1}}, ["compare", "r.json", "--csv", "c.csv"],
-     "does not follow the results schema"),
+     "'r.json' is not a results file (no latency_ms)"),
     ("debug-not-a-build", {"d/x": "1"}, ["debug", "d", "--artifact", "tflite_int8"], "is not a build directory"),
     ("config-command-bad-key", {"c.yaml": "train: {epoks: 1}\n"}, ["config", "c.yaml"], "unknown key 'train.epoks'"),
 ]
