@@ -73,10 +73,13 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
             row["measured"] = {"latency_ms": result["latency_ms"], "accuracy": result["accuracy"],
                                "peak_rss_mb": result["peak_rss_mb"], "runtime": result["runtime"]}
     budgets = {t.name: {"latency_ms": t.latency_ms or None, "memory_mb": t.memory_mb or None} for t in targets}
+    tolerance = {t.name: t.accuracy_tolerance_pp for t in targets}
     for row in rows:
         lat = _latency(row)[0] or {}
         row["budget"] = budget_check(budgets[row["target"]], lat.get("p90"),
                                      row.get("measured", {}).get("peak_rss_mb"))
+        row["vs_unpruned_fp32"] = accuracy_loss(row["accuracy"], by_name["train"]["accuracy"],
+                                                tolerance[row["target"]])
     return {
         "edgekit_version": __version__,
         "versions": library_versions(),
@@ -88,7 +91,17 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
         "runs": {t: {k: v for k, v in r.items() if k != "artifacts"} for t, r in runs.items()},
         "over_budget": [f"{r['target']}/{r['name']}: {'; '.join(r['budget']['over'])}"
                         for r in rows if r["budget"]["ok"] is False],
+        "over_tolerance": [f"{r['target']}/{r['name']}: {r['vs_unpruned_fp32']['pp']:+.1f} pp against the unpruned "
+                           f"fp32 model, the target allows {r['vs_unpruned_fp32']['tolerance_pp']:g} pp"
+                           for r in rows if not r["vs_unpruned_fp32"]["ok"]],
     }
+
+
+def accuracy_loss(accuracy: float, unpruned: float, tolerance_pp: float) -> dict:
+    """What the whole recipe (pruning, distillation, int8) cost against the trained, unpruned fp32 model, on the
+    same test split, judged against the target's `accuracy_tolerance_pp`."""
+    pp = 100 * (accuracy - unpruned)
+    return {"unpruned_fp32_accuracy": unpruned, "pp": pp, "tolerance_pp": tolerance_pp, "ok": pp >= -tolerance_pp}
 
 
 def budget_check(budgets: dict, p90_ms: float | None, peak_rss_mb: float | None) -> dict:
@@ -140,6 +153,13 @@ def summary_table(report: dict) -> str:
                  "latency_ms (against p90) and memory_mb (against the runner's peak RSS), - where not measured here")
     for line in report.get("over_budget", []):
         lines.append(f"OVER BUDGET {line}")
+    for line in report.get("over_tolerance", []):
+        lines.append(f"ACCURACY LOSS OVER TOLERANCE {line}")
+    losses = [r["vs_unpruned_fp32"]["pp"] for r in report["artifacts"] if r.get("vs_unpruned_fp32")]
+    if losses:
+        lines.append(f"against the unpruned fp32 model (train, test accuracy "
+                     f"{report['artifacts'][0]['vs_unpruned_fp32']['unpruned_fp32_accuracy']:.4f}): "
+                     f"{min(losses):+.1f} to {max(losses):+.1f} pp across the shipped artifacts")
     for b in report["bundles"]:
         rec = b.get("recommended") or {}
         lines.append(f"recommended for {b['target']}: {rec.get('artifact') or '-'} ({rec.get('reason', 'none')})")

@@ -33,6 +33,10 @@ def test_report_has_every_stage_and_artifact(e2e_build):
         assert ARTIFACT_KEYS <= a.keys()
         assert (out / a["path"]).is_file()
         assert a["top1_agreement"] >= 0.95, a
+        loss = a["vs_unpruned_fp32"]  # the whole recipe's cost, judged against the target's tolerance
+        assert loss["pp"] == pytest.approx(100 * (a["accuracy"] - stages["train"]["accuracy"]))
+        assert loss["ok"] == (loss["pp"] >= -loss["tolerance_pp"])
+        assert (f"{a['target']}/{a['name']}: " in " ".join(report["over_tolerance"])) != loss["ok"]
 
 
 def test_bundles_have_manifest_with_matching_hashes(e2e_build):

@@ -274,3 +274,15 @@ def test_long_phases_print_progress_and_keep_library_noise_in_the_logs(e2e_build
         assert noise not in printed, noise
     assert (build / "stages" / "quantize" / "quantize.log").stat().st_size > 0
     assert (build / "report.html").is_file() and f"report: {build / 'report.html'}" in proc.stdout
+
+
+def test_accuracy_lost_against_the_unpruned_model_is_flagged_beyond_the_targets_tolerance():
+    from edgekit import report
+
+    assert report.accuracy_loss(0.851, 0.878, 1.0) == pytest.approx(
+        {"unpruned_fp32_accuracy": 0.878, "pp": -2.7, "tolerance_pp": 1.0, "ok": False})
+    assert report.accuracy_loss(0.872, 0.878, 1.0)["ok"] and report.accuracy_loss(0.9, 0.878, 1.0)["ok"]
+    row = {"target": "x86-64", "name": "onnx_int8", "vs_unpruned_fp32": report.accuracy_loss(0.851, 0.878, 1.0)}
+    table = report.summary_table({"stages": [], "artifacts": [], "bundles": [],
+                                  "over_tolerance": [f"{row['target']}/{row['name']}: -2.7 pp"]})
+    assert "ACCURACY LOSS OVER TOLERANCE x86-64/onnx_int8: -2.7 pp" in table
