@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit import config, data, metrics, quiet, targets
+from edgekit import config, data, metrics, pipeline, quiet, targets
 from edgekit.errors import EdgekitError
-from edgekit.files import write_json
 from edgekit.stages import distill, export, prune, quantize, train, verify
-from edgekit.stages.base import METRICS_FILE, Context
+from edgekit.stages.base import Context
 
 WIDTH = {"resnet8": 1.0, "ds_cnn": 1.0}  # the MLPerf Tiny sizes (78 k and 24 k parameters)
 COMBOS = [(task, {"name": name, "width_mult": w}) for name, w in WIDTH.items() for task in ("digits", "digits32")]
@@ -55,9 +54,7 @@ def make_cfg(task: str, model: dict, seed: int = 0, **sections: dict) -> config.
 
 def stage(ctx: Context, module) -> dict:
     with quiet.silenced(None):
-        result = module.run(ctx)
-    write_json(ctx.stage_dir(module.name) / METRICS_FILE, result)
-    return result
+        return pipeline.run_stage(ctx, module.name)
 
 
 def fork(src: Path, dst: Path, stages: list[str]) -> Path:

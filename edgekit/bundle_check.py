@@ -1,5 +1,6 @@
 """A bundle checked before it ships: each artifact with the runtime version its target pins (isolated venv, on
-this machine), and an aarch64 bundle also under qemu (edgekit.emulate). `edgekit verify` and every build run it."""
+this machine), and an aarch64 bundle also under qemu (edgekit.emulate). `edgekit check` and the build's check
+stage run it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 
 from edgekit import emulate as emu
 from edgekit import runtime_check as rc
-from edgekit.files import cache_dir
 
 
 def _merge(native: dict, emulated: dict | None) -> dict:
@@ -48,17 +48,3 @@ def verify_bundle(bundle: Path, emulate: bool | None = None, log=print) -> dict:
                                                         f"is for aarch64 bundles"}
     result["artifacts"] = {name: _merge(check, emulated.get(name)) for name, check in native.items()}
     return result
-
-
-def add_to_report(report: dict, log=print) -> None:
-    """Each artifact row gets `runtime_check`; report['emulated'] says per aarch64 target whether qemu ran."""
-    log("[runtime-check] each artifact with the runtime version its target pins (isolated, cached under "
-        f"{cache_dir()})")
-    rows = {(a["target"], a["name"]): a for a in report["artifacts"]}
-    report["emulated"] = {}
-    for b in report["bundles"]:
-        checked = verify_bundle(Path(b["path"]), None, log)
-        for name, check in checked["artifacts"].items():
-            rows[(b["target"], name)]["runtime_check"] = check
-        if checked["emulation"] is not None:
-            report["emulated"][b["target"]] = checked["emulation"]

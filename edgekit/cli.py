@@ -277,14 +277,14 @@ def _add_compare(sub) -> None:
     c.set_defaults(func=_cmd_compare)
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
+def _cmd_check(args: argparse.Namespace) -> int:
     from edgekit import bundle_check, runtime_check
     from edgekit.files import write_json
 
     bundle = check_bundle(args.bundle)
     _check_out_file(args.out, "--out")
     result = bundle_check.verify_bundle(bundle, args.emulate)
-    out = Path(args.out) if args.out else bundle / "verify.json"
+    out = Path(args.out) if args.out else bundle / "check.json"
     write_json(out, result)
     print(runtime_check.table(result))
     print(f"results: {out}")
@@ -294,14 +294,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_verify(sub) -> None:
-    v = sub.add_parser("verify", help="load and run a bundle with the runtime version its target pins "
+def _add_check(sub) -> None:
+    v = sub.add_parser("check", help="load and run a bundle with the runtime version its target pins "
                                       "(isolated, cached); --emulate: an aarch64 bundle under qemu")
     v.add_argument("bundle")
     v.add_argument("--emulate", action="store_true",
                    help="also run an aarch64 bundle's runner under qemu-aarch64-static and compare with x86")
-    v.add_argument("--out", help="results file (default: BUNDLE/verify.json)")
-    v.set_defaults(func=_cmd_verify)
+    v.add_argument("--out", help="results file (default: BUNDLE/check.json)")
+    v.set_defaults(func=_cmd_check)
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
@@ -354,7 +354,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgekit", description="Take a PyTorch model and its data to devices.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train, prune, distill, quantize, export, verify and bundle")
+    b = sub.add_parser("build", help="train, prune, distill, quantize, export, verify, bundle, measure, check, "
+                                      "report")
     b.add_argument("config", nargs="?", help="YAML config (default: the built-in digits demo)")
     b.add_argument("--target", action="append", help="target name (repeatable; default: build.targets)")
     b.add_argument("--out", help="build directory (default: runs/<timestamp>)")
@@ -373,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_report(sub)
     _add_docker(sub)
-    _add_verify(sub)
+    _add_check(sub)
     t = sub.add_parser("targets", help="list target profiles, or check a new one")
     t.add_argument("--check", metavar="FILE", help="validate a target YAML file")
     t.set_defaults(func=_cmd_targets)

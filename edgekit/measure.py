@@ -78,7 +78,7 @@ def refuse_other_arch(bundle: Path, manifest: dict) -> None:
     if arch and arch != host_arch():
         raise BundleError(f"'{bundle}' is a bundle for {arch} ({manifest['target']['name']}) and this machine is "
                           f"{host_arch()}: measure it on the device with `edgekit run {bundle} --host USER@DEVICE`, "
-                          f"or check it here under emulation with `edgekit verify {bundle} --emulate`")
+                          f"or check it here under emulation with `edgekit check {bundle} --emulate`")
 
 
 def choose(manifest: dict, artifacts: list[str] | None, where: str) -> list[str]:
@@ -160,8 +160,8 @@ def what_it_is(data: object, path: Path) -> str | None:
                 f"{path.parent}/results.json")
     if "layers" in data and "misses" in data:
         return f"'{path}' is a fidelity record (see `edgekit debug`); pass a results.json written by `edgekit run`"
-    if path.name == "verify.json" or "emulated" in data and "artifacts" in data:
-        return f"'{path}' is a runtime check (`edgekit verify`); pass a results.json written by `edgekit run`"
+    if path.name == "check.json" or "emulated" in data and "artifacts" in data:
+        return f"'{path}' is a runtime check (`edgekit check`); pass a results.json written by `edgekit run`"
     if "name" in data and "accuracy" in data and "params" in data:
         return f"'{path}' is a stage's metrics.json; pass a results.json written by `edgekit run`"
     return f"'{path}' is not a results file (no latency_ms); pass a results.json written by `edgekit run`"

@@ -1,4 +1,5 @@
-"""The build: an ordered list of stages, each writing its own folder; --resume skips finished ones.
+"""The build: the ordered list of stages (edgekit.stages), each writing its own folder; --resume keeps the
+finished ones whose inputs are unchanged (edgekit.stages.keys).
 
 Everything that can be checked is checked before the build folder is touched; the folder is locked while
 a build writes into it, and a build that fails before its first stage leaves nothing it created.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import sysconfig
@@ -17,19 +19,18 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import bundle, config, models, onnx_int8, prunable, targets
+from edgekit import config, models, onnx_int8, prunable, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
 from edgekit.files import write_bytes, write_json
-from edgekit.stages import ORDER, distill, export, prune, quantize, train, verify
+from edgekit.stages import ORDER, bundle, check, distill, export, keys, measure, prune, quantize, report, train, verify
 from edgekit.stages.base import METRICS_FILE, Context
 
 EDGEKIT_DIR = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
-STAGES = [{m.name: m for m in (train, prune, distill, quantize, export, verify, bundle)}[n] for n in ORDER]
-STAGE_NAMES = list(ORDER)
-OPTIONAL = {"prune": "prune", "distill": "distill", "quantize": "quantize"}  # stage -> config section
+_MODULES = (train, prune, distill, quantize, export, verify, bundle, measure, check, report)
+STAGES = [{m.name: m for m in _MODULES}[n] for n in ORDER]
 LOCK_FILE = ".edgekit.lock"  # flock'ed by the build writing into the folder
 CONFIG_FILE = "config.yaml"
 WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
@@ -37,31 +38,55 @@ WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space"
                 errno.EPERM: "pick a writable --out"}
 
 
-def enabled(cfg: Config, stage_name: str) -> bool:
-    section = OPTIONAL.get(stage_name)
-    if section is None:
-        return True
-    if stage_name == "distill" and not cfg.prune.enabled and cfg.distill.student == "pruned":
-        return False  # nothing smaller than the teacher to distil into
-    return getattr(cfg, section).enabled
+def stage(name: str):
+    """The stage module called `name`."""
+    if name not in ORDER:
+        raise ValueError(f"no stage '{name}'; stages: {', '.join(ORDER)}")
+    return STAGES[ORDER.index(name)]
+
+
+def upstream_keys(ctx: Context) -> dict[str, str]:
+    """The recorded keys of the finished stages (what a stage run on its own hashes as its upstream)."""
+    return {n: ctx.metrics(n).get("key") for n in ORDER if ctx.done(n)}
+
+
+def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -> dict:
+    """Run one stage into ctx.out (a library's exception becomes StageFailed) and write its metrics.json last,
+    with its input key and seconds; return that record. Tests and benchmarks run single stages with it."""
+    module = stage(name)
+    parts = keys.inputs(ctx, module, upstream_keys(ctx) if upstream is None else upstream)
+    (ctx.stage_dir(name) / METRICS_FILE).unlink(missing_ok=True)  # not finished until it is written again
+    t0 = time.perf_counter()
+    result = run_guarded(module, ctx)
+    result.update(key=keys.key_of(parts), inputs=parts, seconds=round(time.perf_counter() - t0, 2))
+    write_json(ctx.stage_dir(name) / METRICS_FILE, result)
+    return result
 
 
 def run_stages(ctx: Context, log=print) -> list[dict]:
-    done = []
-    for stage in STAGES:
-        if not enabled(ctx.cfg, stage.name):
-            log(f"[{stage.name}] skipped (disabled in config)")
+    """Every enabled stage in order. A finished stage is kept while its recorded key is its key now and no
+    stage before it ran again (a stage that runs replaces files that later stages read or wrote into)."""
+    done, upstream, ran = [], {}, False
+    for module in STAGES:
+        if not module.enabled(ctx.cfg):
+            log(f"[{module.name}] skipped (disabled in config)")
             continue
-        if ctx.done(stage.name):
-            log(f"[{stage.name}] finished earlier, kept (resume)")
-            done.append(ctx.metrics(stage.name))
-            continue
-        log(f"[{stage.name}] running")
-        t0 = time.perf_counter()
-        result = run_guarded(stage, ctx)
-        result["seconds"] = round(time.perf_counter() - t0, 2)
-        write_json(ctx.stage_dir(stage.name) / METRICS_FILE, result)
-        done.append(result)
+        parts = keys.inputs(ctx, module, upstream)
+        if ctx.done(module.name):
+            record = ctx.metrics(module.name)
+            if record.get("key") == keys.key_of(parts) and not ran:
+                log(f"[{module.name}] finished earlier, kept (resume)")
+                done.append(record)
+                upstream[module.name] = record["key"]
+                continue
+            why = "an earlier stage ran again" if ran else \
+                f"its inputs changed since: {', '.join(keys.changed(record.get('inputs') or {}, parts))}"
+            log(f"[{module.name}] finished earlier, running again ({why})")
+            shutil.rmtree(ctx.stage_dir(module.name))
+        ran = True
+        log(f"[{module.name}] running")
+        done.append(run_stage(ctx, module.name, upstream))
+        upstream[module.name] = done[-1]["key"]
     return done
 
 
@@ -120,9 +145,9 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     _check_int8_overrides(cfg, chosen)
     data = load_dataset(cfg)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
-    if enabled(cfg, "prune"):
+    if prune.enabled(cfg):
         prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
-    if enabled(cfg, "distill"):
+    if distill.enabled(cfg):
         distill._pairs(cfg.distill.feature_layers)  # the form of each entry; the layers are found in the stage
         for path in cfg.distill.teachers:
             teacher = config.with_checkpoint(cfg, path)
@@ -261,8 +286,9 @@ def _write_error(exc: OSError, held: Claim) -> BuildDirError | None:
 
 def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resume: bool = False,
           log=print) -> dict:
-    """Check everything, then run every stage into `out`, run the bundles this machine can run, check every
-    artifact with its target's pinned runtime (aarch64 also under qemu), write report.json and report.html."""
+    """Check everything, then run every stage into `out`: the model stages, export, verify and bundle, then run
+    the bundles this machine can run, check every artifact with its target's pinned runtime (aarch64 also under
+    qemu) and write report.json and report.html. Returns the report."""
     check_out(cfg, out, resume)
     chosen, data = validate(cfg, target_names)
     with claim(out, resume) as held:
@@ -276,25 +302,9 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
 
 
 def _build_in(held: Claim, ctx: Context, resume: bool, log) -> dict:
-    from edgekit import bundle_check, measure, report, report_html, runtime_check
-
-    cfg, out = ctx.cfg, ctx.out
     if not resume:
-        write_bytes(out / CONFIG_FILE, config.dump(config.absolute(cfg)).encode())
+        write_bytes(ctx.out / CONFIG_FILE, config.dump(config.absolute(ctx.cfg)).encode())
         held.config_written = True
     held.started = True
-    stage_metrics = run_stages(ctx, log)
-    runs = {}
-    if cfg.build.run_local:
-        for target in ctx.targets:
-            if target.runs_here:
-                runs[target.name] = measure.run_bundle(out / "bundles" / target.name, log=log)
-            else:
-                log(f"[run] {target.name}: {target.arch} bundle, not runnable on this machine; "
-                    f"measure it on the device with `edgekit run`")
-    result = report.build_report(cfg, stage_metrics, ctx.targets, runs)
-    bundle_check.add_to_report(result, log=log)  # each artifact with its pinned runtime; aarch64 under qemu
-    write_json(out / "report.json", result)
-    report_html.write([out], out / "report.html")  # the page people look at, from report.json and the results
-    runtime_check.raise_on_failures(result)
-    return result
+    run_stages(ctx, log)
+    return json.loads((ctx.out / report.FILES[0]).read_text())

@@ -193,7 +193,7 @@ def _versus_x86(check: dict) -> str:
 
 
 def table(result: dict) -> str:
-    """`edgekit verify`'s table; emulated runs show no latency, since qemu's timings are not the device's."""
+    """`edgekit check`'s table; emulated runs show no latency, since qemu's timings are not the device's."""
     lines = [f"{'artifact':<20} {'runtime':<22} {'arch':<8} {'emulated':<8} {'check':<7} {'acc':>6} "
              f"{'manifest':>8}  outputs vs x86"]
     for name, c in result["artifacts"].items():

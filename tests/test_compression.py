@@ -1,15 +1,14 @@
 """Pruning methods and targets, distillation losses, calibration choices and the harder task: real effects."""
 
-import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from edgekit import config, data, metrics, models, targets
+from edgekit import config, data, metrics, models, pipeline, targets
 from edgekit.errors import ConfigError
-from edgekit.stages import distill, export, prune, quantize, train
+from edgekit.stages import distill, prune, quantize
 from edgekit.stages.base import Context
 from tests.conftest import tiny
 
@@ -91,9 +90,8 @@ def test_iterative_prune_stage_records_rounds(tmp_path):
     cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 1},
                                 prune={"method": "taylor", "target_macs": 0.5, "steps": 2, "finetune_epochs": 2}))
     ctx = Context(cfg, data.load_dataset(cfg), tmp_path, [])
-    before = train.run(ctx)
-    (tmp_path / "stages" / "train" / "metrics.json").write_text(json.dumps(before))
-    result = prune.run(ctx)
+    before = pipeline.run_stage(ctx, "train")
+    result = pipeline.run_stage(ctx, "prune")
     assert [r["target"] for r in result["rounds"]] == [0.75, 0.5]
     assert all(0 <= r["val_accuracy_before_finetune"] <= 1 for r in result["rounds"])
     assert 0.4 * before["macs"] < result["macs"] <= 0.5 * before["macs"] and result["method"] == "taylor"
@@ -110,13 +108,13 @@ def test_random_baseline_repeats_under_its_seed(tmp_path):
                                      prune={"method": "random", "ratio": 0.5, "finetune_epochs": 0}))
 
     base = Context(cfg(0), data.load_dataset(cfg(0)), tmp_path / "base", [])
-    (base.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(base)))
+    pipeline.run_stage(base, "train")
     kept = []
     for run, seed in enumerate((0, 0, 1)):
         shutil.copytree(base.stage_dir("train"), tmp_path / str(run) / "stages" / "train")
         ctx = Context(cfg(seed), base.data, tmp_path / str(run), [])
         torch.rand(run + 1)  # other work moved the global generator on
-        prune.run(ctx)
+        pipeline.run_stage(ctx, "prune")
         kept.append(ctx.load_model("prune").state_dict())
     assert all(torch.equal(kept[0][k], kept[1][k]) for k in kept[0])
     assert not all(torch.equal(kept[0][k], kept[2][k]) for k in kept[0])
@@ -190,9 +188,9 @@ def test_layers_kept_float_stay_float_in_the_shipped_onnx_int8(tmp_path):
     cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 1}, prune={"enabled": False},
                                 quantize={"method": "ptq", "keep_float": ["model/1/0/conv2d/0"]}))
     ctx = Context(cfg, data.load_dataset(cfg), tmp_path, targets.get(["x86-64"]))
-    for module in (train, quantize):
-        (ctx.stage_dir(module.name) / "metrics.json").write_text(json.dumps(module.run(ctx), default=float))
-    record = next(a for a in export.run(ctx)["artifacts"] if a["name"] == "onnx_int8")
+    for name in ("train", "quantize", "export"):
+        result = pipeline.run_stage(ctx, name)
+    record = next(a for a in result["artifacts"] if a["name"] == "onnx_int8")
     graph = onnx.load(ctx.stage_dir("export") / record["file"]).graph
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     convs = {onnx_int8.module_of(n.name): n for n in graph.node if n.op_type == "Conv"}
@@ -228,10 +226,8 @@ def test_distill_stage_with_a_zoo_student_reloads_its_architecture(tmp_path):
                                 distill={"student": "resnet8", "student_width_mult": 0.25, "epochs": 1,
                                          "losses": ["soft", "relation"]}))
     ctx = Context(cfg, data.load_dataset(cfg), tmp_path, [])
-    write = (tmp_path / "stages" / "train" / "metrics.json")
-    write.parent.mkdir(parents=True)
-    write.write_text(json.dumps(train.run(ctx)))
-    result = distill.run(ctx)
+    pipeline.run_stage(ctx, "train")
+    result = pipeline.run_stage(ctx, "distill")
     assert result["settings"]["student_spec"]["name"] == "resnet8" and result["method"] == "soft+relation"
     again = ctx.load_model("distill")
     assert hasattr(again, "stack1") and result["params"] < ctx.metrics("train")["params"]

@@ -78,7 +78,7 @@ def test_emulated_pi_bundle_matches_the_x86_run(e2e_build):
 
 
 def test_verify_emulate_runs_an_old_image_bundle_on_its_aarch64_wheels(e2e_build, tmp_path, capsys):
-    """`edgekit verify --emulate` on an rpi4-legacy-style bundle: tflite-runtime 2.14's aarch64 wheel under qemu."""
+    """`edgekit check --emulate` on an rpi4-legacy-style bundle: tflite-runtime 2.14's aarch64 wheel under qemu."""
     if emulate.qemu() is None:
         pytest.fail(INSTALL)
     out, _ = e2e_build
@@ -89,10 +89,10 @@ def test_verify_emulate_runs_an_old_image_bundle_on_its_aarch64_wheels(e2e_build
     for spec in manifest["artifacts"]:
         spec.update(runtime="tflite-runtime", runtime_version="2.14.0")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    assert cli.main(["verify", str(bundle), "--emulate"]) == 0
+    assert cli.main(["check", str(bundle), "--emulate"]) == 0
     printed = capsys.readouterr().out
     assert "p90" not in printed and "not shown for emulated runs" in printed
-    result = json.loads((bundle / "verify.json").read_text())
+    result = json.loads((bundle / "check.json").read_text())
     for spec in manifest["artifacts"]:
         check = result["artifacts"][spec["name"]]
         assert (check["runtime"], check["version"], check["cpu"]) == ("tflite-runtime", "2.14.0", "cortex-a72")

@@ -9,7 +9,7 @@ import torch
 
 from edgekit import config, fidelity, pipeline
 from edgekit.files import write_json
-from edgekit.stages import export, train, verify
+from edgekit.stages import export, verify
 from edgekit.stages.base import METRICS_FILE, finish_torch_stage
 from tests.conftest import tiny
 
@@ -22,7 +22,7 @@ def _outlier_build(tmp_path, allow: bool, targets=("rpi5",)):
     cfg = config.from_dict(tiny(prune={"enabled": False}, quantize={"enabled": False},
                                 build={"targets": list(targets), "run_local": False, "allow_fidelity_miss": allow}))
     ctx = pipeline.make_context(cfg, tmp_path / "b", None)
-    write_json(ctx.stage_dir("train") / METRICS_FILE, train.run(ctx))
+    pipeline.run_stage(ctx, "train")
     model = ctx.load_model("train")
     with torch.no_grad():
         model[1][0].weight[:, 0] = 0.0  # nothing downstream reads channel 0 of block 0 ...
@@ -30,7 +30,7 @@ def _outlier_build(tmp_path, allow: bool, targets=("rpi5",)):
         model[0][1].bias[0] = 1000.0  # ... which a BN shift puts near 1000 after ReLU
         torch.testing.assert_close(model(torch.from_numpy(ctx.data.test.x)), before, atol=1e-2, rtol=0)
     write_json(ctx.stage_dir("train") / METRICS_FILE, finish_torch_stage(ctx, "train", model))
-    write_json(ctx.stage_dir("export") / METRICS_FILE, export.run(ctx))
+    pipeline.run_stage(ctx, "export")
     return ctx
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.pipeline import STAGE_NAMES
+from edgekit import config, pipeline
 
 TINY_BUILD = {
     "data": {"limit": 200, "calib_samples": 32},
@@ -25,6 +25,7 @@ TINY_BUILD = {
     "run": {"warmup_runs": 1, "min_runs": 2, "min_seconds": 0.01, "max_seconds": 0.5},
     "build": {"targets": ["x86-64"], "run_local": False},
 }
+STAGE_NAMES = [s.name for s in pipeline.STAGES if s.enabled(config.from_dict(TINY_BUILD))]
 ARTIFACTS = ("stages/export/onnx_fp32.onnx", "stages/export/onnx_int8.onnx", "stages/export/tflite_int8.tflite",
              "bundles/x86-64/eval.npz", "bundles/x86-64/onnx_int8.onnx", "bundles/x86-64/tflite_int8.tflite")
 

@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgekit import config, data, metrics, models, targets
+from edgekit import config, data, metrics, models, pipeline, targets
 from edgekit.errors import ModelError
 from edgekit.files import write_json
 from edgekit.models import zoo
-from edgekit.stages import export, prune, quantize, verify
+from edgekit.stages import prune, quantize, verify
 from edgekit.stages.base import METRICS_FILE, Context, finish_torch_stage
 
 CASES = {  # model -> (sample shape, width_mult)
@@ -60,7 +60,7 @@ def test_zoo_model_prunes_quantizes_and_exports(name, tmp_path):
     qout = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert metrics.fidelity(metrics.logits(qmodel, x), qout)["top1_agreement"] >= 0.8
     write_json(ctx.stage_dir("train") / METRICS_FILE, finish_torch_stage(ctx, "train", model))
-    specs = {a["name"]: a for a in export.run(ctx)["artifacts"]}
+    specs = {a["name"]: a for a in pipeline.run_stage(ctx, "export")["artifacts"]}
     for key in ("onnx_int8", "tflite_int8"):
         assert verify.check(ctx, specs[key])["top1_agreement"] >= 0.8, key
 

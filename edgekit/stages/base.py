@@ -1,7 +1,14 @@
 """The stage contract: a stage reads earlier stages' files through the Context and writes its own folder.
 
-A stage is a module-level object with a `name` and a `run(ctx) -> dict` that returns its metrics.
-The pipeline writes `metrics.json` last, so a folder with it is a finished stage (used by --resume).
+A stage is a module of edgekit.stages (listed in edgekit.stages.ORDER) with
+  name      its folder under stages/ and its name in logs and the report;
+  reads     the config sections (and "targets") its result depends on;
+  needs     the stages whose results it reads (their metrics.json and files, through the Context);
+  enabled   enabled(cfg) -> bool: whether it runs in this build;
+  run       run(ctx) -> dict: does the work, writes its folder, returns what it hands on and reports.
+edgekit.pipeline.run_stage runs one and writes its `metrics.json` last, with the stage's input key
+(edgekit.stages.keys) and its seconds: a folder with a metrics.json of the current key is a finished stage
+(what --resume keeps). Stages talk through these records and files, never through each other's functions.
 """
 
 from __future__ import annotations
@@ -28,8 +35,17 @@ METRICS_FILE = "metrics.json"
 
 class Stage(Protocol):
     name: str
+    reads: tuple[str, ...]
+    needs: tuple[str, ...]
+
+    def enabled(self, cfg: Config) -> bool: ...
 
     def run(self, ctx: Context) -> dict: ...
+
+
+def always(_cfg: Config) -> bool:
+    """`enabled` of a stage that every build runs."""
+    return True
 
 
 @dataclass

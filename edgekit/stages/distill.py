@@ -19,10 +19,19 @@ import torch
 from torch import nn
 
 from edgekit import models, training
+from edgekit.config import Config
 from edgekit.errors import ConfigError
 from edgekit.stages.base import Context, finish_torch_stage
 
 name = "distill"
+reads = ("distill", "train", "model")
+needs = ("train", "prune")
+
+
+def enabled(cfg: Config) -> bool:
+    """A pruned student needs the prune stage: with nothing smaller than the teacher there is nothing to distil."""
+    return cfg.distill.enabled and (cfg.prune.enabled or cfg.distill.student != "pruned")
+
 F = nn.functional
 
 

@@ -34,9 +34,12 @@ from edgekit import fidelity, metrics, onnx_int8, quiet, repair
 from edgekit.errors import EdgekitError
 from edgekit.files import temp_root, write_bytes, write_json
 from edgekit.stages import quantize
-from edgekit.stages.base import Context
+from edgekit.stages.base import Context, always
 
 name = "export"
+reads = ("export", "targets")
+needs = ("train", "prune", "distill", "quantize")
+enabled = always
 
 ARTIFACT_FILE = "artifacts.json"
 LOG_FILE = "convert.log"  # what onnx2tf and the TFLite converter printed, for when they fail
@@ -80,8 +83,8 @@ def run(ctx: Context) -> dict:
         write_bytes(out / record["file"], payload)
     records = [record for record, _ in built]
     write_json(out / ARTIFACT_FILE, records)
-    return {"name": name, "artifacts": records, "accuracy": None, "params": None, "macs": None,
-            "size_bytes": sum(r["size_bytes"] for r in records), "targets": [t.name for t in ctx.targets]}
+    return {"name": name, "artifacts": records, "size_bytes": sum(r["size_bytes"] for r in records),
+            "targets": [t.name for t in ctx.targets]}
 
 
 def _export_from(ctx: Context, source: str, keys: list[str], int8_settings: dict,

@@ -25,13 +25,20 @@ import torch_pruning as tp
 from torch import nn
 
 from edgekit import metrics, training
-from edgekit.config import PruneConfig
+from edgekit.config import Config, PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.files import write_json
 from edgekit.prunable import L1_FILTER_NORM, protected_layers
 from edgekit.stages.base import Context, finish_torch_stage
 
 name = "prune"
+reads = ("prune", "train", "targets")
+needs = ("train",)
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.prune.enabled
+
 FINE_STEPS = 60  # increments of a target search; each removes about 1/60 of the maximum ratio
 MAX_LAYER_RATIO = 0.9  # no layer loses more than this fraction of its channels (global ranking can gut one)
 GRAD_SAMPLES = 128  # samples whose loss gradient feeds Taylor importance

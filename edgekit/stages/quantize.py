@@ -22,10 +22,17 @@ import numpy as np
 import torch
 
 from edgekit import metrics, models, quiet, training
-from edgekit.config import QuantizeConfig
+from edgekit.config import Config, QuantizeConfig
 from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context, stage_files
 
 name = "quantize"
+reads = ("quantize", "train", "export")
+needs = ("train", "prune", "distill")
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.quantize.enabled
+
 ONNX_FILE = "model_int8.onnx"
 LOG_FILE = "quantize.log"  # what NNCF printed
 ENTROPY_BINS = 2048  # histogram bins of the KL search

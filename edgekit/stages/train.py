@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from edgekit import models, training
-from edgekit.stages.base import Context, finish_torch_stage
+from edgekit.stages.base import Context, always, finish_torch_stage
 
 name = "train"
+reads = ("data", "model", "train")
+needs: tuple[str, ...] = ()
+enabled = always
 
 
 def run(ctx: Context) -> dict:

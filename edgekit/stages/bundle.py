@@ -14,10 +14,13 @@ import numpy as np
 from edgekit import __version__, recommend
 from edgekit.files import write_json
 from edgekit.runner import runner
-from edgekit.stages.base import Context
+from edgekit.stages.base import Context, always
 from edgekit.targets import Target
 
 name = "bundle"
+reads = ("run", "targets")
+needs = ("export", "verify")
+enabled = always
 RUNNER_SRC = Path(runner.__file__)
 EVAL_FILE = "eval.npz"
 
@@ -143,4 +146,4 @@ def run(ctx: Context) -> dict:
                     "recommended": rec})
         print(f"  {target.name:<18} {dest}  ({size / 1024:.0f} KB)")
         print(f"  {'':<18} recommended: {rec['artifact'] or '-'} ({rec['reason']})")
-    return {"name": name, "accuracy": None, "params": None, "macs": None, "size_bytes": None, "bundles": out}
+    return {"name": name, "bundles": out}

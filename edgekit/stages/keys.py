@@ -1,0 +1,114 @@
+"""A stage's input key: a hash of everything its result depends on.
+
+The key covers the data (a fingerprint of every split's arrays), the config sections the stage reads, the code
+of a user's model and its checkpoint, the target profiles (for stages that read them), edgekit's and the
+libraries' versions, and the keys of the stages it needs. It is recorded in the stage's metrics.json;
+`--resume` keeps a finished stage only when its recorded key is the key it would have now, so a build never
+mixes a stage made from other data, code or libraries with stages made from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import weakref
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import __version__, config
+from edgekit.config import Config
+
+LIBRARIES = ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert",
+             "numpy")
+CHUNK = 1 << 24  # bytes hashed at a time: a memory-mapped split larger than memory is read piece by piece
+_FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}  # id(dataset) -> (the dataset, its fingerprint)
+
+
+@functools.cache
+def library_versions() -> dict:
+    """The installed versions of the libraries a build uses (from package metadata; nothing is imported)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _hash_array(h: hashlib._Hash, a: np.ndarray) -> None:
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    flat = a.reshape(-1)
+    step = max(1, CHUNK // max(1, a.itemsize))
+    for start in range(0, flat.size, step):
+        h.update(np.ascontiguousarray(flat[start:start + step]).tobytes())
+
+
+def data_fingerprint(data) -> str:
+    """sha256 of every split's samples and labels, the label names and the preprocessing (once per dataset)."""
+    ref, digest = _FINGERPRINTS.get(id(data), (None, ""))
+    if ref is None or ref() is not data:
+        h = hashlib.sha256(json.dumps([data.labels, data.preprocessing]).encode())
+        for split in (data.train, data.val, data.test, data.calib):
+            _hash_array(h, split.x)
+            _hash_array(h, split.y)
+        digest = h.hexdigest()
+        _FINGERPRINTS[id(data)] = (weakref.ref(data), digest)
+    return digest
+
+
+def _file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def model_fingerprint(cfg: Config) -> dict:
+    """The user's model code (the factory's file, or its module's source) and checkpoint, by content."""
+    found = {}
+    if cfg.model.factory:
+        source = cfg.model.factory.rpartition(":")[0]
+        if source.endswith(".py"):
+            found["factory"] = _file_digest(cfg.resolve(source))
+        else:
+            import importlib.util
+
+            spec = importlib.util.find_spec(source)
+            found["factory"] = _file_digest(Path(spec.origin)) if spec and spec.origin else None
+    if cfg.model.checkpoint:
+        found["checkpoint"] = _file_digest(cfg.resolve(cfg.model.checkpoint))
+    return found
+
+
+def targets_fingerprint(targets: list) -> list:
+    """The chosen target profiles as edgekit read them (name, artifacts, runtimes, thresholds, budgets)."""
+    return [{k: v for k, v in dataclasses.asdict(t).items() if k != "source"} for t in targets]
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
+    """A digest of each kind of input of `stage` in the build `ctx`, given the keys of the stages before it."""
+    cfg = config.to_dict(config.absolute(ctx.cfg))  # as saved in the build folder, so --resume sees the same
+    return {
+        "edgekit and libraries": _digest([stage.name, __version__, library_versions()]),
+        "data": data_fingerprint(ctx.data)[:20],
+        "model code and checkpoint": _digest(model_fingerprint(ctx.cfg)),
+        "config": _digest({section: cfg[section] for section in stage.reads if section in cfg}),
+        "targets": _digest(targets_fingerprint(ctx.targets) if "targets" in stage.reads else None),
+        "earlier stages": _digest({name: upstream.get(name) for name in stage.needs}),
+    }
+
+
+def key_of(parts: dict[str, str]) -> str:
+    """The stage's input key: one digest of all its inputs."""
+    return _digest(parts)
+
+
+def changed(old: dict, new: dict) -> list[str]:
+    """The kinds of input that differ between a recorded stage and now."""
+    return [part for part in new if old.get(part) != new[part]]

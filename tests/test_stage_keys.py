@@ -1,0 +1,96 @@
+"""A stage's input key: what --resume checks before it keeps a finished stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+
+from edgekit import config, data, pipeline, targets
+from edgekit.stages import ORDER, export, keys, prune, quantize, train
+from edgekit.stages.base import Context
+from tests.conftest import tiny
+
+
+def _ctx(tmp_path, target_names=("x86-64",), **sections) -> Context:
+    cfg = config.from_dict(tiny(data={"limit": 120}, **sections))
+    return Context(cfg, data.load_dataset(cfg), tmp_path / "b", targets.get(list(target_names)))
+
+
+def _key(ctx: Context, stage, upstream: dict | None = None) -> str:
+    return keys.key_of(keys.inputs(ctx, stage, upstream or {}))
+
+
+def test_key_follows_the_config_sections_a_stage_reads(tmp_path):
+    base = _ctx(tmp_path)
+    assert _key(base, train) == _key(_ctx(tmp_path), train)  # the same inputs, the same key
+    later = _ctx(tmp_path, quantize={"qat_epochs": 3})
+    assert _key(later, train) == _key(base, train) and _key(later, prune) == _key(base, prune)
+    assert _key(later, quantize) != _key(base, quantize)
+    assert _key(_ctx(tmp_path, train={"epochs": 3}), train) != _key(base, train)
+
+
+def test_key_follows_data_targets_upstream_and_libraries(tmp_path, monkeypatch):
+    base = _ctx(tmp_path)
+    x = base.data.test.x.copy()
+    x[0, 0, 0, 0] += 1.0  # one pixel of one test image
+    other = dataclasses.replace(base, data=dataclasses.replace(base.data, test=data.Split(x, base.data.test.y)))
+    assert _key(other, train) != _key(base, train)
+    rpi = _ctx(tmp_path, target_names=("rpi5",))
+    assert _key(rpi, train) == _key(base, train) and _key(rpi, export) != _key(base, export)
+    assert _key(base, prune, {"train": "a"}) != _key(base, prune, {"train": "b"})
+    before = _key(base, train)
+    monkeypatch.setattr(keys, "library_versions", lambda: {"torch": "0.0.1"})
+    assert _key(base, train) != before
+    assert keys.changed(keys.inputs(_ctx(tmp_path), train, {}), keys.inputs(base, train, {})) == []
+
+
+def test_key_follows_the_model_code(tmp_path):
+    factory = tmp_path / "net.py"
+    factory.write_text("from torch import nn\n\ndef make(num_classes):\n"
+                       "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    ctx = _ctx(tmp_path, model={"factory": f"{factory}:make"})
+    before = keys.inputs(ctx, train, {})
+    factory.write_text(factory.read_text() + "# edited\n")
+    assert keys.changed(before, keys.inputs(ctx, train, {})) == ["model code and checkpoint"]
+
+
+def test_data_fingerprint_reads_a_memory_mapped_split_in_chunks(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path)
+    whole = keys.data_fingerprint(ctx.data)
+    monkeypatch.setattr(keys, "CHUNK", 64)  # many small pieces: the same digest
+    monkeypatch.setattr(keys, "_FINGERPRINTS", {})
+    assert keys.data_fingerprint(ctx.data) == whole
+
+
+def test_resume_runs_again_a_stage_whose_inputs_changed_and_every_stage_after_it(e2e_build, tmp_path):
+    out, _ = e2e_build
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    record_file = copy / "stages" / "bundle" / "metrics.json"
+    record = json.loads(record_file.read_text())
+    assert set(record) >= {"key", "inputs", "seconds"} and record["key"] == keys.key_of(record["inputs"])
+    record["inputs"]["targets"] = "a profile edited since"
+    record["key"] = keys.key_of(record["inputs"])
+    record_file.write_text(json.dumps(record))
+    verify_record = (copy / "stages" / "verify" / "metrics.json").read_text()
+    messages = []
+    report = pipeline.build(config.load(copy / "config.yaml"), copy, resume=True, log=messages.append)
+    assert "[verify] finished earlier, kept (resume)" in messages
+    assert "[bundle] finished earlier, running again (its inputs changed since: targets)" in messages
+    for later in ORDER[ORDER.index("bundle") + 1:]:
+        assert f"[{later}] finished earlier, running again (an earlier stage ran again)" in messages
+    assert (copy / "stages" / "verify" / "metrics.json").read_text() == verify_record
+    assert json.loads(record_file.read_text())["inputs"]["targets"] != "a profile edited since"
+    assert report == json.loads((copy / "report.json").read_text()) and report["artifacts"]
+
+
+def test_every_stage_declares_the_contract():
+    for module in pipeline.STAGES:
+        assert module.name in ORDER and callable(module.run) and callable(module.enabled)
+        assert all(n in ORDER[:ORDER.index(module.name)] for n in module.needs), module.name
+        assert all(s in {f.name for f in dataclasses.fields(config.Config)} | {"targets"} for s in module.reads)
+    assert [m.name for m in pipeline.STAGES] == list(ORDER)
+    assert np.all([pipeline.stage(n).name == n for n in ORDER])
