@@ -30,9 +30,9 @@ from edgekit import quiet  # noqa: E402
 quiet.setup()
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch's TorchScript-exporter notice
 
+from edgekit.formats import tflite  # noqa: E402
 from edgekit.models.zoo import plain_cnn  # noqa: E402
 from edgekit.runner.runner import latency_stats  # noqa: E402
-from edgekit.stages import export  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 def mobilenet_v1_style(shape: tuple[int, ...], num_classes: int, width: int) -> nn.Sequential:
@@ -115,15 +115,15 @@ def _edgekit_tflite(model: nn.Module, shape, calib: np.ndarray, work: Path) -> b
     with torch.no_grad():
         torch.onnx.export(model, (torch.from_numpy(calib[:1]),), str(onnx_path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"])
-    saved = export._onnx_to_saved_model(onnx_path, work, calib, work / "convert.log")
-    return export._tflite_convert(saved, calib.transpose(0, 2, 3, 1), int8_io=False, log=work / "convert.log")
+    saved = tflite.onnx_to_saved_model(onnx_path, work, calib, work / "convert.log")
+    return tflite.convert(saved, calib.transpose(0, 2, 3, 1), int8_io=False, log=work / "convert.log")
 
 
 def _native_tflite(model: nn.Module, shape, calib: np.ndarray, work: Path) -> bytes:
     with quiet.silenced(work / "keras.log"):
         twin = keras_twin(model, shape)
         twin.export(str(work / "keras_saved"))
-    return export._tflite_convert(work / "keras_saved", calib.transpose(0, 2, 3, 1), int8_io=False,
+    return tflite.convert(work / "keras_saved", calib.transpose(0, 2, 3, 1), int8_io=False,
                                   log=work / "convert.log")
 
 

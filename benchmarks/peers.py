@@ -148,16 +148,16 @@ def nncf_ptq(model: torch.nn.Module, calib: np.ndarray, out: Path) -> Path:
 
 def tflite_pair(model: torch.nn.Module, ds: data.Dataset, work: Path) -> tuple[bytes, bytes, list[int] | None]:
     """fp32 and full-int8 TFLite the way edgekit's export stage makes them (onnx2tf, then TFLiteConverter)."""
-    from edgekit.stages import export
+    from edgekit.formats import onnx, tflite
 
     static = _export(model, ds.calib.x, work / "static.onnx", dynamic=False)
     log = work / "convert.log"
-    saved = export._onnx_to_saved_model(static, work, ds.calib.x, log)
-    fp32 = export._tflite_convert(saved, None, int8_io=False, log=log)
-    reference = export._ort_session(_export(model, ds.calib.x, work / "ref.onnx"), "reference")
-    perm = export._find_transpose(fp32, reference, ds.calib.x[:16])
+    saved = tflite.onnx_to_saved_model(static, work, ds.calib.x, log)
+    fp32 = tflite.convert(saved, None, int8_io=False, log=log)
+    reference = onnx.session(_export(model, ds.calib.x, work / "ref.onnx"), "reference")
+    perm = tflite.find_transpose(fp32, reference, ds.calib.x[:16])
     calib = ds.calib.x.transpose(perm) if perm else ds.calib.x
-    return fp32, export._tflite_convert(saved, calib, int8_io=False, log=log), perm
+    return fp32, tflite.convert(saved, calib, int8_io=False, log=log), perm
 
 
 def build_artifacts(m: dict, work: Path) -> dict[str, dict]:

@@ -25,8 +25,8 @@ import numpy as np
 from edgekit import runtime_check as rc
 from edgekit.errors import EmulationUnavailable
 from edgekit.files import READY, cache_dir, locked
+from edgekit.formats import requirements
 from edgekit.runner import RUNNER, error_line
-from edgekit.targets import requirements
 
 QEMU = "qemu-aarch64-static"
 SKIP_MESSAGE = (f"emulated check skipped: {QEMU} not found; install qemu-user-static to enable "

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekit import metrics
+from edgekit import formats, metrics
 from edgekit.metrics import sqnr_db
 
 MAX_SAMPLES = 64  # enough to rank layers; keeps the debug run short
 IDEAL_8BIT_DB = 49.9  # SQNR of an ideal 8-bit quantizer (6.02 * 8 + 1.76): what a layer fed by the input starts from
-HOST_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert"}  # what runs each format on this build machine
 # A sample is "confident" when its top-1 - top-2 logit margin exceeds this many sigmas of the difference of two
 # logits carrying the noise the SQNR threshold allows (sigma = RMS(logits) * 10^(-min_sqnr_db / 20)): any artifact
 # that passes the SQNR gate flips it only by a 3-sigma accident. Scale-free, unlike a softmax probability
@@ -61,11 +60,16 @@ def numerics_of(targets: list, key: str, settings: dict | None) -> list[str]:
     return sorted(set(found))
 
 
+def _host(fmt: str) -> dict:
+    host = formats.runtime(formats.get(fmt).host_runtime)
+    return {"runtime": host.name, "engine": host.engine}
+
+
 def predict(path, spec: dict, x: np.ndarray, how: str) -> tuple[np.ndarray, dict]:
     """The artifact's outputs on x (dataset layout) with the given numerics, and the runtime that ran."""
     from edgekit.runner.runner import Artifact
 
-    artifact = Artifact(path, spec | {"runtime": HOST_RUNTIME[spec["format"]]}, threads=None,
+    artifact = Artifact(path, spec | _host(spec["format"]), threads=None,
                         optimize=how == KERNELS)
     return artifact.predict(x), artifact.runtime | {"numerics": how}
 

@@ -28,10 +28,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgekit import formats
 from edgekit.errors import DockerError
 from edgekit.files import cache_dir
 from edgekit.manifest import bundle_files, read_manifest
-from edgekit.targets import RUNTIMES, Target, host_arch
+from edgekit.targets import Target, host_arch
 
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
 PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
@@ -49,7 +50,7 @@ GENERATED = "# Generated from targets/{name}.yaml by `edgekit docker --write-doc
 
 def runtime_pins(target: Target) -> list[str]:
     """The pip requirements of a target's image: each runtime at the version the target pins, and numpy."""
-    pins = {f"{RUNTIMES[a.runtime][0]}=={a.runtime_version}" for a in target.artifacts}
+    pins = {f"{formats.runtime(a.runtime).package}=={a.runtime_version}" for a in target.artifacts}
     return sorted(pins) + [f"numpy=={NUMPY_PIN}"]
 
 

@@ -24,10 +24,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import measure
+from edgekit import formats, measure
 from edgekit.errors import CommandFailed, ConnectionLost, HostKeyError, RemoteError
 from edgekit.manifest import bundle_files
-from edgekit.targets import RUNTIMES
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
 RUNTIME_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "onnxruntime-gpu": "onnxruntime",
@@ -165,7 +164,7 @@ def probe(conn: Connection, python: str) -> dict:
 
 def requirements(runtime: str, version: str) -> list[str]:
     """What the device needs for one runtime: the pinned package, and numpy (below 2 for tflite-runtime)."""
-    return [f"{RUNTIMES[runtime][0]}=={version}", "numpy<2" if runtime == "tflite-runtime" else "numpy"]
+    return formats.runtime(runtime).requirements(version)
 
 
 def needed(manifest: dict, names: list[str]) -> dict[str, str]:
@@ -184,11 +183,12 @@ def mismatches(info: dict, manifest: dict, names: list[str]) -> list[str]:
     if info["modules"].get("numpy") is None:
         problems.append("numpy is not installed")
     for runtime, version in needed(manifest, names).items():
-        have = info["modules"].get(runtime if runtime != "onnxruntime-gpu" else "onnxruntime")
+        gpu = formats.runtime(runtime).gpu  # onnxruntime-gpu imports as onnxruntime; CUDA must be there
+        have = info["modules"].get("onnxruntime" if gpu else runtime)
         if have != version:
-            problems.append(f"{RUNTIMES[runtime][0]} {have or 'is missing'}" + (f" (the target pins {version})"
-                                                                                if have else f" ({version} needed)"))
-        if runtime == "onnxruntime-gpu" and have and "CUDAExecutionProvider" not in info["onnx_providers"]:
+            problems.append(f"{formats.runtime(runtime).package} {have or 'is missing'}"
+                            + (f" (the target pins {version})" if have else f" ({version} needed)"))
+        if gpu and have and "CUDAExecutionProvider" not in info["onnx_providers"]:
             problems.append("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (JetPack wheel)")
     return problems
 

@@ -20,24 +20,26 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgekit import formats
 from edgekit.errors import EdgekitError, RuntimeEnvError
 from edgekit.files import READY, cache_dir, locked
+from edgekit.formats import requirements
 from edgekit.runner import OP_VERSION, RUNNER, error_line
-from edgekit.targets import RUNTIMES, requirements
 
 RUN_TIMEOUT_S = 600
 PIP_NETWORK = ("--retries", "2", "--timeout", "60")  # offline: give up soon and say the check was skipped
 # The check is about what the runtime can load and compute, not speed (`edgekit run` measures that): one thread,
 # since a Pi's 4 XNNPACK threads on a 2-core machine spin-wait (tflite-runtime 2.14 fp32: 31 s instead of 2 s).
 CHECK_THREADS = 1
-NO_CHECK = {"onnxruntime-gpu": "needs a CUDA device; the ONNX file is checked by the verify stage on the CPU"}
+NO_CHECK = {r.name: "needs a CUDA device; the ONNX file is checked by the verify stage on the CPU"
+            for r in formats.runtimes().values() if r.gpu}
 
 
 _FAILED: dict[str, str] = {}  # environment folder -> why it could not be made (once per process)
 
 
 def package_of(runtime: str) -> str:
-    return RUNTIMES[runtime][0]
+    return formats.runtime(runtime).package
 
 
 def base_python(version: str) -> str:

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from edgekit import formats
 from edgekit.errors import TargetError
 
 TARGETS_DIR = Path(__file__).resolve().parent / "profiles"  # the built-in profiles
-FORMATS = {"onnx": ("fp32", "fp16", "int8"), "tflite": ("fp32", "int8")}
-RUNTIMES = {  # runtime name -> (pip package on the device, artifact format)
-    "onnxruntime": ("onnxruntime", "onnx"),
-    "onnxruntime-gpu": ("onnxruntime-gpu", "onnx"),
-    "litert": ("ai-edge-litert", "tflite"),
-    "tflite-runtime": ("tflite-runtime", "tflite"),
-}
 ARCHES = ("x86_64", "aarch64")
 REQUIRED = {"name": str, "description": str, "arch": str, "python": str, "artifacts": list, "threads": int,
             "budgets": dict, "accuracy_tolerance_pp": (int, float), "docker_base": str}
@@ -85,9 +79,9 @@ def int8_settings(raw: dict, where: str, base: Int8Settings | None = None) -> In
 
 @dataclass(frozen=True)
 class ArtifactSpec:
-    format: str  # onnx | tflite
-    precision: str  # fp32 | int8
-    runtime: str  # a key of RUNTIMES
+    format: str  # a registered format (edgekit.formats): onnx | tflite | ...
+    precision: str  # one of the format's precisions: fp32 | fp16 | int8
+    runtime: str  # one of the format's runtimes (edgekit.formats.Runtime)
     runtime_version: str  # the version pinned on the device
     io: str = "float32"  # tflite int8: int8 | float32 input/output tensors
     variant: str = ""  # onnx int8: Int8Settings.variant of the target (empty for the x86-avx2 defaults)
@@ -133,17 +127,19 @@ def _artifact(raw: object, versions: dict, where: str) -> ArtifactSpec:
     if not isinstance(raw, dict) or not {"format", "precision", "runtime"} <= raw.keys():
         raise TargetError(f"{where}: each artifact needs format, precision and runtime")
     fmt, prec, rt = raw["format"], raw["precision"], raw["runtime"]
-    if fmt not in FORMATS or prec not in FORMATS[fmt]:
+    known = formats.formats()
+    if fmt not in known or prec not in known[fmt].precisions:
         raise TargetError(f"{where}: artifact {fmt}/{prec} unknown; valid: "
-                          + ", ".join(f"{f}/{p}" for f, ps in FORMATS.items() for p in ps))
-    if rt not in RUNTIMES or RUNTIMES[rt][1] != fmt:
-        valid = [r for r, (_, f) in RUNTIMES.items() if f == fmt]
+                          + ", ".join(f"{f}/{p}" for f, spec in known.items() for p in spec.precisions))
+    if rt not in {r.name for r in known[fmt].runtimes}:
+        valid = [r.name for r in known[fmt].runtimes]
         raise TargetError(f"{where}: runtime '{rt}' cannot run {fmt}; valid: {', '.join(valid)}")
     if rt not in versions:
         raise TargetError(f"{where}: runtime '{rt}' has no pinned version under 'runtimes:'")
     io = raw.get("io", "float32")
-    if io not in ("float32", "int8"):
-        raise TargetError(f"{where}: io '{io}' unknown; valid: float32, int8")
+    valid_io = ("float32", "int8") if known[fmt].int8_io and prec == "int8" else ("float32",)
+    if io not in valid_io:
+        raise TargetError(f"{where}: io '{io}' unknown for {fmt}/{prec}; valid: {', '.join(valid_io)}")
     return ArtifactSpec(fmt, prec, rt, str(versions[rt]), io)
 
 
@@ -217,11 +213,6 @@ def load_file(path: Path) -> Target:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise TargetError(f"target file '{path}' cannot be read as YAML: {type(exc).__name__}") from exc
     return parse(raw, str(path))
-
-
-def requirements(package: str, version: str) -> list[str]:
-    """What a device installs: the pinned runtime and numpy (below 2 for tflite-runtime, built against 1.x)."""
-    return [f"{package}=={version}", "numpy<2" if package == "tflite-runtime" else "numpy"]
 
 
 def user_dirs() -> list[Path]:

@@ -9,7 +9,8 @@ import torch
 
 from edgekit import config, fidelity, pipeline
 from edgekit.files import write_json
-from edgekit.stages import export, verify
+from edgekit.formats import tflite
+from edgekit.stages import verify
 from edgekit.stages.base import METRICS_FILE, finish_torch_stage
 from tests.conftest import tiny
 
@@ -99,7 +100,7 @@ def test_float_op_in_full_int8_tflite_is_an_error():
            {"op_name": "CONV_2D", "index": 1, "operand_types": [np.int8, np.int8, np.int32], "result_types": [np.int8]},
            {"op_name": "SIN", "index": 2, "operand_types": [np.float32], "result_types": [np.float32]}]
     with pytest.raises(Exception, match="SIN \\(op 2\\) still computes in float"):
-        export._assert_full_int8(ops, "tflite_int8")
+        tflite.assert_full_int8(ops, "tflite_int8")
 
 
 def test_target_fidelity_thresholds_validated(tmp_path):

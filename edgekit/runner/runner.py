@@ -163,7 +163,8 @@ class Artifact:
 
     def __init__(self, path: str | Path, spec: dict, threads: int | None = None, optimize: bool = True) -> None:
         self.spec = spec
-        if spec["format"] == "onnx":
+        engine = spec.get("engine") or ("onnxruntime" if spec["format"] == "onnx" else "tflite")  # older bundles
+        if engine == "onnxruntime":
             providers = ["CUDAExecutionProvider"] if spec["runtime"] == "onnxruntime-gpu" else None
             self.model = OnnxModel(str(path), threads, providers, optimize)
         else:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit import __version__, recommend
+from edgekit import __version__, formats, recommend
 from edgekit.files import write_json
 from edgekit.runner import runner
 from edgekit.stages.base import Context, always
@@ -34,7 +34,8 @@ def _artifact_entries(ctx: Context, target: Target) -> list[dict]:
         reference["numerics"] = v.get("numerics", {}).get("name")  # how verify computed these numbers
         entries.append({k: v[k] for k in ("name", "file", "format", "precision", "io", "source_stage", "size_bytes",
                                           "input", "output", "graph")}
-                       | {"runtime": spec.runtime, "runtime_version": spec.runtime_version, "reference": reference}
+                       | {"runtime": spec.runtime, "runtime_version": spec.runtime_version,
+                          "engine": formats.runtime(spec.runtime).engine, "reference": reference}
                        | ({"int8": _int8_record(v["int8"])} if v.get("int8") else {}))
     return entries
 

@@ -1,0 +1,139 @@
+"""ONNX: fp32, fp16 (GPU) and int8 artifacts, run by onnxruntime (CPU) or onnxruntime-gpu (Jetson, TensorRT).
+
+fp32 is the torch export checked against torch (every other format starts from it); fp16 keeps float32
+inputs and outputs; int8 is quantized from fp32 by edgekit.onnx_int8 with each target's `int8:` settings (BN
+folded, int8 weights, Q/DQ that onnxruntime fuses), repaired by edgekit.repair when it misses its targets'
+fidelity gate.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import formats
+from edgekit.errors import EdgekitError
+from edgekit.files import write_bytes
+
+FORMAT = formats.register(formats.Format(
+    name="onnx", suffix="onnx", precisions=("fp32", "fp16", "int8"), order=0, host_runtime="onnxruntime",
+    exporter="edgekit.formats.onnx:export",
+    runtimes=(formats.Runtime("onnxruntime", "onnxruntime", "onnxruntime"),
+              formats.Runtime("onnxruntime-gpu", "onnxruntime-gpu", "onnxruntime", gpu=True))))
+
+
+def export(job: formats.ExportJob, specs: list) -> list[tuple[dict, bytes]]:
+    built = []
+    check = None
+    for spec in specs:
+        if spec.precision == "fp32":
+            built.append(artifact(spec, job.fp32_onnx.read_bytes(), job.source))
+        elif spec.precision == "fp16":
+            built.append(artifact(spec, _to_fp16(job.fp32_onnx), job.source))
+        else:
+            if check is None:  # the float model on the validation split: what a repair must stay close to
+                from edgekit import metrics
+
+                val = job.ctx.data.val
+                check = (val.x, val.y, metrics.logits(job.model, val.x))
+            built.append(_int8_artifact(job, spec, check))
+    return built
+
+
+def torch_to_onnx(model, example: np.ndarray, path: Path, opset: int, *, dynamic_batch: bool) -> Path:
+    import torch
+
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.from_numpy(np.ascontiguousarray(example)),), str(path), dynamo=False,
+                          opset_version=opset, input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+def _to_fp16(fp32: Path) -> bytes:
+    """fp16 weights and compute for GPUs (TensorRT), float32 inputs and outputs kept so callers need no cast."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
+        return convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True).SerializeToString()
+
+
+def _int8_artifact(job: formats.ExportJob, spec, check: tuple) -> tuple[dict, bytes]:
+    """onnxruntime-fusable int8 from the fp32 export (edgekit.onnx_int8), repaired when it misses its targets'
+    fidelity gate (edgekit.repair), with its fused/unfused op counts and its float twin (for edgekit debug)."""
+    from edgekit import fidelity, onnx_int8, repair
+
+    ctx, settings = job.ctx, job.int8_settings[spec.key]
+    hows = fidelity.numerics_of(ctx.targets, spec.key, asdict(settings))
+    payload, info = repair.quantize(job.fp32_onnx, ctx.data.calib.x, settings, job.float_modules, check=check,
+                                    hows=hows, limits=fidelity.thresholds(ctx.targets, spec.key))
+    rec, payload = artifact(spec, payload, job.source)
+    twin = f"{spec.key}.float-twin.onnx"
+    write_bytes(ctx.stage_dir("export") / twin, onnx_int8.float_twin(job.fp32_onnx))
+    rec["int8"] = {**info, "fusion": onnx_int8.fusion(payload, len(info["kept_float"])), "float_twin": twin,
+                   "size_vs_fp32": round(len(payload) / job.fp32_onnx.stat().st_size, 3)}
+    return rec, payload
+
+
+def session(model: Path | bytes, what: str):
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # failures come back as exceptions; do not also print them
+        source = model if isinstance(model, bytes) else str(model)
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own (non-exported) exception types
+        raise EdgekitError(f"onnxruntime cannot load {what}: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def check_against_torch(path: Path, model, x: np.ndarray) -> None:
+    """The fp32 ONNX loads in onnxruntime, takes a whole batch and matches torch."""
+    import torch
+
+    try:
+        got = session(path, "the fp32 ONNX export").run(None, {"input": x})[0]
+    except Exception as exc:  # onnxruntime's own exception types
+        raise EdgekitError(f"the fp32 ONNX export cannot run a batch of {len(x)} "
+                           f"({str(exc).strip().splitlines()[0][:200]}); the model must not fix the batch size "
+                           "(write x.flatten(1), not x.view(1, -1))") from exc
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    if got.shape != want.shape or not close(got, want):
+        raise EdgekitError(f"the ONNX export differs from the torch model (max abs diff "
+                           f"{np.abs(got - want).max():.3g}); the model has an op the exporter mistranslates")
+
+
+def close(got: np.ndarray, want: np.ndarray, rel: float = 1e-3) -> bool:
+    return bool(np.abs(got - want).max() <= rel * max(1.0, float(np.abs(want).max())))
+
+
+def artifact(spec, payload: bytes, source: str) -> tuple[dict, bytes]:
+    """The record of an ONNX artifact: onnxruntime loads exactly these bytes; inputs, outputs and op counts."""
+    import onnx
+
+    t0 = time.perf_counter()
+    sess = session(payload, spec.key)
+    rec = formats.record(spec, source, len(payload))
+    rec["input"] = {**_tensor(sess.get_inputs()[0], spec.key), "transpose": None,
+                    "layout": formats.layout(len(sess.get_inputs()[0].shape) - 1, channels_last=False)}
+    rec["output"] = _tensor(sess.get_outputs()[0], spec.key)
+    ops = Counter(n.op_type for n in onnx.load_from_string(payload).graph.node)
+    rec["graph"] = {"ops": dict(sorted(ops.items()))}
+    formats.progress(spec.key, t0, len(payload))
+    return rec, payload
+
+
+def _tensor(arg, key: str) -> dict:
+    if arg.type != "tensor(float)":
+        raise EdgekitError(f"{key}: {arg.name} is {arg.type}; edgekit's ONNX artifacts take and give float32")
+    shape = [1, *(d if isinstance(d, int) else -1 for d in arg.shape[1:])]
+    return {"name": arg.name, "shape": shape, "dtype": "float32", "scale": None, "zero_point": None}
