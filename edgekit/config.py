@@ -320,5 +320,24 @@ def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def choices(hint: object) -> tuple:
+    """The closed set of values a key (or each item of a list key) takes, else ()."""
+    while typing.get_origin(hint) is list:
+        (hint,) = typing.get_args(hint)
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+
 def default_yaml() -> str:
-    return yaml.safe_dump(to_dict(Config()), sort_keys=False)
+    """The default config; a key with a closed set of choices is followed by them, build.targets by the known
+    target profiles."""
+    lines, defaults = [], Config()
+    for section, values in to_dict(defaults).items():
+        hints = typing.get_type_hints(type(getattr(defaults, section)))
+        for line in yaml.safe_dump({section: values}, sort_keys=False).splitlines():
+            key = line.strip().partition(":")[0]
+            top = line.startswith("  ") and not line.startswith("   ") and key in hints  # a key, not a list item
+            listed = choices(hints[key]) if top else ()
+            if (section, key) == ("build", "targets") and line.startswith("  targets"):
+                listed = tuple(targets.available())
+            lines.append(f"{line}  # {' | '.join(map(str, listed))}" if listed else line)
+    return "\n".join(lines) + "\n"

@@ -65,3 +65,26 @@ def test_the_walk_finds_a_circle_when_there_is_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     with pytest.raises(AssertionError):
         assert _cycle({"a": {"b"}, "b": {"a"}}) is None
+
+
+def _choices(section: type, key: str) -> set:
+    import typing
+
+    hint = typing.get_type_hints(section)[key]
+    while typing.get_origin(hint) is list:
+        (hint,) = typing.get_args(hint)
+    return set(typing.get_args(hint))
+
+
+def test_config_choices_match_the_registries():
+    """The config names its choices as Literals (validated on load, light to import); each must be a registered
+    implementation and each registered implementation a choice."""
+    from edgekit import config, formats, targets
+    from edgekit.models import zoo
+    from edgekit.stages import distill, prune
+
+    assert _choices(config.PruneConfig, "method") == set(prune.METHODS) | {"magnitude"}  # magnitude: NNCF sparsity
+    assert _choices(config.DistillConfig, "losses") == set(distill.LOSSES)
+    assert _choices(config.ModelConfig, "name") == set(zoo.REGISTRY)
+    assert _choices(config.DistillConfig, "student") == set(zoo.REGISTRY) | {"pruned"}
+    assert {r for t in targets.builtin().values() for a in t.artifacts for r in [a.runtime]} <= set(formats.runtimes())

@@ -10,6 +10,8 @@ def test_default_config_round_trips():
     assert config.from_dict(yaml.safe_load(text)) == config.Config()
     for section in ("data", "model", "train", "prune", "distill", "quantize", "export", "run", "build"):
         assert f"{section}:" in text
+    assert "  method: l1  # l1 | slimming | taylor | random | magnitude\n" in text  # the choices, listed
+    assert "  targets:  # " in text and "x86-64" in text.split("  targets:  # ")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize(
