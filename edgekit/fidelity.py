@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekit import formats, metrics
+from edgekit import metrics
 from edgekit.metrics import sqnr_db
 
 MAX_SAMPLES = 64  # enough to rank layers; keeps the debug run short
@@ -60,16 +60,12 @@ def numerics_of(targets: list, key: str, settings: dict | None) -> list[str]:
     return sorted(set(found))
 
 
-def _host(fmt: str) -> dict:
-    host = formats.runtime(formats.get(fmt).host_runtime)
-    return {"runtime": host.name, "engine": host.engine}
-
-
 def predict(path, spec: dict, x: np.ndarray, how: str) -> tuple[np.ndarray, dict]:
-    """The artifact's outputs on x (dataset layout) with the given numerics, and the runtime that ran."""
+    """The artifact's outputs on x (dataset layout) with the given numerics, and the runtime that ran: the
+    format's runtime on this build machine (`host` of the export record, edgekit.formats.record)."""
     from edgekit.runner.runner import Artifact
 
-    artifact = Artifact(path, spec | _host(spec["format"]), threads=None,
+    artifact = Artifact(path, spec | spec["host"], threads=None,
                         optimize=how == KERNELS)
     return artifact.predict(x), artifact.runtime | {"numerics": how}
 

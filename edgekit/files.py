@@ -70,3 +70,15 @@ def temp_root(folder: Path) -> Iterator[None]:
         yield
     finally:
         tempfile.tempdir = saved
+
+
+MODEL_FILE = "model.pt"  # a stage's torch model (edgekit.models.persist)
+METRICS_FILE = "metrics.json"  # a stage's record, written last (edgekit.stages.base)
+
+
+def stage_files(out_dir: Path, model_file: str = MODEL_FILE) -> dict:
+    """The real sizes of the files a stage saved: `size_bytes` is its model file's, `files` all of them (not its
+    metrics.json, not hidden files)."""
+    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())
+             if p.is_file() and p.name != METRICS_FILE and not p.name.startswith(".")}
+    return {"size_bytes": files.get(model_file), "size_file": model_file, "files": files}

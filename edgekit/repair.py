@@ -17,13 +17,14 @@ import numpy as np
 from edgekit import fidelity, onnx_int8
 from edgekit.targets import Int8Settings
 
+ORT = {"runtime": "onnxruntime", "engine": "onnxruntime"}  # ONNX int8 is repaired with onnxruntime's numerics
 MAX_KEPT_FLOAT = 3  # beyond a few layers float, the artifact is no longer the int8 model the user asked for
 
 
 def _verdict(payload: bytes, x: np.ndarray, y: np.ndarray, reference: np.ndarray, hows: list[str],
              limits: dict) -> tuple[str, dict, list[str]]:
     """The first numerics under which the model misses (or the last one), its numbers and misses."""
-    spec = {"format": "onnx", "input": {}}
+    spec = {"format": "onnx", "input": {}, "host": ORT}
     with tempfile.TemporaryDirectory(prefix="edgekit-repair-") as tmp:
         path = Path(tmp) / "m.onnx"
         path.write_bytes(payload)

@@ -4,23 +4,7 @@ from __future__ import annotations
 
 from edgekit import __version__
 from edgekit.config import Config, to_dict
-from edgekit.stages import MODEL_STAGES
-
-LIBRARIES = ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert",
-             "numpy")
-
-
-def library_versions() -> dict:
-    """The installed versions of the libraries a build uses (from package metadata; nothing is imported)."""
-    from importlib import metadata
-
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+from edgekit.versions import library_versions
 
 
 def artifact_rows(verified: list[dict], bundles: list[dict], targets: list) -> list[dict]:
@@ -63,7 +47,8 @@ def _side_by_side(rows: list[dict], bundles: list[dict]) -> None:
             row["side_by_side"] = {k: cand.get(k) for k in keys}
 
 
-def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: dict) -> dict:
+def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: dict, model_stages: tuple) -> dict:
+    """report.json from the stages' records; `model_stages`: those that made a torch model (the stage table)."""
     by_name = {m["name"]: m for m in stage_metrics}
     rows = artifact_rows(by_name["verify"]["artifacts"], by_name["bundle"]["bundles"], targets)
     _side_by_side(rows, by_name["bundle"]["bundles"])
@@ -85,7 +70,7 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
         "versions": library_versions(),
         "config": to_dict(cfg),
         "targets": [t.name for t in targets],
-        "stages": [m for m in stage_metrics if m["name"] in MODEL_STAGES],
+        "stages": [m for m in stage_metrics if m["name"] in model_stages],
         "artifacts": rows,
         "bundles": by_name["bundle"]["bundles"],
         "runs": {t: {k: v for k, v in r.items() if k != "artifacts"} for t, r in runs.items()},

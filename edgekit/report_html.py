@@ -17,6 +17,7 @@ import yaml
 
 from edgekit import report, report_plots
 from edgekit.errors import EdgekitError
+from edgekit.files import stage_files
 
 TEMPLATE = "report.html.j2"
 FIDELITY_TOP = 10  # layers shown per int8 artifact
@@ -90,8 +91,6 @@ def labels(paths: list[Path]) -> list[str]:
 # --- what the template shows --------------------------------------------------------------------------------
 
 def _stage_rows(rep: dict, build: Path) -> list[dict]:
-    from edgekit.stages.base import stage_files
-
     rows = []
     for s in rep["stages"]:
         folder = build / "stages" / s["name"]

@@ -31,7 +31,7 @@ from edgekit import fidelity
 work = sys.argv[1]
 case = json.load(open(f"{work}/case.json"))
 d = np.load(f"{work}/data.npz")
-spec = {"format": "onnx", "input": {}}
+spec = {"format": "onnx", "input": {}, "host": {"runtime": "onnxruntime", "engine": "onnxruntime"}}
 found = {}
 for flavour, how in case["numerics"].items():
     path = f"{work}/{flavour}.onnx"

@@ -141,9 +141,13 @@ def _builtin() -> None:
 # --- shared by the exporters ------------------------------------------------------------------------------------
 
 def record(spec, source: str, size: int) -> dict:
-    """The artifact record every stage after export reads (verify, bundle, report)."""
-    return {"name": spec.key, "file": f"{spec.key}.{get(spec.format).suffix}", "format": spec.format,
-            "precision": spec.precision, "io": spec.io, "source_stage": source, "size_bytes": size}
+    """The artifact record every stage after export reads (verify, bundle, report); `host` is the runtime
+    that runs it on this build machine (verify, debug)."""
+    fmt = get(spec.format)
+    host = runtime(fmt.host_runtime)
+    return {"name": spec.key, "file": f"{spec.key}.{fmt.suffix}", "format": spec.format,
+            "precision": spec.precision, "io": spec.io, "source_stage": source, "size_bytes": size,
+            "host": {"runtime": host.name, "engine": host.engine}}
 
 
 def layout(rank: int, *, channels_last: bool) -> str | None:

@@ -25,12 +25,11 @@ from torch import nn
 from edgekit import models
 from edgekit.config import Config
 from edgekit.data import Dataset
+from edgekit.files import METRICS_FILE, MODEL_FILE, stage_files
 from edgekit.stages import ORDER
 from edgekit.targets import Target
 
-MODEL_FILE = "model.pt"  # torch-pruning state dict of a stage's torch model
 LOGITS_FILE = "test_logits.npy"  # the stage's torch model on the test split: the reference for fidelity
-METRICS_FILE = "metrics.json"
 
 
 class Stage(Protocol):
@@ -110,10 +109,3 @@ def finish_torch_stage(ctx: Context, name: str, model: nn.Module, **extra: objec
         **stage_files(out_dir),
         **extra,
     }
-
-
-def stage_files(out_dir: Path, model_file: str = MODEL_FILE) -> dict:
-    """The real sizes of the files a stage saved: `size_bytes` is its model file's, `files` all of them."""
-    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())
-             if p.is_file() and p.name != METRICS_FILE and not p.name.startswith(".")}
-    return {"size_bytes": files.get(model_file), "size_file": model_file, "files": files}

@@ -10,34 +10,19 @@ mixes a stage made from other data, code or libraries with stages made from thes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import weakref
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from edgekit import __version__, config
 from edgekit.config import Config
+from edgekit.versions import library_versions
 
-LIBRARIES = ("torch", "torch-pruning", "nncf", "onnx", "onnxruntime", "onnx2tf", "tensorflow", "ai-edge-litert",
-             "numpy")
 CHUNK = 1 << 24  # bytes hashed at a time: a memory-mapped split larger than memory is read piece by piece
 _FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}  # id(dataset) -> (the dataset, its fingerprint)
-
-
-@functools.cache
-def library_versions() -> dict:
-    """The installed versions of the libraries a build uses (from package metadata; nothing is imported)."""
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def _hash_array(h: hashlib._Hash, a: np.ndarray) -> None:

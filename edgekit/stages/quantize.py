@@ -23,7 +23,8 @@ import torch
 
 from edgekit import metrics, models, quiet, training
 from edgekit.config import Config, QuantizeConfig
-from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context, stage_files
+from edgekit.files import stage_files
+from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
 
 name = "quantize"
 reads = ("quantize", "train", "export")

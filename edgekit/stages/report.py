@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from edgekit import report, report_html, runtime_check
 from edgekit.files import write_json
-from edgekit.stages import ORDER
+from edgekit.stages import MODEL_STAGES, ORDER
 from edgekit.stages.base import Context, always
 
 name = "report"
@@ -29,7 +29,7 @@ def add_checks(result: dict, checked: dict) -> None:
 def run(ctx: Context) -> dict:
     records = [ctx.metrics(n) for n in needs if ctx.done(n)]
     runs = ctx.metrics("measure")["runs"] if ctx.done("measure") else {}
-    result = report.build_report(ctx.cfg, records, ctx.targets, runs)
+    result = report.build_report(ctx.cfg, records, ctx.targets, runs, MODEL_STAGES)
     add_checks(result, ctx.metrics("check")["bundles"])
     write_json(ctx.out / FILES[0], result)
     report_html.write([ctx.out], ctx.out / FILES[1])  # the page people look at, from report.json and the results
