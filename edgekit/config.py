@@ -123,6 +123,10 @@ class BuildConfig:
     targets: list[str] = field(default_factory=lambda: ["x86-64", "rpi5"])
     run_local: bool = True  # run the bundles this machine can run with the on-device runner
     allow_fidelity_miss: bool = False  # keep going when an artifact misses its target's fidelity thresholds
+    stage_cache: bool = True  # reuse a stage that an earlier build finished with the same inputs (its input key)
+
+
+NO_EFFECT = ("allow_fidelity_miss", "stage_cache")  # build keys that change how a build goes, not what it makes
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,21 @@ from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
 from edgekit.files import write_bytes, write_json
-from edgekit.stages import ORDER, bundle, check, distill, export, keys, measure, prune, quantize, report, train, verify
+from edgekit.stages import (
+    ORDER,
+    bundle,
+    cache,
+    check,
+    distill,
+    export,
+    keys,
+    measure,
+    prune,
+    quantize,
+    report,
+    train,
+    verify,
+)
 from edgekit.stages.base import METRICS_FILE, Context
 
 EDGEKIT_DIR = Path(__file__).resolve().parent
@@ -84,10 +98,31 @@ def run_stages(ctx: Context, log=print) -> list[dict]:
             log(f"[{module.name}] finished earlier, running again ({why})")
             shutil.rmtree(ctx.stage_dir(module.name))
         ran = True
-        log(f"[{module.name}] running")
-        done.append(run_stage(ctx, module.name, upstream))
-        upstream[module.name] = done[-1]["key"]
+        key = keys.key_of(parts)
+        done.append(_from_cache(ctx, module.name, key, log) or _run_logged(ctx, module.name, upstream, log))
+        upstream[module.name] = key
     return done
+
+
+def _run_logged(ctx: Context, name: str, upstream: dict[str, str], log) -> dict:
+    log(f"[{name}] running")
+    record = run_stage(ctx, name, upstream)
+    if ctx.cfg.build.stage_cache:
+        cache.store(name, record["key"], ctx.stage_dir(name), ctx.out)
+    return record
+
+
+def _from_cache(ctx: Context, name: str, key: str, log) -> dict | None:
+    """The stage's folder from the stage cache, when an earlier build finished it with the same inputs."""
+    record = cache.lookup(name, key) if ctx.cfg.build.stage_cache else None
+    if record is None:
+        return None
+    cache.restore(key, ctx.stage_dir(name))
+    record["cached_from"] = cache.made_by(key)
+    write_json(ctx.stage_dir(name) / METRICS_FILE, record)
+    log(f"[{name}] reused from the stage cache: the same inputs as in {record['cached_from']} "
+        "(build.stage_cache: false builds it again)")
+    return record
 
 
 def run_guarded(stage, ctx: Context) -> dict:
@@ -185,7 +220,8 @@ def check_out(cfg: Config, out: Path, resume: bool) -> None:
 def changed_sections(cfg: Config, out: Path) -> list[str]:
     saved = config.to_dict(config.absolute(config.load(out / CONFIG_FILE)))
     new = config.to_dict(config.absolute(cfg))
-    new["build"]["allow_fidelity_miss"] = saved["build"]["allow_fidelity_miss"]  # a gate, changes no file
+    for key in config.NO_EFFECT:  # they change no file
+        new["build"][key] = saved["build"][key]
     return [key for key in new if new[key] != saved.get(key)]
 
 

@@ -13,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # every run starts with no compiled torch extensions, as a new user's machine does: a warm cache cannot hide a
 # compile on first use (NNCF's, which timed out and left a lock that hung later builds)
 os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="edgekit-torch-ext-")
+# and with an empty stage cache: a stage reused from an earlier run of the suite would not be tested
+os.environ["EDGEKIT_STAGE_CACHE"] = tempfile.mkdtemp(prefix="edgekit-stage-cache-")
 
 TINY = {
     "data": {"limit": 500, "calib_samples": 64},
@@ -22,6 +24,7 @@ TINY = {
     "distill": {"epochs": 3, "lr": 0.005},
     "quantize": {"qat_epochs": 1, "subset_size": 64},
     "run": {"warmup_runs": 2, "min_runs": 5, "min_seconds": 0.05, "max_seconds": 2.0},
+    "build": {"stage_cache": False},  # each test trains what it tests; tests/test_stage_keys.py tests the cache
 }
 
 

@@ -23,7 +23,7 @@ TINY_BUILD = {
     "distill": {"epochs": 1},
     "quantize": {"qat_epochs": 1, "subset_size": 32},
     "run": {"warmup_runs": 1, "min_runs": 2, "min_seconds": 0.01, "max_seconds": 0.5},
-    "build": {"targets": ["x86-64"], "run_local": False},
+    "build": {"targets": ["x86-64"], "run_local": False, "stage_cache": False},
 }
 STAGE_NAMES = [s.name for s in pipeline.STAGES if s.enabled(config.from_dict(TINY_BUILD))]
 ARTIFACTS = ("stages/export/onnx_fp32.onnx", "stages/export/onnx_int8.onnx", "stages/export/tflite_int8.tflite",

@@ -94,3 +94,41 @@ def test_every_stage_declares_the_contract():
         assert all(s in {f.name for f in dataclasses.fields(config.Config)} | {"targets"} for s in module.reads)
     assert [m.name for m in pipeline.STAGES] == list(ORDER)
     assert np.all([pipeline.stage(n).name == n for n in ORDER])
+
+
+def _onnx_only_target(tmp_path) -> str:
+    import yaml
+
+    raw = yaml.safe_load((targets.TARGETS_DIR / "x86-64.yaml").read_text())
+    raw["name"], raw["artifacts"] = "x86-onnx", [{"format": "onnx", "precision": "int8", "runtime": "onnxruntime"},
+                                                 {"format": "onnx", "precision": "fp32", "runtime": "onnxruntime"}]
+    (tmp_path / "x86-onnx.yaml").write_text(yaml.safe_dump(raw))
+    return str(tmp_path / "x86-onnx.yaml")
+
+
+def test_stage_cache_reuses_stages_with_the_same_inputs_and_only_those(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_STAGE_CACHE", str(tmp_path / "cache"))
+
+    def build(out: str, ratio: float) -> list[str]:
+        cfg = config.from_dict(tiny(data={"limit": 160}, train={"epochs": 1},
+                                    prune={"ratio": ratio, "finetune_epochs": 1}, distill={"enabled": False}, quantize={"enabled": False},
+                                    build={"targets": [_onnx_only_target(tmp_path)], "run_local": False,
+                                           "stage_cache": True}))
+        said = []
+        pipeline.build(cfg, tmp_path / out, log=said.append)
+        return said
+
+    build("a", 0.5)
+    said = build("b", 0.5)
+    for name in ("train", "prune", "export"):
+        assert f"[{name}] reused from the stage cache: the same inputs as in {tmp_path / 'a'} " \
+               "(build.stage_cache: false builds it again)" in said
+        assert json.loads((tmp_path / "b" / "stages" / name / "metrics.json").read_text())["cached_from"] == \
+            str(tmp_path / "a")
+    assert "[verify] running" in said and "[bundle] running" in said  # they write outside their folder
+    for artifact in ("onnx_int8.onnx", "onnx_fp32.onnx"):
+        assert (tmp_path / "a" / "bundles" / "x86-onnx" / artifact).read_bytes() == \
+            (tmp_path / "b" / "bundles" / "x86-onnx" / artifact).read_bytes()
+    said = build("c", 0.25)  # another pruning ratio: the trained model is the same, the pruned one is not
+    assert any(line.startswith("[train] reused from the stage cache") for line in said)
+    assert "[prune] running" in said and "[export] running" in said

@@ -50,18 +50,27 @@ def _file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _code_digest(module_file: Path) -> dict:
+    """The factory's file and the Python files beside it (the siblings it may import), by content."""
+    files = sorted(module_file.parent.glob("*.py")) if module_file.is_file() else []
+    return {p.name: _file_digest(p) for p in files}
+
+
 def model_fingerprint(cfg: Config) -> dict:
-    """The user's model code (the factory's file, or its module's source) and checkpoint, by content."""
-    found = {}
+    """The user's model code (the factory's folder, or its module's) and checkpoint, by content."""
+    found: dict = {}
     if cfg.model.factory:
         source = cfg.model.factory.rpartition(":")[0]
         if source.endswith(".py"):
-            found["factory"] = _file_digest(cfg.resolve(source))
+            found["factory"] = _code_digest(cfg.resolve(source))
         else:
             import importlib.util
 
-            spec = importlib.util.find_spec(source)
-            found["factory"] = _file_digest(Path(spec.origin)) if spec and spec.origin else None
+            try:
+                spec = importlib.util.find_spec(source)
+            except (ImportError, ValueError):
+                spec = None  # the build's own check says what is wrong with it
+            found["factory"] = _code_digest(Path(spec.origin)) if spec and spec.origin else None
     if cfg.model.checkpoint:
         found["checkpoint"] = _file_digest(cfg.resolve(cfg.model.checkpoint))
     return found
@@ -79,6 +88,7 @@ def _digest(value: object) -> str:
 def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
     """A digest of each kind of input of `stage` in the build `ctx`, given the keys of the stages before it."""
     cfg = config.to_dict(config.absolute(ctx.cfg))  # as saved in the build folder, so --resume sees the same
+    cfg["build"] = {k: v for k, v in cfg["build"].items() if k not in config.NO_EFFECT}
     return {
         "edgekit and libraries": _digest([stage.name, __version__, library_versions()]),
         "data": data_fingerprint(ctx.data)[:20],

@@ -1,0 +1,58 @@
+"""The stage cache: a finished stage's folder, stored under its input key, reused by any build with that key.
+
+A stage's key (edgekit.stages.keys) digests everything its result depends on, so two builds that reach a stage
+with the same key would compute the same thing: the second copies the first's folder instead (the same fp32
+model under other pruning settings trains once). Only stages whose results live wholly in their own folder are
+stored: the model stages and export. The cache lives in `$EDGEKIT_STAGE_CACHE/<key>/`, by default
+`<edgekit cache>/stages/<key>/` (edgekit.files.cache_dir); delete that folder to empty it, or set
+`build.stage_cache: false` to build without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from edgekit.files import METRICS_FILE, READY, cache_dir, locked
+from edgekit.stages import MODEL_STAGES
+
+CACHEABLE = (*MODEL_STAGES, "export")
+
+
+def folder(key: str) -> Path:
+    return Path(os.environ.get("EDGEKIT_STAGE_CACHE") or cache_dir() / "stages") / key
+
+
+def lookup(name: str, key: str) -> dict | None:
+    """The cached record of stage `name` with this key, or None."""
+    entry = folder(key)
+    if name not in CACHEABLE or not (entry / READY).is_file():
+        return None
+    record = json.loads((entry / METRICS_FILE).read_text())
+    return record if record.get("name") == name and record.get("key") == key else None
+
+
+def restore(key: str, stage_dir: Path) -> None:
+    """Replace a stage's folder with the cached one."""
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    shutil.copytree(folder(key), stage_dir, ignore=shutil.ignore_patterns(READY))
+
+
+def store(name: str, key: str, stage_dir: Path, out: Path) -> None:
+    """Keep a copy of a finished stage's folder under its key (once; a half-copied entry is made again)."""
+    entry = folder(key)
+    if name not in CACHEABLE or (entry / READY).is_file():
+        return
+    with locked(entry):
+        if (entry / READY).is_file():
+            return
+        shutil.rmtree(entry, ignore_errors=True)
+        shutil.copytree(stage_dir, entry, ignore=shutil.ignore_patterns(".tmp-*", "error.log"))
+        (entry / READY).write_text(f"{out}\n")  # which build made it
+
+
+def made_by(key: str) -> str:
+    """The build folder that first made this cached stage."""
+    return (folder(key) / READY).read_text().strip()
