@@ -111,7 +111,8 @@ def test_stage_cache_reuses_stages_with_the_same_inputs_and_only_those(tmp_path,
 
     def build(out: str, ratio: float) -> list[str]:
         cfg = config.from_dict(tiny(data={"limit": 160}, train={"epochs": 1},
-                                    prune={"ratio": ratio, "finetune_epochs": 1}, distill={"enabled": False}, quantize={"enabled": False},
+                                    prune={"ratio": ratio, "finetune_epochs": 1}, distill={"enabled": False},
+                                    quantize={"enabled": False},
                                     build={"targets": [_onnx_only_target(tmp_path)], "run_local": False,
                                            "stage_cache": True}))
         said = []
