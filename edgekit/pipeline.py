@@ -39,7 +39,7 @@ from edgekit.stages import (
     train,
     verify,
 )
-from edgekit.stages.base import METRICS_FILE, Context
+from edgekit.stages.base import METRICS_FILE, Context, StageRecord
 
 EDGEKIT_DIR = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
@@ -64,7 +64,7 @@ def upstream_keys(ctx: Context) -> dict[str, str]:
     return {n: ctx.metrics(n).get("key") for n in ORDER if ctx.done(n)}
 
 
-def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -> dict:
+def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -> StageRecord:
     """Run one stage into ctx.out (a library's exception becomes StageFailed) and write its metrics.json last,
     with its input key and seconds; return that record. Tests and benchmarks run single stages with it."""
     module = stage(name)
@@ -77,7 +77,7 @@ def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -
     return result
 
 
-def run_stages(ctx: Context, log=print) -> list[dict]:
+def run_stages(ctx: Context, log=print) -> list[StageRecord]:
     """Every enabled stage in order. A finished stage is kept while its recorded key is its key now and no
     stage before it ran again (a stage that runs replaces files that later stages read or wrote into)."""
     done, upstream, ran = [], {}, False
@@ -104,7 +104,7 @@ def run_stages(ctx: Context, log=print) -> list[dict]:
     return done
 
 
-def _run_logged(ctx: Context, name: str, upstream: dict[str, str], log) -> dict:
+def _run_logged(ctx: Context, name: str, upstream: dict[str, str], log) -> StageRecord:
     log(f"[{name}] running")
     record = run_stage(ctx, name, upstream)
     if ctx.cfg.build.stage_cache:
@@ -112,7 +112,7 @@ def _run_logged(ctx: Context, name: str, upstream: dict[str, str], log) -> dict:
     return record
 
 
-def _from_cache(ctx: Context, name: str, key: str, log) -> dict | None:
+def _from_cache(ctx: Context, name: str, key: str, log) -> StageRecord | None:
     """The stage's folder from the stage cache, when an earlier build finished it with the same inputs."""
     record = cache.lookup(name, key) if ctx.cfg.build.stage_cache else None
     if record is None:

@@ -16,6 +16,7 @@ import importlib
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NotRequired, TypedDict
 
 from edgekit.errors import EdgekitError
 
@@ -64,6 +65,35 @@ class ExportJob:
     source: str  # the stage the model comes from
     int8_settings: dict = field(default_factory=dict)  # ONNX int8: artifact key -> Int8Settings
     float_modules: list = field(default_factory=list)  # modules the quantize stage kept float
+
+
+class TensorRecord(TypedDict):
+    name: str
+    shape: list[int]  # batch 1
+    dtype: str  # float32 | int8 | uint8
+    scale: float | None  # int8 input/output: its quantization
+    zero_point: int | None
+    layout: NotRequired[str | None]  # input: NCHW, NHWC, ...
+    transpose: NotRequired[list[int] | None]  # input: dataset layout -> this artifact's
+
+
+class ArtifactRecord(TypedDict):
+    """One exported artifact, as export writes it (artifacts.json, the export stage's record) and verify,
+    bundle and the report read it: plain JSON, so a build folder is read without edgekit's classes."""
+
+    name: str  # ArtifactSpec.key
+    file: str
+    format: str
+    precision: str
+    io: str
+    source_stage: str  # the stage whose torch model it was made from (its fidelity reference)
+    size_bytes: int
+    host: dict  # the runtime that runs it on the build machine: {"runtime", "engine"}
+    input: TensorRecord
+    output: TensorRecord
+    graph: dict  # {"ops": {op: count}}
+    int8: NotRequired[dict]  # ONNX int8: settings, kept-float layers, fusion, repair, float twin
+    float_twin: NotRequired[str]  # TFLite int8: the float model of the same conversion
 
 
 _REGISTRY: dict[str, Format] = {}
@@ -140,7 +170,7 @@ def _builtin() -> None:
 
 # --- shared by the exporters ------------------------------------------------------------------------------------
 
-def record(spec, source: str, size: int) -> dict:
+def record(spec, source: str, size: int) -> ArtifactRecord:
     """The artifact record every stage after export reads (verify, bundle, report); `host` is the runtime
     that runs it on this build machine (verify, debug)."""
     fmt = get(spec.format)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NotRequired, Protocol, TypedDict
 
 import numpy as np
 import torch
@@ -30,6 +30,17 @@ from edgekit.stages import ORDER
 from edgekit.targets import Target
 
 LOGITS_FILE = "test_logits.npy"  # the stage's torch model on the test split: the reference for fidelity
+
+
+class StageRecord(TypedDict):
+    """A stage's metrics.json: what it reported and handed on (its own keys, e.g. `artifacts` of export,
+    `bundles` of bundle, `accuracy`/`params`/`macs` of a model stage), plus what edgekit.pipeline adds."""
+
+    name: str
+    key: str  # the input key (edgekit.stages.keys)
+    inputs: dict[str, str]  # a digest per kind of input: which changed, when the key did
+    seconds: float
+    cached_from: NotRequired[str]  # the build that made it, when it came from the stage cache
 
 
 class Stage(Protocol):
@@ -67,7 +78,7 @@ class Context:
     def done(self, name: str) -> bool:
         return (self.out / "stages" / name / METRICS_FILE).is_file()
 
-    def metrics(self, name: str) -> dict:
+    def metrics(self, name: str) -> StageRecord:
         return json.loads((self.out / "stages" / name / METRICS_FILE).read_text())
 
     def has_model(self, name: str) -> bool:

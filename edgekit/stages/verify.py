@@ -12,6 +12,7 @@ from __future__ import annotations
 from edgekit import fidelity, quiet
 from edgekit.errors import FidelityError
 from edgekit.files import write_json
+from edgekit.formats import ArtifactRecord
 from edgekit.stages.base import Context, always
 
 name = "verify"
@@ -20,7 +21,7 @@ needs = ("export",)
 enabled = always
 
 
-def check(ctx: Context, spec: dict, how: str | None = None, limits: dict | None = None) -> dict:
+def check(ctx: Context, spec: ArtifactRecord, how: str | None = None, limits: dict | None = None) -> dict:
     """The artifact on the test split with numerics `how` (default: its targets' first) against its torch model."""
     how = how or numerics_of(ctx, spec)[0]
     limits = limits or fidelity.thresholds(ctx.targets, spec["name"])
@@ -32,11 +33,11 @@ def check(ctx: Context, spec: dict, how: str | None = None, limits: dict | None 
             "numerics": {"name": how, "what": fidelity.NUMERICS[how]}}
 
 
-def numerics_of(ctx: Context, spec: dict) -> list[str]:
+def numerics_of(ctx: Context, spec: ArtifactRecord) -> list[str]:
     return fidelity.numerics_of(ctx.targets, spec["name"], (spec.get("int8") or {}).get("settings"))
 
 
-def verdict(ctx: Context, spec: dict, limits: dict) -> tuple[dict, list[str]]:
+def verdict(ctx: Context, spec: ArtifactRecord, limits: dict) -> tuple[dict, list[str]]:
     """The artifact checked with each numerics its targets need; the first one that misses decides."""
     result, found = {}, []
     for how in numerics_of(ctx, spec):
@@ -47,7 +48,7 @@ def verdict(ctx: Context, spec: dict, limits: dict) -> tuple[dict, list[str]]:
     return result, found
 
 
-def localise(ctx: Context, spec: dict, how: str | None = None) -> list[dict]:
+def localise(ctx: Context, spec: ArtifactRecord, how: str | None = None) -> list[dict]:
     """Layer-wise comparison of an int8 artifact with its float twin, worst layer first, with the numerics
     `how` (default: the first its targets need)."""
     path = ctx.stage_dir("export") / spec["file"]
