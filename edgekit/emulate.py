@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -341,11 +342,16 @@ def verify_bundle(bundle: Path, log=print) -> dict:
         checks[spec["name"]] = rc.cached_check(keys[spec["name"]])
         if checks[spec["name"]] is None:
             todo.append(spec)
-    for specs in rc.by_runtime(todo).values():
+    for (runtime, version), specs in rc.by_runtime(todo).items():
         emu = make_emulator(manifest, specs[0], log)
+        target = manifest["target"]["name"]
+        log(f"  [emulate] {target}: {runtime} {version} under qemu {emu.cpu}, {len(specs)} artifact(s) in one "
+            f"emulated child, then their x86 outputs ...")
+        t0 = time.perf_counter()
         for name, check in verify_runtime(emu, bundle, specs, manifest, log).items():
             rc.remember(keys[name], check)
             checks[name] = check
+        log(f"  [emulate] {target}: {runtime} {version} done in {time.perf_counter() - t0:.1f} s")
     checks = {spec["name"]: checks[spec["name"]] for spec in manifest["artifacts"]}
     for name, check in checks.items():
         log(f"  [emulate] {manifest['target']['name']}/{name}: {describe(check)}")

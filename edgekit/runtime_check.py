@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -303,10 +304,15 @@ def check_bundle(bundle: Path, log=print) -> dict[str, dict]:
             checks[spec["name"]] = hit
         else:
             todo.append(spec)
-    for specs in by_runtime(todo).values():
+    for (runtime, version), specs in by_runtime(todo).items():
+        log(f"  [runtime-check] {manifest['target']['name']}: {runtime} {version}, {len(specs)} artifact(s) in one "
+            f"child process ...")
+        t0 = time.perf_counter()
         for name, check in check_runtime(bundle, specs, python_version, log).items():
             remember(keys[name], check)
             checks[name] = check
+        log(f"  [runtime-check] {manifest['target']['name']}: {runtime} {version} done in "
+            f"{time.perf_counter() - t0:.1f} s")
     checks = {spec["name"]: checks[spec["name"]] for spec in manifest["artifacts"]}
     for name, check in checks.items():
         log(f"  [runtime-check] {manifest['target']['name']}/{name}: {describe(check)}")

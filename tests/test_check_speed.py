@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime
@@ -172,7 +173,7 @@ def test_emulated_checks_run_once_per_runtime_and_cache_passes_only(tmp_path, mo
     """Without qemu: verify_runtime stands in for the qemu and x86 children."""
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(emu, "qemu", lambda: "/usr/bin/qemu-aarch64-static")
-    monkeypatch.setattr(emu, "make_emulator", lambda manifest, spec, log: None)
+    monkeypatch.setattr(emu, "make_emulator", lambda manifest, spec, log: SimpleNamespace(cpu="cortex-a76"))
     bundle = _bundle(tmp_path / "b", {"a": ORT, "b": ORT, "c": "0.0.1"}, arch="aarch64")
     calls: list[list[str]] = []
 
