@@ -203,3 +203,23 @@ def test_the_bundle_check_says_the_result_came_from_the_cache(tmp_path, children
     again = bundle_check.verify_bundle(bundle, False, log=lines.append)["artifacts"]["a"]
     assert again["ok"] is True and again["cached"]["key"] and "cached" in rc.describe(again)
     assert len(children) == 1 and any("[cached:" in ln for ln in lines)
+
+
+def test_one_pass_gives_the_runner_accuracy_and_the_outputs(tmp_path, children):
+    """The emulated child computes accuracy and writes outputs from one inference pass: the same accuracy as the
+    runner's own, the same outputs as a separate pass, all in one child."""
+    bundle = _bundle(tmp_path / "b", {"a": ORT, "b": ORT})
+    both, dumped = tmp_path / "both", tmp_path / "dumped"
+    both.mkdir()
+    dumped.mkdir()
+    plain = rc.run_batch(sys.executable, bundle, ["a", "b"], env=rc.clean_env())
+    one_pass = rc.run_batch(sys.executable, bundle, ["a", "b"], env=rc.clean_env(), mode="both", dumps=both)
+    rc.run_batch(sys.executable, bundle, ["a", "b"], env=rc.clean_env(), mode="dump", dumps=dumped)
+    assert len(children) == 3
+    for name in ("a", "b"):
+        assert one_pass[name]["dumped"] is True
+        assert one_pass[name]["results"]["accuracy"] == plain[name]["results"]["accuracy"]
+        assert np.array_equal(np.load(both / f"{name}.npy"), np.load(dumped / f"{name}.npy"))
+        x, y = np.load(bundle / "eval.npz")["x"], np.load(bundle / "eval.npz")["y"]
+        assert np.load(both / f"{name}.npy").shape == (len(x), 4)
+        assert plain[name]["results"]["accuracy"] == (np.load(both / f"{name}.npy").argmax(1) == y).mean()
