@@ -151,8 +151,8 @@ def main() -> None:
                "command": "python benchmarks/pipeline_time.py " + " ".join(sys.argv[1:]),
                "note": "", "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, python in pythons.items():  # fills the pinned-runtime venvs, the sysroot, the caches
-            build("", Path(tmp) / f"warm-up-{label}", python)
+        # fills the pinned-runtime venvs, the sysroot, the data and check caches (--against shares them)
+        build("", Path(tmp) / "warm-up", sys.executable)
         for i in range(args.repeat):
             for name, config in chosen.items():
                 for label, python in pythons.items():
