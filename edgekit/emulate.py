@@ -321,7 +321,8 @@ def emulated_key(bundle: Path, manifest: dict, spec: dict) -> str | None:
     ready = cache_dir() / "emulate" / f"sysroot-{suite}-arm64" / READY
     extra = {"cpu": cpu_for(manifest["target"].get("description", "")), "emulated_threads": EMULATED_THREADS,
              "tolerance_pp": manifest["target"].get("accuracy_tolerance_pp", 1.0),
-             "sysroot": ready.read_text() if ready.is_file() else None, "qemu": qemu()}
+             "sysroot": ready.read_text() if ready.is_file() else None, "qemu": qemu(),
+             "emulate_code_sha256": rc.file_sha256(Path(__file__))}
     return rc.cache_key(bundle, manifest, spec, "aarch64-emulated", python_version, extra)
 
 

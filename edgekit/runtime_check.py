@@ -13,8 +13,8 @@ Two things keep this cheap: one child process per runtime checks all of a bundle
 (CHECK_SCRIPT; a child that crashes has its unchecked artifacts re-run one per child, so the crash is pinned on
 the right one), and a pass is remembered under cache_dir()/checks, keyed by what decides the result (`cache_key`:
 the artifact's and eval data's sha256, the manifest record, runtime package, pinned version, python, check kind,
-the runner's code). Bytes already passed are not run again and the report says `cached`; a failure or a skipped
-check is never stored.
+the runner's and the check's code). Bytes already passed are not run again and the report says `cached`; a
+failure or a skipped check is never stored.
 """
 
 from __future__ import annotations
@@ -252,6 +252,7 @@ def cache_key(bundle: Path, manifest: dict, spec: dict, kind: str, python_versio
     material = {"kind": kind, "cache_version": CACHE_VERSION, "artifact_sha256": artifact, "eval_sha256": data,
                 "package": package_of(spec["runtime"]), "runtime_version": spec["runtime_version"],
                 "python": python_version, "artifact": spec, "runner_sha256": file_sha256(RUNNER),
+                "check_code_sha256": file_sha256(Path(__file__)),
                 "threads": CHECK_THREADS} | (extra or {})
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
