@@ -101,6 +101,11 @@ def build(config: str, work: Path, python: str = sys.executable) -> dict:
             "log_tail": done.stdout.strip().splitlines()[-40:]}
 
 
+def _folder(name: str) -> str:
+    """Letters, digits, - and _ only: TensorFlow reads a SavedModel's path as a glob ('[after]' matches nothing)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def _median(runs: list[dict]) -> dict:
     """The run with the median wall time (one real run, so its parts add up)."""
     return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
@@ -157,7 +162,7 @@ def main() -> None:
             for name, config in chosen.items():
                 for label, python in pythons.items():
                     key = f"{name} [{label}]" if args.against else name
-                    r = build(config, Path(tmp) / f"{key}-{i}".replace(" ", "_"), python)
+                    r = build(config, Path(tmp) / _folder(f"{key}-{i}"), python)
                     results["cases"].setdefault(key, []).append(r)
                     print(key, {k: r[k] for k in ("wall_s", "cpu_s", "in_stages_s", "outside_stages_s")},
                           {k: v["wall_s"] for k, v in r["outside"].items()}, flush=True)
