@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,11 @@ class Emulator:
         return rc.run_runner(self.python, bundle, artifact, prefix=self.prefix, env=self.env,
                              threads=EMULATED_THREADS)
 
+    def batch(self, bundle: Path, names: list[str], dumps: Path) -> dict[str, dict]:
+        """Accuracy and outputs (dumps/NAME.npy) of every named artifact in one emulated child."""
+        return rc.run_batch(self.python, bundle, names, prefix=self.prefix, env=self.env, threads=EMULATED_THREADS,
+                            mode="both", dumps=dumps)
+
     def dump(self, bundle: Path, artifact: str, out: Path) -> str | None:
         return dump_outputs([*self.prefix, str(self.python)], bundle, artifact, out, self.env, EMULATED_THREADS)
 
@@ -233,23 +239,49 @@ def _reference_python(spec: dict, python_version: str, log) -> Path:
 
 def verify_artifact(emu: Emulator, bundle: Path, spec: dict, manifest: dict, log=print) -> dict:
     """The bundle's runner under emulation, plus its outputs against the x86 run of the same pinned runtime."""
-    results, error = emu.runner(bundle, spec["name"])
-    check = rc.check_result(spec, "aarch64", True, results, error) | {"cpu": emu.cpu, "threads": EMULATED_THREADS}
-    if error is not None:
-        return check
+    return verify_runtime(emu, bundle, [spec], manifest, log)[spec["name"]]
+
+
+def verify_runtime(emu: Emulator, bundle: Path, specs: list[dict], manifest: dict, log=print) -> dict[str, dict]:
+    """Artifacts of one runtime: one qemu child runs them all (accuracy and outputs), one x86 child of the same
+    pinned version writes the outputs they are compared with."""
+    names = [s["name"] for s in specs]
     python_version = manifest["target"].get("python", "3.11")
     with tempfile.TemporaryDirectory() as tmp:
-        emu_npy, x86_npy = Path(tmp) / "emulated.npy", Path(tmp) / "x86" / "x86.npy"
-        x86_npy.parent.mkdir()
-        try:
-            reference = str(_reference_python(spec, python_version, log))
-        except rc.RuntimeEnvError as exc:  # no x86 wheel to compare with: say so, fail nothing
-            return check | {"ok": None, "skipped": f"no x86 run to compare with: {exc}"}
-        error = emu.dump(bundle, spec["name"], emu_npy) or dump_outputs(
-            [reference], bundle, spec["name"], x86_npy, rc.clean_env(), EMULATED_THREADS)
-        if error is not None:
-            return check | {"ok": False, "error": f"writing outputs failed: {error}"}
-        check["outputs_vs_x86"] = compare(np.load(x86_npy), np.load(emu_npy), spec)
+        emu_dir, x86_dir = Path(tmp) / "emulated", Path(tmp) / "x86"
+        emu_dir.mkdir()
+        x86_dir.mkdir()
+        emulated = emu.batch(bundle, names, emu_dir)
+        ran = [n for n in names if "error" not in emulated[n]]
+        reference, x86 = None, {}
+        if ran:
+            try:
+                reference = str(_reference_python(specs[0], python_version, log))
+            except rc.RuntimeEnvError as exc:  # no x86 wheel to compare with: say so, fail nothing
+                reference = exc
+        if isinstance(reference, str):
+            x86 = rc.run_batch(reference, bundle, ran, env=rc.clean_env(), threads=EMULATED_THREADS, mode="dump",
+                               dumps=x86_dir)
+        return {s["name"]: _assemble(emu, s, manifest, emulated[s["name"]], reference, x86.get(s["name"]),
+                                     emu_dir, x86_dir) for s in specs}
+
+
+def _assemble(emu: Emulator, spec: dict, manifest: dict, emulated: dict, reference, x86: dict | None,
+              emu_dir: Path, x86_dir: Path) -> dict:
+    """One artifact's emulated runtime_check from its qemu record and the x86 outputs."""
+    check = rc.check_result(spec, "aarch64", True, emulated.get("results"), emulated.get("error")) | {
+        "cpu": emu.cpu, "threads": EMULATED_THREADS}
+    if "error" in emulated:
+        return check
+    if isinstance(reference, Exception):
+        return check | {"ok": None, "skipped": f"no x86 run to compare with: {reference}"}
+    error = None if emulated.get("dumped") else "the emulated run wrote no outputs"
+    error = error or (x86 or {}).get("error") or (None if (x86 or {}).get("dumped") else "the x86 run wrote no outputs")
+    if error is not None:
+        return check | {"ok": False, "error": f"writing outputs failed: {error}"}
+    name = spec["name"]
+    check["outputs_vs_x86"] = compare(np.load(x86_dir / f"{name}.npy"), np.load(emu_dir / f"{name}.npy"), spec)
+    results = emulated["results"]
     tolerance = manifest["target"].get("accuracy_tolerance_pp", 1.0) / 100.0
     check["manifest_accuracy"] = spec["reference"]["accuracy"]
     check["accuracy_ok"] = abs(check["accuracy"] - check["manifest_accuracy"]) <= tolerance
@@ -281,23 +313,49 @@ def make_emulator(manifest: dict, spec: dict, log=print) -> Emulator:
     return Emulator(root, site_dir, python_version, cpu_for(manifest["target"].get("description", "")))
 
 
+def emulated_key(bundle: Path, manifest: dict, spec: dict) -> str | None:
+    """The cache key of an emulated check: the native key's parts plus the qemu CPU, threads, the sysroot and the
+    accuracy tolerance (what `_problems` compares with)."""
+    python_version = manifest["target"].get("python", "3.11")
+    suite = DEBIAN.get(python_version, ("?",))[0]
+    ready = cache_dir() / "emulate" / f"sysroot-{suite}-arm64" / READY
+    extra = {"cpu": cpu_for(manifest["target"].get("description", "")), "emulated_threads": EMULATED_THREADS,
+             "tolerance_pp": manifest["target"].get("accuracy_tolerance_pp", 1.0),
+             "sysroot": ready.read_text() if ready.is_file() else None, "qemu": qemu(),
+             "emulate_code_sha256": rc.file_sha256(Path(__file__))}
+    return rc.cache_key(bundle, manifest, spec, "aarch64-emulated", python_version, extra)
+
+
 def verify_bundle(bundle: Path, log=print) -> dict:
-    """Every artifact of an aarch64 bundle under emulation: {artifact name: emulated runtime_check}."""
+    """Every artifact of an aarch64 bundle under emulation: {artifact name: emulated runtime_check}. Passes of the
+    same bytes come from the cache; the rest run in one qemu child (and one x86 child) per runtime."""
     if qemu() is None:
         raise EmulationUnavailable(SKIP_MESSAGE)
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest["target"]["arch"] != "aarch64":
         raise EmulationUnavailable(f"'{bundle}' is a {manifest['target']['arch']} bundle; emulation is for aarch64")
-    checks = {}
+    checks, keys, todo = {}, {}, []
     for spec in manifest["artifacts"]:
         if spec["runtime"] in rc.NO_CHECK:
-            checks[spec["name"]] = {"runtime": spec["runtime"], "version": spec["runtime_version"],
-                                    "arch": "aarch64", "emulated": True, "ok": None,
-                                    "skipped": rc.NO_CHECK[spec["runtime"]]}
+            checks[spec["name"]] = rc.skipped(spec, "aarch64", True, rc.NO_CHECK[spec["runtime"]])
             continue
-        emu = make_emulator(manifest, spec, log)
-        checks[spec["name"]] = verify_artifact(emu, bundle, spec, manifest, log)
-        log(f"  [emulate] {manifest['target']['name']}/{spec['name']}: {describe(checks[spec['name']])}")
+        keys[spec["name"]] = emulated_key(bundle, manifest, spec)
+        checks[spec["name"]] = rc.cached_check(keys[spec["name"]])
+        if checks[spec["name"]] is None:
+            todo.append(spec)
+    for (runtime, version), specs in rc.by_runtime(todo).items():
+        emu = make_emulator(manifest, specs[0], log)
+        target = manifest["target"]["name"]
+        log(f"  [emulate] {target}: {runtime} {version} under qemu {emu.cpu}, {len(specs)} artifact(s) in one "
+            f"emulated child, then their x86 outputs ...")
+        t0 = time.perf_counter()
+        for name, check in verify_runtime(emu, bundle, specs, manifest, log).items():
+            rc.remember(keys[name], check)
+            checks[name] = check
+        log(f"  [emulate] {target}: {runtime} {version} done in {time.perf_counter() - t0:.1f} s")
+    checks = {spec["name"]: checks[spec["name"]] for spec in manifest["artifacts"]}
+    for name, check in checks.items():
+        log(f"  [emulate] {manifest['target']['name']}/{name}: {describe(check)}")
     return checks
 
 
@@ -308,4 +366,5 @@ def describe(check: dict) -> str:
     steps = f", {cmp['int8_steps']} int8 step(s)" if cmp.get("int8_steps") is not None else ""
     same = "identical to x86" if cmp["identical"] else f"max |diff| vs x86 {cmp['max_abs_diff']:.3g}{steps}"
     return (f"{'ok' if check['ok'] else 'FAILED'} ({check['runtime']} {check['version']}, qemu {check['cpu']}): "
-            f"outputs {same}; accuracy {check['accuracy']:.4f} (manifest {check['manifest_accuracy']:.4f})")
+            f"outputs {same}; accuracy {check['accuracy']:.4f} (manifest {check['manifest_accuracy']:.4f})"
+            + rc.from_cache(check))

@@ -82,3 +82,27 @@ def stage_files(out_dir: Path, model_file: str = MODEL_FILE) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())
              if p.is_file() and p.name != METRICS_FILE and not p.name.startswith(".")}
     return {"size_bytes": files.get(model_file), "size_file": model_file, "files": files}
+
+
+def cached_record(section: str, key: str) -> dict | None:
+    """A JSON record stored under cache_dir()/section by `store_record`, or None (missing or unreadable)."""
+    try:
+        record = json.loads(_record_path(section, key).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def store_record(section: str, key: str, record: dict) -> bool:
+    """Keep a JSON record under cache_dir()/section (atomically); a cache that cannot be written is no error."""
+    try:
+        write_json(_record_path(section, key), record)
+    except OSError:
+        return False
+    return True
+
+
+def _record_path(section: str, key: str) -> Path:
+    if not key.isalnum():
+        raise ValueError(f"a cache key is a hex digest, not '{key}'")
+    return cache_dir() / section / key[:2] / f"{key}.json"

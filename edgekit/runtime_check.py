@@ -8,23 +8,34 @@ version the pinned runtime cannot run is reported with the op, its version and w
 
 For an aarch64 target this runs the x86 wheel of the same pinned version (which proves op support by version);
 `edgekit.emulate` adds a run of the aarch64 wheel under qemu user-mode emulation.
+
+Two things keep this cheap: one child process per runtime checks all of a bundle's artifacts for that runtime
+(CHECK_SCRIPT; a child that crashes has its unchecked artifacts re-run one per child, so the crash is pinned on
+the right one), and a pass is remembered under cache_dir()/checks, keyed by what decides the result (`cache_key`:
+the artifact's and eval data's sha256, the manifest record, runtime package, pinned version, python, check kind,
+the runner's and the check's code). Bytes already passed are not run again and the report says `cached`; a
+failure or a skipped check is never stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from edgekit import formats
 from edgekit.errors import EdgekitError, RuntimeEnvError
-from edgekit.files import READY, cache_dir, locked
+from edgekit.files import READY, cache_dir, cached_record, locked, store_record
 from edgekit.formats import requirements
 from edgekit.runner import OP_VERSION, RUNNER, error_line
+from edgekit.runner.runner import EVAL_FILE
 
 RUN_TIMEOUT_S = 600
 PIP_NETWORK = ("--retries", "2", "--timeout", "60")  # offline: give up soon and say the check was skipped
@@ -33,6 +44,60 @@ PIP_NETWORK = ("--retries", "2", "--timeout", "60")  # offline: give up soon and
 CHECK_THREADS = 1
 NO_CHECK = {r.name: "needs a CUDA device; the ONNX file is checked by the verify stage on the CPU"
             for r in formats.runtimes().values() if r.gpu}
+CACHE_SECTION = "checks"
+CACHE_VERSION = 1  # raise it when what a check computes changes: every earlier pass is then run again
+CHECK_SCRIPT = '''"""Checks artifacts of a bundle in one process with edgekit's runner code: a JSON line each."""
+import json, sys
+from pathlib import Path
+import numpy as np
+bundle, out, threads, mode, dumps = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+names = sys.argv[7:]
+sys.path.insert(0, sys.argv[6])  # edgekit's runner, never the bundle's copy
+import runner
+
+def dump(name):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    runner.check_files(bundle, manifest)
+    spec = {a["name"]: a for a in manifest["artifacts"]}[name]
+    artifact = runner.Artifact(bundle / spec["file"], spec, int(threads))
+    with np.load(bundle / "eval.npz") as f:
+        x = f["x"]
+    np.save(str(Path(dumps) / (name + ".npy")), np.stack([artifact.predict(x[i : i + 1])[0] for i in range(len(x))]))
+
+def outputs_too(kept):
+    """runner.accuracy that also keeps every sample's outputs: one pass instead of two (under qemu, ~20x slower)."""
+    def accuracy(artifact, x, y):
+        outs = np.stack([artifact.predict(x[i : i + 1])[0] for i in range(len(x))])
+        kept.append(outs)
+        return int((outs.argmax(1) == y).sum()) / len(x)  # what runner.accuracy computes: hits / samples
+    return accuracy
+
+def one(name):
+    record, kept, plain = {"name": name}, [], runner.accuracy
+    try:
+        if mode in ("accuracy", "both"):
+            runner.accuracy = outputs_too(kept) if mode == "both" else plain
+            record["results"] = runner.run(runner._args([str(bundle), "--artifact", name, "--threads", threads,
+                                                         "--mode", "accuracy"]))
+        if kept:
+            np.save(str(Path(dumps) / (name + ".npy")), kept[0])
+            record["dumped"] = True
+        elif mode == "dump":
+            dump(name)
+            record["dumped"] = True
+    except SystemExit as exc:
+        record["error"] = str(exc)
+    except Exception as exc:
+        record["error"] = type(exc).__name__ + ": " + str(exc)
+    finally:
+        runner.accuracy = plain
+    return record
+
+with open(out, "a") as f:
+    for name in names:
+        f.write(json.dumps(one(name)) + "\\n")
+        f.flush()
+'''
 
 
 _FAILED: dict[str, str] = {}  # environment folder -> why it could not be made (once per process)
@@ -112,6 +177,39 @@ def run_runner(python: Path | str, bundle: Path, artifact: str, *, prefix: list[
         return json.loads(out.read_text()), None
 
 
+def run_batch(python: Path | str, bundle: Path, names: list[str], *, prefix: list[str] | None = None,
+              env: dict | None = None, threads: int = CHECK_THREADS, mode: str = "accuracy",
+              dumps: Path | None = None) -> dict[str, dict]:
+    """Runs CHECK_SCRIPT once for all `names` (accuracy with edgekit's runner, and/or outputs written to
+    `dumps`/NAME.npy): {name: {"results": ..., "dumped": True} or {"error": one line}}.
+
+    A child that dies leaves the artifacts it did not finish: each of them runs again in a child of its own, so a
+    crash is reported for the artifact that caused it and the others still get their results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, script = Path(tmp) / "checks.jsonl", Path(tmp) / "check.py"
+        script.write_text(CHECK_SCRIPT)
+        cmd = [*(prefix or []), str(python), str(script), str(bundle), str(out), str(threads), mode,
+               str(dumps or "-"), str(RUNNER.parent), *names]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S * len(names))
+            died = None if proc.returncode == 0 else error_line(proc.stderr, proc.returncode)
+        except subprocess.TimeoutExpired:
+            died = f"the runner did not finish in {RUN_TIMEOUT_S * len(names)} s"
+        lines = out.read_text().splitlines() if out.is_file() else []
+    records = {}
+    for line in lines:
+        record = json.loads(line)
+        if "error" in record:
+            record["error"] = error_line(record["error"], 1)
+        records[record.pop("name")] = record
+    missing = [n for n in names if n not in records]
+    if missing and len(names) == 1:
+        return {names[0]: {"error": died or "the runner wrote no result"}}
+    for name in missing:  # the child died on one of these: one child each from here on
+        records |= run_batch(python, bundle, [name], prefix=prefix, env=env, threads=threads, mode=mode, dumps=dumps)
+    return records
+
+
 def clean_env(extra: dict | None = None) -> dict:
     """A child environment that sees no user site-packages nor this process's PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
@@ -134,31 +232,113 @@ def check_result(spec: dict, arch: str, emulated: bool, results: dict | None, er
     return check
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(bundle: Path, manifest: dict, spec: dict, kind: str, python_version: str,
+              extra: dict | None = None) -> str | None:
+    """What decides a check's result, hashed; None when the bundle's files do not match the manifest's sha256
+    (then the runner must run, and say so)."""
+    try:
+        artifact, data = file_sha256(bundle / spec["file"]), file_sha256(bundle / EVAL_FILE)
+    except (OSError, KeyError, TypeError):
+        return None
+    files = manifest.get("files", {})
+    if artifact != files.get(spec["file"]) or data != files.get(EVAL_FILE):
+        return None
+    material = {"kind": kind, "cache_version": CACHE_VERSION, "artifact_sha256": artifact, "eval_sha256": data,
+                "package": package_of(spec["runtime"]), "runtime_version": spec["runtime_version"],
+                "python": python_version, "artifact": spec, "runner_sha256": file_sha256(RUNNER),
+                "check_code_sha256": file_sha256(Path(__file__)),
+                "threads": CHECK_THREADS} | (extra or {})
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_check(key: str | None) -> dict | None:
+    """A pass stored for this key, marked as coming from the cache."""
+    record = cached_record(CACHE_SECTION, key) if key else None
+    if not record or record.get("check", {}).get("ok") is not True:
+        return None
+    return record["check"] | {"cached": {"key": key, "checked_utc": record.get("checked_utc")}}
+
+
+def remember(key: str | None, check: dict) -> None:
+    """Store a pass (only a pass: a failure or a skip is checked again next time)."""
+    if key and check.get("ok") is True and "cached" not in check:
+        store_record(CACHE_SECTION, key, {"check": check, "checked_utc": datetime.now(UTC).isoformat(
+            timespec="seconds")})
+
+
+def skipped(spec: dict, arch: str, emulated: bool, why: str) -> dict:
+    return {"runtime": spec["runtime"], "version": spec["runtime_version"], "arch": arch, "emulated": emulated,
+            "ok": None, "skipped": why}
+
+
 def check_artifact(bundle: Path, spec: dict, python_version: str = "3.11", log=print) -> dict:
     """Loads and runs one artifact with its pinned runtime version (x86 wheel), through edgekit's runner."""
-    runtime, version = spec["runtime"], spec["runtime_version"]
-    if runtime in NO_CHECK:
-        return {"runtime": runtime, "version": version, "arch": "x86_64", "emulated": False, "ok": None,
-                "skipped": NO_CHECK[runtime]}
+    if spec["runtime"] in NO_CHECK:
+        return skipped(spec, "x86_64", False, NO_CHECK[spec["runtime"]])
+    return check_runtime(bundle, [spec], python_version, log)[spec["name"]]
+
+
+def check_runtime(bundle: Path, specs: list[dict], python_version: str, log=print) -> dict[str, dict]:
+    """All `specs` (one runtime and version) in one child process of the pinned runtime's venv."""
+    spec0 = specs[0]
     try:
-        py = runtime_python(package_of(runtime), version, python_version, log)
+        py = runtime_python(package_of(spec0["runtime"]), spec0["runtime_version"], python_version, log)
     except RuntimeEnvError as exc:
-        return {"runtime": runtime, "version": version, "arch": "x86_64", "emulated": False, "ok": None,
-                "skipped": str(exc)}
-    results, error = run_runner(py, bundle, spec["name"], env=clean_env(), threads=CHECK_THREADS)
-    return check_result(spec, "x86_64", False, results, error)
+        return {s["name"]: skipped(s, "x86_64", False, str(exc)) for s in specs}
+    records = run_batch(py, bundle, [s["name"] for s in specs], env=clean_env(), threads=CHECK_THREADS)
+    return {s["name"]: check_result(s, "x86_64", False, records[s["name"]].get("results"),
+                                    records[s["name"]].get("error")) for s in specs}
+
+
+def by_runtime(specs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for spec in specs:
+        groups.setdefault((spec["runtime"], spec["runtime_version"]), []).append(spec)
+    return groups
 
 
 def check_bundle(bundle: Path, log=print) -> dict[str, dict]:
-    """runtime_check per artifact of a bundle (native, with each artifact's pinned runtime version)."""
+    """runtime_check per artifact of a bundle (native, with each artifact's pinned runtime version): passes of the
+    same bytes come from the cache; the rest run in one child per runtime."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     python_version = manifest["target"].get("python", "3.11")
-    checks = {}
+    checks, keys, todo = {}, {}, []
     for spec in manifest["artifacts"]:
-        check = check_artifact(bundle, spec, python_version, log)
-        checks[spec["name"]] = check
-        log(f"  [runtime-check] {manifest['target']['name']}/{spec['name']}: {describe(check)}")
+        if spec["runtime"] in NO_CHECK:
+            checks[spec["name"]] = skipped(spec, "x86_64", False, NO_CHECK[spec["runtime"]])
+            continue
+        keys[spec["name"]] = cache_key(bundle, manifest, spec, "x86_64", python_version)
+        hit = cached_check(keys[spec["name"]])
+        if hit:
+            checks[spec["name"]] = hit
+        else:
+            todo.append(spec)
+    for (runtime, version), specs in by_runtime(todo).items():
+        log(f"  [runtime-check] {manifest['target']['name']}: {runtime} {version}, {len(specs)} artifact(s) in one "
+            f"child process ...")
+        t0 = time.perf_counter()
+        for name, check in check_runtime(bundle, specs, python_version, log).items():
+            remember(keys[name], check)
+            checks[name] = check
+        log(f"  [runtime-check] {manifest['target']['name']}: {runtime} {version} done in "
+            f"{time.perf_counter() - t0:.1f} s")
+    checks = {spec["name"]: checks[spec["name"]] for spec in manifest["artifacts"]}
+    for name, check in checks.items():
+        log(f"  [runtime-check] {manifest['target']['name']}/{name}: {describe(check)}")
     return checks
+
+
+def from_cache(check: dict) -> str:
+    cached = check.get("cached")
+    return f" [cached: these bytes passed on {cached['checked_utc']}; not run again]" if cached else ""
 
 
 def describe(check: dict) -> str:
@@ -166,7 +346,7 @@ def describe(check: dict) -> str:
     if check["ok"] is None:
         return f"skipped ({where}): {check['skipped']}"
     if check["ok"]:
-        return f"ok ({where}, accuracy {check['accuracy']:.4f})"
+        return f"ok ({where}, accuracy {check['accuracy']:.4f}){from_cache(check)}"
     return f"FAILED ({where}): {check.get('hint') or check['error']}"
 
 
