@@ -58,10 +58,13 @@ class PruneConfig:
     ratio: float = 0.5  # fraction of channels removed from each prunable layer (when no target is set)
     target_macs: float | None = None  # keep at most this fraction of the MACs (e.g. 0.5); wins over ratio
     target_params: float | None = None  # keep at most this fraction of the parameters
-    round_to: int | None = None  # keep channel counts a multiple of this
+    round_to: int | None = None  # keep channel counts a multiple of this; None: the chosen targets' round_to
     ignore: list[str] = field(default_factory=list)  # module names never pruned (the classifier always is)
     protect_stem: bool = True  # never prune the first conv/linear layer's outputs
-    steps: int = 1  # iterative pruning: reach the target in this many rounds, fine-tuning between them
+    steps: int = 4  # iterative pruning: reach the target in this many rounds, fine-tuning between them
+    accuracy_guard: bool = True  # undo the first round whose val accuracy falls past max_loss_pp, and stop there
+    max_loss_pp: float | None = None  # the guard's limit (pp below the unpruned model); None: strictest target's
+    #                                   accuracy_tolerance_pp
     sparsity_strength: float = 1e-4  # slimming: L1 penalty on BatchNorm scales during sparsity training
     sparsity_epochs: int = 4  # slimming: epochs of sparsity training before channels are removed
     use_sensitivity: bool = False  # per-layer ratios from `edgekit sensitivity` (less for sensitive layers)
@@ -192,6 +195,7 @@ def _check_ranges(cfg: Config) -> None:
         ("prune.target_macs", cfg.prune.target_macs is None or 0 < cfg.prune.target_macs <= 1),
         ("prune.target_params", cfg.prune.target_params is None or 0 < cfg.prune.target_params <= 1),
         ("prune.steps", cfg.prune.steps >= 1),
+        ("prune.max_loss_pp", cfg.prune.max_loss_pp is None or cfg.prune.max_loss_pp >= 0),
         ("prune.sparsity_strength", cfg.prune.sparsity_strength >= 0),
         ("model.width_mult", cfg.model.width_mult > 0),
         ("distill.student_width_mult", cfg.distill.student_width_mult > 0),

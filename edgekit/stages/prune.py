@@ -12,12 +12,22 @@ torch-pruning's `step()` in small increments until the count is under the target
 MACs target of its own); otherwise `ratio` of the channels of every prunable layer is removed. `steps: N`
 spreads the target over N rounds with fine-tuning between them. Residual, depthwise and concatenation
 couplings are pruned as one group, so the pruned model still runs and exports.
+
+Accuracy guard (`accuracy_guard`, on by default): after each round's fine-tuning the validation accuracy is
+compared with the unpruned model's; the first round that loses more than `max_loss_pp` (default: the
+strictest chosen target's `accuracy_tolerance_pp`) is undone and pruning stops there, so the target is an
+upper bound and the tolerance the limit. `metrics.json` says which round was kept and why (`kept`).
+
+Rounding (`round_to`): channel counts are kept multiples of it; unset, the chosen targets' `round_to` (what
+their int8 kernels like) is used, their least common multiple when they differ.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -195,24 +205,99 @@ def _keep_schedule(plan: Plan, steps: int) -> list[float | None]:
     return [1 - (1 - goal) * k / steps for k in range(1, steps + 1)]
 
 
-def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) -> tuple[list[dict], float]:
+@dataclass(frozen=True)
+class Guard:
+    """Stop pruning where the validation accuracy falls more than `max_loss_pp` below the unpruned model's."""
+    baseline: float  # validation accuracy of the unpruned (source) model
+    max_loss_pp: float
+    source: str  # where max_loss_pp came from
+    val_samples: int
+
+    @property
+    def limit_pp(self) -> float:
+        """The tolerance, but never finer than one validation sample (a finer loss cannot be judged)."""
+        return max(self.max_loss_pp, 100 / self.val_samples)
+
+    def loss_pp(self, val_accuracy: float) -> float:
+        return 100 * (self.baseline - val_accuracy)
+
+
+def guard_for(p: PruneConfig, targets: list, baseline: float, val_samples: int) -> Guard | None:
+    """The guard of this build: None when it is off or there is nothing to judge against."""
+    if not p.accuracy_guard:
+        return None
+    if p.max_loss_pp is not None:
+        return Guard(baseline, p.max_loss_pp, "prune.max_loss_pp", val_samples)
+    if not targets:
+        return None
+    strictest = min(targets, key=lambda t: t.accuracy_tolerance_pp)
+    return Guard(baseline, strictest.accuracy_tolerance_pp,
+                 f"accuracy_tolerance_pp of target {strictest.name} (the strictest chosen)", val_samples)
+
+
+def round_to_for(p: PruneConfig, targets: list) -> tuple[int | None, str]:
+    """prune.round_to when set, else the least common multiple of the chosen targets' `round_to`."""
+    if p.round_to is not None:
+        return p.round_to, "prune.round_to"
+    wanted = {t.name: t.round_to for t in targets if getattr(t, "round_to", None)}
+    if not wanted:
+        return None, "no chosen target sets round_to"
+    value = math.lcm(*wanted.values())
+    return value, "targets " + ", ".join(f"{n} ({r})" for n, r in wanted.items()) + (
+        f": least common multiple {value}" if len(set(wanted.values())) > 1 else "")
+
+
+def _kept_record(rounds: list[dict], guard: Guard | None, stopped: dict | None) -> dict:
+    """Which round's model the stage keeps and why (metrics, report and console say it)."""
+    n = len(rounds)
+    if guard is None:
+        return {"round": n, "of": n, "reason": "accuracy guard off (prune.accuracy_guard: false, or no target "
+                                               "tolerance to judge against): the full target was pruned"}
+    within = f"within {guard.limit_pp:.2g} pp ({guard.source})"
+    if stopped is None:
+        return {"round": n, "of": n, "reason": f"the full target was reached {within} of the unpruned model's "
+                                               f"validation accuracy {guard.baseline:.4f}"}
+    k = stopped["round"] - 1
+    what = f"round {k}" if k else "the unpruned model (no round)"
+    return {"round": k, "of": stopped["of"],
+            "reason": f"round {stopped['round']} of {stopped['of']} lost {stopped['loss_pp']:.2f} pp of validation "
+                      f"accuracy against the unpruned model, more than {guard.limit_pp:.2g} pp ({guard.source}); "
+                      f"kept {what}, the last {within}"}
+
+
+def _finetune_epochs(total: int, rounds: int) -> list[int]:
+    return [total // rounds + (i < total % rounds) for i in range(rounds)]
+
+
+def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
+                    guard: Guard | None = None) -> tuple[nn.Module, list[dict], float, dict]:
+    """Prune in rounds with fine-tuning; with a guard, stop at the last round within its tolerance.
+
+    Returns the kept model (the same object unless a round was undone), every round run, the kept model's
+    validation accuracy and the `kept` record."""
     data, t = ctx.data, ctx.cfg.train
     schedule = _keep_schedule(plan, p.steps)
-    epochs = [p.finetune_epochs // len(schedule) + (i < p.finetune_epochs % len(schedule))
-              for i in range(len(schedule))]
-    rounds, best_val = [], 0.0
+    rounds, best_val, stopped = [], guard.baseline if guard else 0.0, None
     calib = (data.calib.x, data.calib.y)
     what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
     start = _count(model, data.sample_shape, what) if what else None  # the schedule counts from here
-    for keep, ep in zip(schedule, epochs, strict=True):
+    for i, (keep, ep) in enumerate(zip(schedule, _finetune_epochs(p.finetune_epochs, len(schedule)), strict=True)):
+        before = copy.deepcopy(model) if guard else None
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
         info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
-        best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
-                                seed=t.seed, desc="finetune")
-        rounds.append({**info, "finetune_epochs": ep})
-    return rounds, best_val
+        val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
+                           seed=t.seed, desc="finetune")
+        rounds.append({**info, "finetune_epochs": ep, "val_accuracy": val})
+        if guard is not None:
+            rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
+            if guard.loss_pp(val) > guard.limit_pp + 1e-9:
+                stopped = {"round": i + 1, "of": len(schedule), "loss_pp": guard.loss_pp(val)}
+                model = before
+                break
+        best_val = val
+    return model, rounds, best_val, _kept_record(rounds, guard, stopped)
 
 
 def magnitude_sparsity(model: nn.Module, ratio: float, example: torch.Tensor, fine_tune) -> nn.Module:
@@ -272,9 +357,16 @@ def run(ctx: Context) -> dict:
         write_json(ctx.stage_dir(name) / "sensitivity.json", result)
         layer_ratios = sensitivity.to_ratios(result)
         extra["layer_ratios"] = layer_ratios
-    rounds, best_val = iterative_prune(ctx, model, plan_from_config(p, layer_ratios), p)
+    round_to, round_to_from = round_to_for(p, ctx.targets)
+    baseline = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
+    guard = guard_for(p, ctx.targets, baseline, len(data.val.y))
+    plan = replace(plan_from_config(p, layer_ratios), round_to=round_to)
+    model, rounds, best_val, kept = iterative_prune(ctx, model, plan, p, guard)
     macs1, params1 = metrics.macs_and_params(model, data.sample_shape)
     settings = {k: getattr(p, k) for k in PruneConfig.__dataclass_fields__}
+    kept.update(macs_kept=macs1 / macs0, params_kept=params1 / params0, val_accuracy=best_val,
+                unpruned_val_accuracy=baseline, max_loss_pp=guard.limit_pp if guard else None)
     return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method=p.method, library="torch-pruning",
                               reference=METHODS[p.method].reference, settings=settings, rounds=rounds,
-                              macs_kept=macs1 / macs0, params_kept=params1 / params0, **extra)
+                              macs_kept=macs1 / macs0, params_kept=params1 / params0, kept=kept,
+                              round_to=round_to, round_to_from=round_to_from, **extra)
