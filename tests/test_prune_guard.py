@@ -124,3 +124,13 @@ def test_target_round_to_is_validated(tmp_path, value):
     with pytest.raises(TargetError) as err:
         targets.parse(raw, "mine.yaml")
     assert f"mine.yaml: round_to is {value!r}; give a whole number" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_console_says_which_round_pruning_kept_and_why():
+    from edgekit import report
+
+    kept = {"round": 1, "of": 4, "macs_kept": 0.71, "reason": "round 2 of 4 lost 1.50 pp ... kept round 1"}
+    stage = {"name": "prune", "accuracy": 0.8, "params": 1, "macs": 1, "size_bytes": 1, "kept": kept}
+    table = report.summary_table({"stages": [stage], "artifacts": [], "bundles": []})
+    assert "pruning kept round 1 of 4 (71% of the MACs): round 2 of 4 lost 1.50 pp ... kept round 1" in table
+    assert "pruning kept" not in report.summary_table({"stages": [], "artifacts": [], "bundles": []})
