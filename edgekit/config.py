@@ -18,8 +18,9 @@ from edgekit.errors import ConfigError
 @dataclass(frozen=True)
 class DataConfig:
     # digits32: the harder built-in task; fashion-mnist: Debian's dataset-fashion-mnist (or its IDX files at path)
-    source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist"] = "digits"
-    path: str | None = None  # .npz file, ImageFolder root or folder of IDX files, relative to the config file
+    source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist", "npy"] = "digits"
+    path: str | None = None  # .npz file, ImageFolder root, folder of IDX files or of x.npy + y.npy (npy: memory-
+    #                          mapped, the training split read batch by batch), relative to the config file
     image_size: int = 32  # imagefolder: images are resized to image_size x image_size
     grayscale: bool = False  # imagefolder: one channel instead of three
     val_fraction: float = 0.15
@@ -28,6 +29,7 @@ class DataConfig:
     limit: int | None = None  # use only this many samples (quick runs, tests)
     copies: int = 3  # digits32: augmented copies of each digit
     seed: int = 0
+    workers: int = 0  # npy / idx / fashion-mnist: DataLoader processes reading training batches (0: in process)
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ def _check_ranges(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size > 0),
         ("data.calib_samples", cfg.data.calib_samples > 0),
         ("data.copies", cfg.data.copies > 0),
+        ("data.workers", cfg.data.workers >= 0),
         ("run.min_runs", cfg.run.min_runs > 0),
         *_counts_and_rates(cfg),
     ]
