@@ -29,10 +29,9 @@ from edgekit.stages.base import Context  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {  # prune section over the defaults; round_to 1: no rounding (the old default had none)
-    "one shot, no guard, no rounding (old default)": {"steps": 1, "accuracy_guard": False, "round_to": 1},
     "4 rounds + guard (new default; round_to 8 from the target)": {},
-    "4 rounds + guard, finetune_epochs 8": {"finetune_epochs": 8},
-    "4 rounds, no guard": {"accuracy_guard": False},
+    "one shot, no guard, no rounding (old default)": {"steps": 1, "accuracy_guard": False, "round_to": 1},
+    "4 rounds, no guard (round_to 8)": {"accuracy_guard": False},
 }
 
 
@@ -49,15 +48,19 @@ def save(result: dict) -> None:
     (RESULTS / "prune_guard.md").write_text(markdown(result))
 
 
-def run(limit: int, target: str) -> dict:
+def run(limit: int, target: str, trained_dir: Path | None) -> dict:
     chosen = targets.get([target])
     base_cfg = config.from_dict({"data": {"source": "fashion-mnist", "limit": limit}})
     data = load_dataset(base_cfg)
     work = Path(tempfile.mkdtemp(prefix="edgekit-prune-guard-"))
     ctx = Context(base_cfg, data, work / "base", chosen)
     t0 = time.perf_counter()
-    trained = train.run(ctx)
-    (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(trained))
+    if trained_dir:  # a train stage folder of an earlier run with the same data and config
+        shutil.copytree(trained_dir, ctx.stage_dir("train"), dirs_exist_ok=True)
+        trained = json.loads((trained_dir / "metrics.json").read_text())
+    else:
+        trained = train.run(ctx)
+        (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(trained))
     rows = [{"variant": "unpruned fp32 (train stage)", "test_accuracy": trained["accuracy"],
              "val_accuracy": trained["val_accuracy"], "macs_kept": 1.0, "seconds": time.perf_counter() - t0}]
     result = {"limit": limit, "target": target, "tolerance_pp": chosen[0].accuracy_tolerance_pp,
@@ -104,8 +107,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=8000)
     ap.add_argument("--target", default="x86-64")
+    ap.add_argument("--trained", type=Path, help="reuse this train stage folder (same --limit and defaults)")
     args = ap.parse_args()
-    result = run(args.limit, args.target)
+    result = run(args.limit, args.target, args.trained)
     save(result)
     print(markdown(result))
 

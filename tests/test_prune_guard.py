@@ -134,3 +134,19 @@ def test_console_says_which_round_pruning_kept_and_why():
     table = report.summary_table({"stages": [stage], "artifacts": [], "bundles": []})
     assert "pruning kept round 1 of 4 (71% of the MACs): round 2 of 4 lost 1.50 pp ... kept round 1" in table
     assert "pruning kept" not in report.summary_table({"stages": [], "artifacts": [], "bundles": []})
+
+
+def test_rounds_with_round_to_do_not_overshoot_the_ratio():
+    """Four rounds of ratio 0.5 with round_to 8 end at half of every pruned layer, as one shot does: each round
+    targets a fraction of the unpruned widths (a new pruner per round rounded down four times: 64 -> 24)."""
+    import torch
+
+    from edgekit import models
+
+    torch.manual_seed(0)
+    model = models.build_model(config.from_dict({"model": {"width": 32}}), (1, 8, 8), 10)
+    before = _pruned_counts(model)
+    plan = prune.Plan(ratio=0.5, round_to=8)
+    done = list(prune.ratio_rounds(model, (1, 8, 8), 10, plan, steps=4))
+    assert [r["ratio"] for r in done] == [0.125, 0.25, 0.375, 0.5]
+    assert _pruned_counts(model) == [c // 2 for c in before] and all(c % 8 == 0 for c in _pruned_counts(model))

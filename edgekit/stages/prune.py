@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -195,14 +195,41 @@ def plan_from_config(p: PruneConfig, layer_ratios: dict[str, float] | None = Non
 
 
 def _keep_schedule(plan: Plan, steps: int) -> list[float | None]:
-    """Cumulative fraction to keep after each round; None means the plan's own one-shot target."""
+    """Target mode: cumulative fraction of the unpruned count to keep after each round."""
+    goal = plan.target_macs if plan.target_macs is not None else plan.target_params
     if steps <= 1:
         return [None]
-    goal = plan.target_macs if plan.target_macs is not None else plan.target_params
-    if goal is None:  # channel ratio: the same fraction of the remaining channels each round
-        per_round = 1 - (1 - plan.ratio) ** (1 / steps)
-        return [1 - per_round] * steps
     return [1 - (1 - goal) * k / steps for k in range(1, steps + 1)]
+
+
+def ratio_rounds(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan: Plan, steps: int,
+                 calib: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[dict]:
+    """Channel-ratio mode in `steps` rounds through one pruner: each advance prunes in place to `ratio * k / steps`
+    of every layer's *unpruned* channels (torch-pruning's own iterative schedule). Rounding to `round_to` then
+    never compounds across rounds (a new pruner each round would round the remaining channels down every time
+    and overshoot: 32 channels at ratio 0.5 in 4 rounds of round_to 8 ended at 8)."""
+    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem)
+    grads = _grad_fn(calib) if method(plan.method).needs_grad else None
+    pruner = _pruner(model, shape, plan, ignored, ratio=plan.ratio, steps=steps)
+    for k in range(1, steps + 1):
+        if grads:
+            grads(model)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        yield {"measure": "channels", "ratio": plan.ratio * k / steps, "pruner_steps": 1}
+
+
+def _rounds(ctx: Context, model: nn.Module, plan: Plan, steps: int) -> Iterator[dict]:
+    """Advance to prune the next round in place; yields what that round did."""
+    data = ctx.data
+    calib = (data.calib.x, data.calib.y)
+    what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
+    if what is None:
+        yield from ratio_rounds(model, data.sample_shape, data.num_classes, plan, steps, calib)
+        return
+    start = _count(model, data.sample_shape, what)  # the schedule counts from the unpruned model
+    for keep in _keep_schedule(plan, steps):
+        yield prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
 
 
 @dataclass(frozen=True)
@@ -253,7 +280,7 @@ def _kept_record(rounds: list[dict], guard: Guard | None, stopped: dict | None) 
     if guard is None:
         return {"round": n, "of": n, "reason": "accuracy guard off (prune.accuracy_guard: false, or no target "
                                                "tolerance to judge against): the full target was pruned"}
-    within = f"within {guard.limit_pp:.2g} pp ({guard.source})"
+    within = f"within {guard.limit_pp:.3g} pp ({guard.source})"
     if stopped is None:
         return {"round": n, "of": n, "reason": f"the full target was reached {within} of the unpruned model's "
                                                f"validation accuracy {guard.baseline:.4f}"}
@@ -261,7 +288,7 @@ def _kept_record(rounds: list[dict], guard: Guard | None, stopped: dict | None) 
     what = f"round {k}" if k else "the unpruned model (no round)"
     return {"round": k, "of": stopped["of"],
             "reason": f"round {stopped['round']} of {stopped['of']} lost {stopped['loss_pp']:.2f} pp of validation "
-                      f"accuracy against the unpruned model, more than {guard.limit_pp:.2g} pp ({guard.source}); "
+                      f"accuracy against the unpruned model, more than {guard.limit_pp:.3g} pp ({guard.source}); "
                       f"kept {what}, the last {within}"}
 
 
@@ -276,15 +303,12 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
     Returns the kept model (the same object unless a round was undone), every round run, the kept model's
     validation accuracy and the `kept` record."""
     data, t = ctx.data, ctx.cfg.train
-    schedule = _keep_schedule(plan, p.steps)
     rounds, best_val, stopped = [], guard.baseline if guard else 0.0, None
-    calib = (data.calib.x, data.calib.y)
-    what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
-    start = _count(model, data.sample_shape, what) if what else None  # the schedule counts from here
-    for i, (keep, ep) in enumerate(zip(schedule, _finetune_epochs(p.finetune_epochs, len(schedule)), strict=True)):
+    pruning = _rounds(ctx, model, plan, p.steps)
+    for i, ep in enumerate(_finetune_epochs(p.finetune_epochs, p.steps)):
         before = copy.deepcopy(model) if guard else None
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
-        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
+        info = next(pruning)
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
@@ -293,7 +317,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         if guard is not None:
             rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
             if guard.loss_pp(val) > guard.limit_pp + 1e-9:
-                stopped = {"round": i + 1, "of": len(schedule), "loss_pp": guard.loss_pp(val)}
+                stopped = {"round": i + 1, "of": p.steps, "loss_pp": guard.loss_pp(val)}
                 model = before
                 break
         best_val = val
