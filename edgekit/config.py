@@ -18,8 +18,9 @@ from edgekit.errors import ConfigError
 @dataclass(frozen=True)
 class DataConfig:
     # digits32: the harder built-in task; fashion-mnist: Debian's dataset-fashion-mnist (or its IDX files at path)
-    source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist"] = "digits"
-    path: str | None = None  # .npz file, ImageFolder root or folder of IDX files, relative to the config file
+    source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist", "npy"] = "digits"
+    path: str | None = None  # .npz file, ImageFolder root, folder of IDX files or of x.npy + y.npy (npy: memory-
+    #                          mapped, the training split read batch by batch), relative to the config file
     image_size: int = 32  # imagefolder: images are resized to image_size x image_size
     grayscale: bool = False  # imagefolder: one channel instead of three
     val_fraction: float = 0.15
@@ -28,6 +29,7 @@ class DataConfig:
     limit: int | None = None  # use only this many samples (quick runs, tests)
     copies: int = 3  # digits32: augmented copies of each digit
     seed: int = 0
+    workers: int = 0  # npy / idx / fashion-mnist: DataLoader processes reading training batches (0: in process)
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,13 @@ class PruneConfig:
     ratio: float = 0.5  # fraction of channels removed from each prunable layer (when no target is set)
     target_macs: float | None = None  # keep at most this fraction of the MACs (e.g. 0.5); wins over ratio
     target_params: float | None = None  # keep at most this fraction of the parameters
-    round_to: int | None = None  # keep channel counts a multiple of this
+    round_to: int | None = None  # keep channel counts a multiple of this; None: the chosen targets' round_to
     ignore: list[str] = field(default_factory=list)  # module names never pruned (the classifier always is)
     protect_stem: bool = True  # never prune the first conv/linear layer's outputs
-    steps: int = 1  # iterative pruning: reach the target in this many rounds, fine-tuning between them
+    steps: int = 4  # iterative pruning: reach the target in this many rounds, fine-tuning between them
+    accuracy_guard: bool = True  # undo the first round whose val accuracy falls past max_loss_pp, and stop there
+    max_loss_pp: float | None = None  # the guard's limit (pp below the unpruned model); None: strictest target's
+    #                                   accuracy_tolerance_pp
     sparsity_strength: float = 1e-4  # slimming: L1 penalty on BatchNorm scales during sparsity training
     sparsity_epochs: int = 4  # slimming: epochs of sparsity training before channels are removed
     use_sensitivity: bool = False  # per-layer ratios from `edgekit sensitivity` (less for sensitive layers)
@@ -196,6 +201,7 @@ def _check_ranges(cfg: Config) -> None:
         ("prune.target_macs", cfg.prune.target_macs is None or 0 < cfg.prune.target_macs <= 1),
         ("prune.target_params", cfg.prune.target_params is None or 0 < cfg.prune.target_params <= 1),
         ("prune.steps", cfg.prune.steps >= 1),
+        ("prune.max_loss_pp", cfg.prune.max_loss_pp is None or cfg.prune.max_loss_pp >= 0),
         ("prune.sparsity_strength", cfg.prune.sparsity_strength >= 0),
         ("model.width_mult", cfg.model.width_mult > 0),
         ("distill.student_width_mult", cfg.distill.student_width_mult > 0),
@@ -207,6 +213,7 @@ def _check_ranges(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size > 0),
         ("data.calib_samples", cfg.data.calib_samples > 0),
         ("data.copies", cfg.data.copies > 0),
+        ("data.workers", cfg.data.workers >= 0),
         ("run.min_runs", cfg.run.min_runs > 0),
         *_counts_and_rates(cfg),
     ]

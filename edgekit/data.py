@@ -1,6 +1,9 @@
 """Datasets: the built-in offline digits, Fashion-MNIST and MNIST-format IDX files, a user's .npz, an ImageFolder.
 
-Every source ends as float32 arrays (N, *sample_shape) and int64 labels, split once with a fixed seed.
+Every source ends as float32 arrays (N, *sample_shape) and int64 labels, split once with a fixed seed. The
+memory-mapped sources (`npy`, `idx`, `fashion-mnist`) keep their training split on disk as `Rows`, read batch by
+batch (in `data.workers` DataLoader processes when set), so a training set larger than memory can be trained on;
+validation, test and calibration splits are read into memory.
 """
 
 from __future__ import annotations
@@ -24,9 +27,51 @@ MIN_SPLIT = {"train": 10, "validation": 5, "test": 10}  # fewer gives accuracies
 MAX_ZIP_RATIO = 1100  # deflate cannot compress better than about 1032:1
 
 
+class Rows:
+    """Rows of an on-disk array (a np.memmap) read on demand: indexing returns float32 in memory, divided by
+    `divide_by` and with a channel axis added when `add_channel`. Each read is sorted by row (sequential reads)."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray, *, divide_by: float = 1.0, add_channel: bool = False,
+                 workers: int = 0) -> None:
+        self.array, self.index = array, np.asarray(index, np.int64)
+        self.divide_by, self.add_channel = divide_by, add_channel
+        self.workers = workers  # DataLoader worker processes that training reads these rows with
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *((1,) if self.add_channel else ()), *self.array.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        rows = self.index[np.asarray(key) if not isinstance(key, int | slice) else key]
+        if np.ndim(rows) == 0:
+            return self._read(np.asarray([rows]))[0]
+        return self._read(rows)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.shape[1:]), np.float32)
+        out[order] = np.asarray(self.array[rows[order]], np.float32).reshape(len(rows), *self.shape[1:])
+        if self.divide_by != 1.0:
+            out /= np.float32(self.divide_by)
+        return out
+
+
 @dataclass(frozen=True)
 class Split:
-    x: np.ndarray  # float32 (N, *sample_shape), already preprocessed
+    x: np.ndarray | Rows  # float32 (N, *sample_shape), already preprocessed; Rows: read from disk on demand
     y: np.ndarray  # int64 (N,)
 
 
@@ -216,7 +261,9 @@ def _official_split(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     def take(x: np.ndarray, y: np.ndarray, i: np.ndarray | slice) -> Split:
         return Split(np.asarray(x[i], np.float32)[:, None] / 255.0, np.asarray(y[i], np.int64))
 
-    return take(*train, fit), take(*train, val), take(*test, slice(0, n_test)), take(*train, fit[: cfg.calib_samples])
+    streamed = Split(Rows(train[0], fit, divide_by=255.0, add_channel=True, workers=cfg.workers),
+                     np.asarray(train[1][fit], np.int64))  # read from the memory-mapped file batch by batch
+    return streamed, take(*train, val), take(*test, slice(0, n_test)), take(*train, fit[: cfg.calib_samples])
 
 
 def _idx_sets(folder: Path, hint: str) -> tuple[tuple, tuple | None]:
@@ -253,10 +300,59 @@ def _idx_dataset(cfg: Config) -> Dataset:
     return Dataset(*_official_split(train, test, d), labels, prep + "; the publisher's train/test split")
 
 
+NPY_CHUNK = 4096  # rows per read when an on-disk array is checked
+
+
+def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x.npy memory-mapped (never read whole) and y.npy, checked against each other."""
+    files = [folder / "x.npy", folder / "y.npy"]
+    if not all(f.is_file() for f in files):
+        raise DataError(f"'{folder}' needs x.npy (samples, float32 or uint8 images) and y.npy (labels); "
+                        "write them with numpy.save")
+    try:
+        x, y = np.load(files[0], mmap_mode="r", allow_pickle=False), np.load(files[1], allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"'{folder}': x.npy / y.npy are not readable .npy files ({_one_line(exc)})") from exc
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(y) or x.dtype not in (np.float32, np.uint8):
+        raise DataError(f"'{folder}': x.npy is {x.dtype} {x.shape} and y.npy {y.shape}; need float32 or uint8 "
+                        "x (N, ...) and y (N,) with equal N > 0")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise DataError(f"'{folder}': y.npy must hold non-negative integer class ids, got dtype {y.dtype}")
+    for i in range(0, len(x), NPY_CHUNK) if x.dtype == np.float32 else ():  # bounded memory: one chunk at a time
+        if not np.isfinite(x[i : i + NPY_CHUNK]).all():
+            raise DataError(f"'{folder}': x.npy holds NaN or infinite values (rows {i}..); clean it before building")
+    return x, y.astype(np.int64)
+
+
+def _npy_dataset(cfg: Config) -> Dataset:
+    """A pair of .npy files opened memory-mapped: the training split stays on disk (Rows), read batch by batch.
+    uint8 images are divided by 255; 3-D uint8 arrays (N, H, W) get a channel axis."""
+    d = cfg.data
+    folder = cfg.resolve(d.path)
+    x, y = _npy_arrays(folder)
+    labels = [str(c) for c in range(int(y.max()) + 1)]
+    _check_classes(y, labels, f"'{folder}'")
+    scale = {"divide_by": 255.0, "add_channel": x.ndim == 3} if x.dtype == np.uint8 else {}
+    order = np.random.default_rng(d.seed).permutation(len(x))[: d.limit]
+    n_test, n_val = max(1, int(len(order) * d.test_fraction)), max(1, int(len(order) * d.val_fraction))
+    _check_split_sizes({"train": len(order) - n_test - n_val, "validation": n_val, "test": n_test}, d)
+    test, val, fit = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+
+    def split(i: np.ndarray, lazy: bool = False) -> Split:
+        rows = Rows(x, i, workers=d.workers, **scale)
+        return Split(rows if lazy else rows[:], y[i])
+
+    prep = ("pixel / 255, " if scale else "as stored, ") + f"shape {split(order[:1]).x.shape[1:]}"
+    return Dataset(split(fit, lazy=True), split(val), split(test), split(fit[: d.calib_samples]), labels,
+                   prep + "; training split memory-mapped from x.npy")
+
+
 def load_dataset(cfg: Config) -> Dataset:
     d, groups = cfg.data, None
     if d.source in ("idx", "fashion-mnist"):
         return _idx_dataset(cfg)
+    if d.source == "npy":
+        return _npy_dataset(cfg)
     if d.source == "digits":
         x, y, labels, prep = _digits()
     elif d.source == "digits32":

@@ -118,6 +118,7 @@ def summary_table(report: dict) -> str:
         lines.append(f"{s['name']:<10} {_fmt(s['accuracy'], '.4f'):>8} {_fmt(s['params'], 'd'):>8} "
                      f"{_fmt(s['macs'], 'd'):>10} {_fmt(s['size_bytes'] and s['size_bytes'] / 1024, '.1f'):>8}  "
                      f"{s.get('size_file') or '-'}")
+    lines += prune_lines(report["stages"])
     lines.append("")
     lines.append(f"{'target':<17} {'artifact':<19} {'runtime':<12} {'size KB':>7} {'acc':>6} {'agree':>6} "
                  f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'int8/fp32':>9} {'fused':>7} {'budget':>6}")
@@ -149,6 +150,15 @@ def summary_table(report: dict) -> str:
         rec = b.get("recommended") or {}
         lines.append(f"recommended for {b['target']}: {rec.get('artifact') or '-'} ({rec.get('reason', 'none')})")
     return "\n".join(lines)
+
+
+def prune_lines(stages: list[dict]) -> list[str]:
+    """Which pruning round the build kept and why (the prune stage's accuracy guard)."""
+    kept = next((s.get("kept") for s in stages if s["name"] == "prune"), None)
+    if not kept:
+        return []
+    return [f"pruning kept round {kept['round']} of {kept['of']} ({kept['macs_kept']:.0%} of the MACs): "
+            f"{kept['reason']}"]
 
 
 def _latency(row: dict) -> tuple[dict | None, str | None]:

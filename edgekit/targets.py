@@ -20,7 +20,7 @@ TARGETS_DIR = Path(__file__).resolve().parent / "profiles"  # the built-in profi
 ARCHES = ("x86_64", "aarch64")
 REQUIRED = {"name": str, "description": str, "arch": str, "python": str, "artifacts": list, "threads": int,
             "budgets": dict, "accuracy_tolerance_pp": (int, float), "docker_base": str}
-OPTIONAL = {"runtimes": dict, "fidelity": dict, "int8": dict}  # optional sections; each has defaults
+OPTIONAL = {"runtimes": dict, "fidelity": dict, "int8": dict, "round_to": int}  # optional; each has defaults
 FIDELITY_DEFAULTS = {"min_agreement": 0.99, "min_sqnr_db": 15.0}  # every artifact against its torch model
 
 
@@ -110,6 +110,7 @@ class Target:
     min_agreement: float = FIDELITY_DEFAULTS["min_agreement"]  # top-1 agreement of each artifact with torch
     min_sqnr_db: float = FIDELITY_DEFAULTS["min_sqnr_db"]
     int8: Int8Settings = Int8Settings()  # ONNX int8 quantization settings (targets/*.yaml `int8:`)
+    round_to: int | None = None  # pruned channel counts a multiple of this (what the int8 kernels like)
 
     @property
     def runs_here(self) -> bool:
@@ -153,6 +154,7 @@ def parse(raw: object, source: str) -> Target:
     if unknown:
         raise TargetError(f"{source}: unknown key '{sorted(unknown)[0]}'; valid keys: "
                           + ", ".join([*REQUIRED, *OPTIONAL]))
+    _round_to(raw, source)
     for key, kind in OPTIONAL.items():
         if key in raw and not isinstance(raw[key], kind):
             raise TargetError(f"{source}: '{key}' must be a mapping")
@@ -167,7 +169,13 @@ def parse(raw: object, source: str) -> Target:
     return Target(raw["name"], raw["description"], raw["arch"], str(raw["python"]), arts, raw["threads"],
                   int(budgets["memory_mb"]), float(budgets["latency_ms"]),
                   float(raw["accuracy_tolerance_pp"]), raw["docker_base"], source,
-                  **_fidelity(raw.get("fidelity") or {}, source), int8=int8)
+                  **_fidelity(raw.get("fidelity") or {}, source), int8=int8, round_to=raw.get("round_to"))
+
+
+def _round_to(raw: dict, source: str) -> None:
+    value = raw.get("round_to", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise TargetError(f"{source}: round_to is {value!r}; give a whole number of channels, at least 1 (e.g. 8)")
 
 
 def _number(value: object) -> bool:

@@ -28,6 +28,58 @@ def cross_entropy(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.
     return nn.functional.cross_entropy(out, y)
 
 
+class _BatchReader(torch.utils.data.Dataset):
+    """One whole batch per item: a memory-mapped split is read with one sorted read per batch, not per sample."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.y)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = idx.numpy()
+        return torch.from_numpy(self.split.x[rows]), torch.from_numpy(self.split.y[rows])
+
+
+class Batches:
+    """Shuffled mini-batches of a split, a new order each epoch from torch's global generator (so train.seed
+    repeats them). In-memory arrays are indexed directly; a memory-mapped split (data.Rows) is read batch by batch,
+    in `Rows.workers` DataLoader processes when set (they stay up for the whole fit)."""
+
+    def __init__(self, split: Split, batch_size: int) -> None:
+        self.split, self.batch_size = split, batch_size
+        workers = getattr(split.x, "workers", 0)
+        self.loader = None if isinstance(split.x, np.ndarray) else torch.utils.data.DataLoader(
+            _BatchReader(split), batch_size=None, sampler=_Orders(self), num_workers=workers,
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+        self.tensors = (torch.from_numpy(split.x), torch.from_numpy(split.y)) if self.loader is None else None
+
+    def orders(self) -> list[torch.Tensor]:
+        return list(torch.randperm(len(self.split.y)).split(self.batch_size))
+
+    def __iter__(self):
+        if self.loader is not None:
+            return iter(self.loader)
+        x, y = self.tensors
+        return ((x[idx], y[idx]) for idx in self.orders())
+
+
+class _Orders(torch.utils.data.Sampler):
+    """The DataLoader's sampler: one index tensor per batch, drawn in the training process."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        # lazily: a DataLoader makes a sampler iterator it never reads (_BaseDataLoaderIter, then _reset) and the
+        # order must be drawn once per epoch, as the in-memory path draws it
+        yield from self.batches.orders()
+
+    def __len__(self) -> int:
+        return -(-len(self.batches.split.y) // self.batches.batch_size)
+
+
 def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, batch_size: int = 64,
         weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = cross_entropy, desc: str = "train",
         keep_best: bool = True, extra_params: list[nn.Parameter] | None = None, keep_zeros: bool = False) -> float:
@@ -40,17 +92,15 @@ def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, b
     seed_everything(seed)
     opt = torch.optim.Adam(list(model.parameters()) + list(extra_params or []), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    batches = Batches(train, batch_size)
     best_acc, best_state = accuracy(logits(model, val.x), val.y), copy.deepcopy(model.state_dict())
     masks = [(p, p.detach() != 0) for p in model.parameters() if p.dim() > 1] if keep_zeros else []
     bar = tqdm(range(epochs), desc=f"{desc:>9}", unit="epoch", leave=False)
     for _ in bar:
         model.train()
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
+        for xb, yb in batches:
             opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx], x[idx])
+            loss = loss_fn(model(xb), yb, xb)
             loss.backward()
             opt.step()
             with torch.no_grad():

@@ -42,7 +42,9 @@ def test_idx_reads_memory_mapped_with_the_publishers_split(tmp_path, gz, monkeyp
     ds = data.load_dataset(config.from_dict({"data": {"source": "idx", "path": str(folder), "calib_samples": 16}}))
     assert ds.test.x.shape == (40, 1, 6, 5)  # the t10k files, all of them, as the test split
     assert len(ds.train.x) + len(ds.val.x) == 120 and ds.calib.x.shape == (16, 1, 6, 5)
-    assert ds.train.x.dtype == np.float32 and 0 <= ds.train.x.min() and ds.train.x.max() <= 1
+    assert isinstance(ds.train.x, data.Rows)  # the training split stays memory-mapped, read batch by batch
+    train_x = np.asarray(ds.train.x)
+    assert train_x.dtype == np.float32 and 0 <= train_x.min() and train_x.max() <= 1
     assert ds.labels == ["0", "1", "2"]
     expected_test = idx.read(folder / f"t10k-images-idx3-ubyte{'.gz' if gz else ''}")[:, None] / 255.0
     np.testing.assert_allclose(ds.test.x, expected_test.astype(np.float32))

@@ -12,12 +12,22 @@ torch-pruning's `step()` in small increments until the count is under the target
 MACs target of its own); otherwise `ratio` of the channels of every prunable layer is removed. `steps: N`
 spreads the target over N rounds with fine-tuning between them. Residual, depthwise and concatenation
 couplings are pruned as one group, so the pruned model still runs and exports.
+
+Accuracy guard (`accuracy_guard`, on by default): after each round's fine-tuning the validation accuracy is
+compared with the unpruned model's; the first round that loses more than `max_loss_pp` (default: the
+strictest chosen target's `accuracy_tolerance_pp`) is undone and pruning stops there, so the target is an
+upper bound and the tolerance the limit. `metrics.json` says which round was kept and why (`kept`).
+
+Rounding (`round_to`): channel counts are kept multiples of it; unset, the chosen targets' `round_to` (what
+their int8 kernels like) is used, their least common multiple when they differ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -192,34 +202,133 @@ def plan_from_config(p: PruneConfig, layer_ratios: dict[str, float] | None = Non
 
 
 def _keep_schedule(plan: Plan, steps: int) -> list[float | None]:
-    """Cumulative fraction to keep after each round; None means the plan's own one-shot target."""
+    """Target mode: cumulative fraction of the unpruned count to keep after each round."""
+    goal = plan.target_macs if plan.target_macs is not None else plan.target_params
     if steps <= 1:
         return [None]
-    goal = plan.target_macs if plan.target_macs is not None else plan.target_params
-    if goal is None:  # channel ratio: the same fraction of the remaining channels each round
-        per_round = 1 - (1 - plan.ratio) ** (1 / steps)
-        return [1 - per_round] * steps
     return [1 - (1 - goal) * k / steps for k in range(1, steps + 1)]
 
 
-def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig) -> tuple[list[dict], float]:
-    data, t = ctx.data, ctx.cfg.train
-    schedule = _keep_schedule(plan, p.steps)
-    epochs = [p.finetune_epochs // len(schedule) + (i < p.finetune_epochs % len(schedule))
-              for i in range(len(schedule))]
-    rounds, best_val = [], 0.0
+def ratio_rounds(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan: Plan, steps: int,
+                 calib: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[dict]:
+    """Channel-ratio mode in `steps` rounds through one pruner: each advance prunes in place to `ratio * k / steps`
+    of every layer's *unpruned* channels (torch-pruning's own iterative schedule). Rounding to `round_to` then
+    never compounds across rounds (a new pruner each round would round the remaining channels down every time
+    and overshoot: 32 channels at ratio 0.5 in 4 rounds of round_to 8 ended at 8)."""
+    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem)
+    grads = _grad_fn(calib) if method(plan.method).needs_grad else None
+    pruner = _pruner(model, shape, plan, ignored, ratio=plan.ratio, steps=steps)
+    for k in range(1, steps + 1):
+        if grads:
+            grads(model)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        yield {"measure": "channels", "ratio": plan.ratio * k / steps, "pruner_steps": 1}
+
+
+def _rounds(ctx: Context, model: nn.Module, plan: Plan, steps: int) -> Iterator[dict]:
+    """Advance to prune the next round in place; yields what that round did."""
+    data = ctx.data
     calib = (data.calib.x, data.calib.y)
     what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
-    start = _count(model, data.sample_shape, what) if what else None  # the schedule counts from here
-    for keep, ep in zip(schedule, epochs, strict=True):
+    if what is None:
+        yield from ratio_rounds(model, data.sample_shape, data.num_classes, plan, steps, calib)
+        return
+    start = _count(model, data.sample_shape, what)  # the schedule counts from the unpruned model
+    for keep in _keep_schedule(plan, steps):
+        yield prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Stop pruning where the validation accuracy falls more than `max_loss_pp` below the unpruned model's."""
+    baseline: float  # validation accuracy of the unpruned (source) model
+    max_loss_pp: float
+    source: str  # where max_loss_pp came from
+    val_samples: int
+
+    @property
+    def limit_pp(self) -> float:
+        """The tolerance, but never finer than one validation sample (a finer loss cannot be judged)."""
+        return max(self.max_loss_pp, 100 / self.val_samples)
+
+    def loss_pp(self, val_accuracy: float) -> float:
+        return 100 * (self.baseline - val_accuracy)
+
+
+def guard_for(p: PruneConfig, targets: list, baseline: float, val_samples: int) -> Guard | None:
+    """The guard of this build: None when it is off or there is nothing to judge against."""
+    if not p.accuracy_guard:
+        return None
+    if p.max_loss_pp is not None:
+        return Guard(baseline, p.max_loss_pp, "prune.max_loss_pp", val_samples)
+    if not targets:
+        return None
+    strictest = min(targets, key=lambda t: t.accuracy_tolerance_pp)
+    return Guard(baseline, strictest.accuracy_tolerance_pp,
+                 f"accuracy_tolerance_pp of target {strictest.name} (the strictest chosen)", val_samples)
+
+
+def round_to_for(p: PruneConfig, targets: list) -> tuple[int | None, str]:
+    """prune.round_to when set, else the least common multiple of the chosen targets' `round_to`."""
+    if p.round_to is not None:
+        return p.round_to, "prune.round_to"
+    wanted = {t.name: t.round_to for t in targets if getattr(t, "round_to", None)}
+    if not wanted:
+        return None, "no chosen target sets round_to"
+    value = math.lcm(*wanted.values())
+    return value, "targets " + ", ".join(f"{n} ({r})" for n, r in wanted.items()) + (
+        f": least common multiple {value}" if len(set(wanted.values())) > 1 else "")
+
+
+def _kept_record(rounds: list[dict], guard: Guard | None, stopped: dict | None) -> dict:
+    """Which round's model the stage keeps and why (metrics, report and console say it)."""
+    n = len(rounds)
+    if guard is None:
+        return {"round": n, "of": n, "reason": "accuracy guard off (prune.accuracy_guard: false, or no target "
+                                               "tolerance to judge against): the full target was pruned"}
+    within = f"within {guard.limit_pp:.3g} pp ({guard.source})"
+    if stopped is None:
+        return {"round": n, "of": n, "reason": f"the full target was reached {within} of the unpruned model's "
+                                               f"validation accuracy {guard.baseline:.4f}"}
+    k = stopped["round"] - 1
+    what = f"round {k}" if k else "the unpruned model (no round)"
+    return {"round": k, "of": stopped["of"],
+            "reason": f"round {stopped['round']} of {stopped['of']} lost {stopped['loss_pp']:.2f} pp of validation "
+                      f"accuracy against the unpruned model, more than {guard.limit_pp:.3g} pp ({guard.source}); "
+                      f"kept {what}, the last {within}"}
+
+
+def _finetune_epochs(total: int, rounds: int) -> list[int]:
+    return [total // rounds + (i < total % rounds) for i in range(rounds)]
+
+
+def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
+                    guard: Guard | None = None) -> tuple[nn.Module, list[dict], float, dict]:
+    """Prune in rounds with fine-tuning; with a guard, stop at the last round within its tolerance.
+
+    Returns the kept model (the same object unless a round was undone), every round run, the kept model's
+    validation accuracy and the `kept` record."""
+    data, t = ctx.data, ctx.cfg.train
+    rounds, best_val, stopped = [], guard.baseline if guard else 0.0, None
+    pruning = _rounds(ctx, model, plan, p.steps)
+    for i, ep in enumerate(_finetune_epochs(p.finetune_epochs, p.steps)):
+        before = copy.deepcopy(model) if guard else None
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
-        info = prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
+        info = next(pruning)
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
-        best_val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
-                                seed=t.seed, desc="finetune")
-        rounds.append({**info, "finetune_epochs": ep})
-    return rounds, best_val
+        val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
+                           seed=t.seed, desc="finetune")
+        rounds.append({**info, "finetune_epochs": ep, "val_accuracy": val})
+        if guard is not None:
+            rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
+            if guard.loss_pp(val) > guard.limit_pp + 1e-9:
+                stopped = {"round": i + 1, "of": p.steps, "loss_pp": guard.loss_pp(val)}
+                model = before
+                break
+        best_val = val
+    return model, rounds, best_val, _kept_record(rounds, guard, stopped)
 
 
 def magnitude_sparsity(model: nn.Module, ratio: float, example: torch.Tensor, fine_tune) -> nn.Module:
@@ -279,9 +388,16 @@ def run(ctx: Context) -> dict:
         write_json(ctx.stage_dir(name) / "sensitivity.json", result)
         layer_ratios = sensitivity.to_ratios(result)
         extra["layer_ratios"] = layer_ratios
-    rounds, best_val = iterative_prune(ctx, model, plan_from_config(p, layer_ratios), p)
+    round_to, round_to_from = round_to_for(p, ctx.targets)
+    baseline = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
+    guard = guard_for(p, ctx.targets, baseline, len(data.val.y))
+    plan = replace(plan_from_config(p, layer_ratios), round_to=round_to)
+    model, rounds, best_val, kept = iterative_prune(ctx, model, plan, p, guard)
     macs1, params1 = metrics.macs_and_params(model, data.sample_shape)
     settings = {k: getattr(p, k) for k in PruneConfig.__dataclass_fields__}
+    kept.update(macs_kept=macs1 / macs0, params_kept=params1 / params0, val_accuracy=best_val,
+                unpruned_val_accuracy=baseline, max_loss_pp=guard.limit_pp if guard else None)
     return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method=p.method, library="torch-pruning",
                               reference=METHODS[p.method].reference, settings=settings, rounds=rounds,
-                              macs_kept=macs1 / macs0, params_kept=params1 / params0, **extra)
+                              macs_kept=macs1 / macs0, params_kept=params1 / params0, kept=kept,
+                              round_to=round_to, round_to_from=round_to_from, **extra)

@@ -1,0 +1,152 @@
+"""The prune stage's accuracy guard (stop where validation accuracy falls past the tolerance) and the targets'
+`round_to` (pruned channel counts that the int8 kernels like)."""
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+from torch import nn
+
+from edgekit import config, data, metrics, targets
+from edgekit.errors import ConfigError, TargetError
+from edgekit.stages import prune, train
+from edgekit.stages.base import Context
+from tests.conftest import tiny
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained model (digits, 300 samples) that every prune run below starts from."""
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}))
+    out = tmp_path_factory.mktemp("trained")
+    ctx = Context(cfg, data.load_dataset(cfg), out, [])
+    (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(ctx)))
+    return ctx
+
+
+def _prune(trained, tmp_path, chosen: list, **section) -> tuple[dict, Context]:
+    import shutil
+
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}, prune=section))
+    shutil.copytree(trained.stage_dir("train"), tmp_path / "stages" / "train")
+    ctx = Context(cfg, trained.data, tmp_path, chosen)
+    return prune.run(ctx), ctx
+
+
+def _val(ctx: Context, stage: str) -> float:
+    return metrics.accuracy(metrics.logits(ctx.load_model(stage), ctx.data.val.x), ctx.data.val.y)
+
+
+def test_guard_undoes_the_round_past_the_tolerance_and_says_so(trained, tmp_path):
+    """Removing 90 % of the channels without fine-tuning loses far more than one validation sample: the guard
+    undoes that round, keeps the model it had (here: the unpruned one) and says which and why."""
+    result, ctx = _prune(trained, tmp_path, [], ratio=0.9, steps=2, finetune_epochs=0, max_loss_pp=0.0)
+    kept = result["kept"]
+    assert kept["round"] == 0 and kept["of"] == 2 and len(result["rounds"]) == 1
+    assert result["rounds"][0]["val_loss_pp"] > kept["max_loss_pp"]
+    assert "round 1 of 2 lost" in kept["reason"] and "prune.max_loss_pp" in kept["reason"]
+    assert result["macs"] == ctx.metrics("train")["macs"] and kept["macs_kept"] == 1.0
+    assert _val(ctx, "prune") == pytest.approx(kept["unpruned_val_accuracy"]) == pytest.approx(kept["val_accuracy"])
+
+
+def test_without_the_guard_the_same_recipe_prunes_to_the_target(trained, tmp_path):
+    result, ctx = _prune(trained, tmp_path, [], ratio=0.9, steps=2, finetune_epochs=0, max_loss_pp=0.0,
+                         accuracy_guard=False)
+    assert result["kept"]["round"] == 2 and "guard off" in result["kept"]["reason"]
+    assert result["macs"] < 0.3 * ctx.metrics("train")["macs"]
+    assert _val(ctx, "prune") == pytest.approx(result["val_accuracy"])
+
+
+def test_guard_keeps_every_round_within_a_loose_tolerance(trained, tmp_path):
+    result, ctx = _prune(trained, tmp_path, [], ratio=0.5, steps=2, finetune_epochs=2, max_loss_pp=100.0)
+    assert result["kept"]["round"] == 2 and "the full target was reached" in result["kept"]["reason"]
+    assert result["macs"] < 0.6 * ctx.metrics("train")["macs"]
+    assert all("val_loss_pp" in r for r in result["rounds"])
+
+
+def test_guard_takes_the_strictest_chosen_target(trained):
+    x86, rpi5 = targets.get(["x86-64", "rpi5"])
+    strict = dataclasses.replace(rpi5, accuracy_tolerance_pp=0.25)
+    p = config.from_dict({}).prune
+    guard = prune.guard_for(p, [x86, strict], baseline=0.9, val_samples=1000)
+    assert guard.max_loss_pp == 0.25 and "rpi5" in guard.source
+    assert guard.limit_pp == 0.25 and prune.guard_for(p, [x86], 0.9, 100).limit_pp == 1.0  # one of 100 samples
+    assert prune.guard_for(dataclasses.replace(p, max_loss_pp=2.0), [strict], 0.9, 1000).max_loss_pp == 2.0
+    assert prune.guard_for(dataclasses.replace(p, accuracy_guard=False), [strict], 0.9, 1000) is None
+    assert prune.guard_for(p, [], 0.9, 1000) is None  # no target, no tolerance to judge against
+
+
+@pytest.mark.parametrize(("section", "needle"), [
+    ({"max_loss_pp": -0.5}, "'prune.max_loss_pp' is out of range"),
+    ({"accuracy_guard": "yes"}, "'prune.accuracy_guard' is 'yes'; expected bool"),
+    ({"max_loss_pp": "1pp"}, "'prune.max_loss_pp' is '1pp'"),
+])
+def test_guard_keys_are_validated(section, needle):
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"prune": section})
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# --- round_to per target ------------------------------------------------------------------------------------
+
+def _pruned_counts(model: nn.Module) -> list[int]:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return [m.out_channels for m in convs[1:]]  # the stem is protected
+
+
+def test_targets_round_to_sets_the_pruned_channel_counts(trained, tmp_path):
+    chosen = targets.get(["x86-64"])
+    assert chosen[0].round_to == 8
+    result, ctx = _prune(trained, tmp_path / "rounded", chosen, ratio=0.3, steps=1, finetune_epochs=0,
+                         accuracy_guard=False)
+    assert result["round_to"] == 8 and "x86-64 (8)" in result["round_to_from"]
+    counts = _pruned_counts(ctx.load_model("prune"))
+    assert counts and all(c % 8 == 0 for c in counts), counts
+    plain, ctx2 = _prune(trained, tmp_path / "plain", chosen, ratio=0.3, steps=1, finetune_epochs=0,
+                         accuracy_guard=False, round_to=1)  # prune.round_to wins over the targets'
+    assert plain["round_to"] == 1 and plain["round_to_from"] == "prune.round_to"
+    assert any(c % 8 for c in _pruned_counts(ctx2.load_model("prune")))
+
+
+def test_round_to_of_several_targets_is_their_common_multiple():
+    x86, rpi5 = targets.get(["x86-64", "rpi5"])
+    p = config.from_dict({}).prune
+    assert prune.round_to_for(p, [x86, rpi5])[0] == 8
+    value, why = prune.round_to_for(p, [x86, dataclasses.replace(rpi5, round_to=12)])
+    assert value == 24 and "least common multiple 24" in why
+    assert prune.round_to_for(p, [dataclasses.replace(x86, round_to=None)]) == (None, "no chosen target sets round_to")
+
+
+@pytest.mark.parametrize("value", [0, "8", True, 2.5])
+def test_target_round_to_is_validated(tmp_path, value):
+    raw = yaml.safe_load((targets.TARGETS_DIR / "x86-64.yaml").read_text()) | {"round_to": value}
+    with pytest.raises(TargetError) as err:
+        targets.parse(raw, "mine.yaml")
+    assert f"mine.yaml: round_to is {value!r}; give a whole number" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_console_says_which_round_pruning_kept_and_why():
+    from edgekit import report
+
+    kept = {"round": 1, "of": 4, "macs_kept": 0.71, "reason": "round 2 of 4 lost 1.50 pp ... kept round 1"}
+    stage = {"name": "prune", "accuracy": 0.8, "params": 1, "macs": 1, "size_bytes": 1, "kept": kept}
+    table = report.summary_table({"stages": [stage], "artifacts": [], "bundles": []})
+    assert "pruning kept round 1 of 4 (71% of the MACs): round 2 of 4 lost 1.50 pp ... kept round 1" in table
+    assert "pruning kept" not in report.summary_table({"stages": [], "artifacts": [], "bundles": []})
+
+
+def test_rounds_with_round_to_do_not_overshoot_the_ratio():
+    """Four rounds of ratio 0.5 with round_to 8 end at half of every pruned layer, as one shot does: each round
+    targets a fraction of the unpruned widths (a new pruner per round rounded down four times: 64 -> 24)."""
+    import torch
+
+    from edgekit import models
+
+    torch.manual_seed(0)
+    model = models.build_model(config.from_dict({"model": {"width": 32}}), (1, 8, 8), 10)
+    before = _pruned_counts(model)
+    plan = prune.Plan(ratio=0.5, round_to=8)
+    done = list(prune.ratio_rounds(model, (1, 8, 8), 10, plan, steps=4))
+    assert [r["ratio"] for r in done] == [0.125, 0.25, 0.375, 0.5]
+    assert _pruned_counts(model) == [c // 2 for c in before] and all(c % 8 == 0 for c in _pruned_counts(model))
