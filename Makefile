@@ -21,7 +21,7 @@ demo: $(STAMP)
 # package registries here, once; the tests themselves reach nothing beyond 127.0.0.1.
 test: $(STAMP)
 	bash tests/system_deps.sh
-	$(PY) -m edgekit.images fetch x86-64 rpi5
+	$(PY) -m edgekit.device.images fetch x86-64 rpi5
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -25,9 +25,9 @@ MARKS: dict[str, float] = {}
 WRAPPED = {
     "validate": ("edgekit.pipeline", "validate"),
     "recommend timing (in bundle stage)": ("edgekit.recommend", "recommend"),
-    "measure bundles": ("edgekit.measure", "run_bundle"),
-    "pinned-runtime check": ("edgekit.runtime_check", "check_bundle"),
-    "qemu emulation": ("edgekit.emulate", "verify_bundle"),
+    "measure bundles": ("edgekit.device.measure", "run_bundle"),
+    "pinned-runtime check": ("edgekit.device.runtime_check", "check_bundle"),
+    "qemu emulation": ("edgekit.device.emulate", "verify_bundle"),
     "report": ("edgekit.report", "build_report"),
     "report html": ("edgekit.report_html", "write"),
 }

@@ -141,7 +141,7 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgekit import measure
+    from edgekit.device import measure
 
     check_bundle(args.bundle)
     _check_run_numbers(args)
@@ -150,7 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                                "max_seconds")}
     out = Path(args.out) if args.out else None
     if args.host:
-        from edgekit import remote
+        from edgekit.device import remote
 
         conn = remote.Connection(args.host, port=args.port, identity=args.identity,
                                  accept_new_host_key=args.accept_new_host_key)
@@ -188,7 +188,7 @@ def _run_options(r: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from edgekit import measure
+    from edgekit.device import measure
 
     csv_path = _check_out_file(args.csv, "--csv", "compare.csv")
     for path in map(Path, args.results):
@@ -229,7 +229,8 @@ def _add_report(sub) -> None:
 
 
 def _cmd_docker(args: argparse.Namespace) -> int:
-    from edgekit import images, targets
+    from edgekit import targets
+    from edgekit.device import images
 
     if args.write_dockerfiles:
         for path in images.write_repo_files(list(targets.builtin().values())):
@@ -278,7 +279,7 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from edgekit import bundle_check, runtime_check
+    from edgekit.device import bundle_check, runtime_check
     from edgekit.files import write_json
 
     bundle = check_bundle(args.bundle)

@@ -14,9 +14,9 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit import bundle_check
-from edgekit import emulate as emu
-from edgekit import runtime_check as rc
+from edgekit.device import bundle_check
+from edgekit.device import emulate as emu
+from edgekit.device import runtime_check as rc
 from edgekit.runner import runner
 
 ORT = onnxruntime.__version__

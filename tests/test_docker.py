@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from edgekit import cli, images, measure, targets
+from edgekit import cli, targets
+from edgekit.device import images, measure
 from edgekit.runner.runner import sha256
 
 pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
@@ -139,7 +140,7 @@ def dockerd(tmp_path_factory):
         pytest.fail("needs root and Docker: `make test` installs docker.io (tests/system_deps.sh)")
     missing = [n for n in ("x86-64", "rpi5") if not _cached(n)]
     if missing:
-        pytest.fail(f"no cached Debian packages / wheels for {missing}: run `python -m edgekit.images fetch "
+        pytest.fail(f"no cached Debian packages / wheels for {missing}: run `python -m edgekit.device.images fetch "
                     f"{' '.join(missing)}` once (`make test` does)")
     # a short path: the daemon's unix sockets must fit in 108 bytes
     root = Path(tmp_path_factory.mktemp("dk", numbered=True))

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from edgekit import config, measure, pipeline
+from edgekit import config, pipeline
+from edgekit.device import measure
 from edgekit.errors import BundleError
 from edgekit.runner.runner import sha256
 

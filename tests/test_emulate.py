@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from edgekit import bundle_check, cli, emulate
+from edgekit import cli
+from edgekit.device import bundle_check, emulate
 
 pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
 

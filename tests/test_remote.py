@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgekit import cli, measure, remote
+from edgekit import cli
+from edgekit.device import measure, remote
 
 pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
 
@@ -253,11 +254,13 @@ def test_device_python_under_home_is_expanded_there_not_here():
 
 
 def test_setup_makes_a_venv_on_the_device_with_the_pinned_runtime(sshd, pinned, bundle, tmp_path):
-    from edgekit import images, targets
+    from edgekit import targets
+    from edgekit.device import images
 
     wheels = images._wheel_dir(targets.get(["x86-64"])[0])
     if not any(wheels.glob("onnxruntime-*.whl")):
-        pytest.fail("no cached x86-64 wheels: run `python -m edgekit.images fetch x86-64` once (`make test` does)")
+        pytest.fail("no cached x86-64 wheels: run `python -m edgekit.device.images fetch x86-64` once "
+                    "(`make test` does)")
     venv = tmp_path / "device venv"  # a space: quoting is checked too
     setup = {"venv": str(venv), "pip_options": ["--no-index", "--find-links", str(wheels)]}  # offline: the cache
     data, _ = remote.run_remote(bundle, sshd.connection(pinned), python=sys.executable, setup=setup,

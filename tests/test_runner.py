@@ -10,7 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from edgekit import cli, measure
+from edgekit import cli
+from edgekit.device import measure
 from edgekit.errors import BundleError
 from edgekit.runner import runner
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit import runtime_check as rc
+from edgekit.device import runtime_check as rc
 from edgekit.files import cache_dir
 from edgekit.runner import runner
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from edgekit import cli, emulate, measure, remote, runtime_check
+from edgekit import cli
+from edgekit.device import emulate, measure, remote, runtime_check
 from edgekit.errors import BundleError
 from edgekit.runner import runner
 

@@ -1,12 +1,12 @@
 """Check every bundle before it ships: each artifact loaded and run by the bundle's runner with the runtime
-version its target pins (an isolated venv here), and an aarch64 bundle also under qemu (edgekit.bundle_check).
+version its target pins (an isolated venv here), and an aarch64 bundle also under qemu (edgekit.device.bundle_check).
 The verdicts go into the report; a runtime that cannot run an artifact fails the build there."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgekit import bundle_check
+from edgekit.device import bundle_check
 from edgekit.files import cache_dir
 from edgekit.stages.base import Context, always
 

@@ -6,8 +6,8 @@ The results are also written into each bundle as results.json.
 
 from __future__ import annotations
 
-from edgekit import measure
 from edgekit.config import Config
+from edgekit.device import measure
 from edgekit.stages.base import Context
 
 name = "measure"

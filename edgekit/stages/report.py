@@ -3,7 +3,8 @@ build (after the report is written, so it shows why)."""
 
 from __future__ import annotations
 
-from edgekit import report, report_html, runtime_check
+from edgekit import report, report_html
+from edgekit.device import runtime_check
 from edgekit.files import write_json
 from edgekit.stages import MODEL_STAGES, ORDER
 from edgekit.stages.base import Context, always

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit import formats
+from edgekit.device.manifest import bundle_files, read_manifest
 from edgekit.errors import DockerError
 from edgekit.files import cache_dir
-from edgekit.manifest import bundle_files, read_manifest
 from edgekit.targets import Target, host_arch
 
-DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
+DOCKER_DIR = Path(__file__).resolve().parents[2] / "docker"  # the repository's docker/
 PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
 DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 SITE = "/opt/edgekit/site"
@@ -350,7 +350,7 @@ def assemble_rootfs(target: Target, dest: Path) -> Path:
     wheels = sorted(_wheel_dir(target).glob("*.whl"))
     if not debs or not wheels:
         raise DockerError(f"no cached Debian packages or wheels for {target.name}; download them once with "
-                          f"`python -m edgekit.images fetch {target.name}` (or `edgekit docker {target.name} "
+                          f"`python -m edgekit.device.images fetch {target.name}` (or `edgekit docker {target.name} "
                           "--offline-base`, which fetches when needed)")
     for d in ("usr/bin", "usr/sbin", "usr/lib", "tmp", "results"):
         (dest / d).mkdir(parents=True, exist_ok=True)
@@ -457,12 +457,12 @@ def make(target: Target, out: Path, *, bundle: Path | None = None, tag: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m edgekit.images fetch TARGET...: download the offline base image's inputs into the cache."""
+    """python -m edgekit.device.images fetch TARGET...: download the offline base image's inputs into the cache."""
     import argparse
 
     from edgekit import targets
 
-    p = argparse.ArgumentParser(prog="python -m edgekit.images")
+    p = argparse.ArgumentParser(prog="python -m edgekit.device.images")
     p.add_argument("action", choices=["fetch"])
     p.add_argument("targets", nargs="+")
     args = p.parse_args(argv)

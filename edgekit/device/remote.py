@@ -24,9 +24,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import formats, measure
+from edgekit import formats
+from edgekit.device import measure
+from edgekit.device.manifest import bundle_files
 from edgekit.errors import CommandFailed, ConnectionLost, HostKeyError, RemoteError
-from edgekit.manifest import bundle_files
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
 RUNTIME_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "onnxruntime-gpu": "onnxruntime",

@@ -7,7 +7,7 @@ cache directory (`$EDGEKIT_CACHE`, else `$XDG_CACHE_HOME/edgekit`, else `~/.cach
 version the pinned runtime cannot run is reported with the op, its version and what to change.
 
 For an aarch64 target this runs the x86 wheel of the same pinned version (which proves op support by version);
-`edgekit.emulate` adds a run of the aarch64 wheel under qemu user-mode emulation.
+`edgekit.device.emulate` adds a run of the aarch64 wheel under qemu user-mode emulation.
 
 Two things keep this cheap: one child process per runtime checks all of a bundle's artifacts for that runtime
 (CHECK_SCRIPT; a child that crashes has its unchecked artifacts re-run one per child, so the crash is pinned on

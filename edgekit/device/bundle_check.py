@@ -1,5 +1,5 @@
 """A bundle checked before it ships: each artifact with the runtime version its target pins (isolated venv, on
-this machine), and an aarch64 bundle also under qemu (edgekit.emulate). `edgekit check` and the build's check
+this machine), and an aarch64 bundle also under qemu (edgekit.device.emulate). `edgekit check` and the build's check
 stage run it."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgekit import emulate as emu
-from edgekit import runtime_check as rc
+from edgekit.device import emulate as emu
+from edgekit.device import runtime_check as rc
 
 
 def _merge(native: dict, emulated: dict | None) -> dict:

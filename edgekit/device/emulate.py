@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit import runtime_check as rc
+from edgekit.device import runtime_check as rc
 from edgekit.errors import EmulationUnavailable
 from edgekit.files import READY, cache_dir, locked
 from edgekit.formats import requirements

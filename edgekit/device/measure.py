@@ -15,9 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgekit.device.manifest import read_manifest
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.files import write_bytes
-from edgekit.manifest import read_manifest
 from edgekit.runner import RUNNER, error_line, runner
 from edgekit.targets import host_arch
 
