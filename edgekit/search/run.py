@@ -23,6 +23,7 @@ from edgekit.files import write_bytes, write_json
 from edgekit.search import pareto, space, trial
 
 TRIALS_DIR = "trials"
+TRIAL_THREADS = 1  # torch threads of a trial (one CPU each); float sums in training depend on the thread count
 CONFIG_FILE = "config.yaml"
 TIMING_FILE = "timing.json"
 ESTIMATED_GMACS_PER_S = {"x86_64": 20.0, "aarch64": 4.0}  # rough int8 throughput, for the MACs-based estimate
@@ -102,8 +103,10 @@ def load_trials(out: Path) -> list[dict]:
 
 def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target: str, trials_dir: str,
                cache_dir: str | None, done: dict) -> None:
+    import torch
     from ray import tune
 
+    torch.set_num_threads(TRIAL_THREADS)  # what best.yaml's header says to rebuild with (bit-identical weights)
     overrides = space.overrides_of(space_, params)
     trial_id = tune.get_context().get_trial_id()
     earlier = done.get(space.digest(overrides))
@@ -171,9 +174,9 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     elif owned:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        algo = OptunaSearch(metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished,
-                                                                                                base),
-                            study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed))
+        algo = _searcher(OptunaSearch, search_cfg.space, finished)(
+            metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base),
+            study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed))
         done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
         fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
                                   trials_dir=str((out / TRIALS_DIR).resolve()),
@@ -189,6 +192,46 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     finally:
         if owned:
             ray.shutdown()
+
+
+REPEAT_TRIES = 64  # proposals tried for a recipe not yet built before a repeat is let through
+
+
+def _searcher(base_cls, space_: dict, finished: list[dict]):
+    """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
+    Optuna at once (with the earlier result when there is one) and Optuna is asked again. In a space with fewer
+    recipes than trials, repeats are let through; the trial then reuses the earlier result (status: repeat).
+    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    import optuna
+
+    class NoRepeats(base_cls):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.seen = {t["digest"]: ([t["accuracy"], float(t.get("macs") or 0)] if t["status"] == "ok" else None)
+                         for t in finished if t["status"] != "repeat"}
+            self.digests = {}
+
+        def suggest(self, trial_id):
+            params = super().suggest(trial_id)
+            for _ in range(REPEAT_TRIES):
+                digest = space.digest(space.overrides_of(space_, params))
+                if digest not in self.seen:
+                    break
+                values = self.seen[digest]
+                self._ot_study.tell(self._ot_trials.pop(trial_id), values,
+                                    state=optuna.trial.TrialState.COMPLETE if values else
+                                    optuna.trial.TrialState.FAIL)
+                params = super().suggest(trial_id)
+            self.seen.setdefault(digest, None)
+            self.digests[trial_id] = digest
+            return params
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if result and result.get("status") == "ok" and trial_id in self.digests:
+                self.seen[self.digests[trial_id]] = [result["accuracy"], result["macs"]]
+            super().on_trial_complete(trial_id, result, error)
+
+    return NoRepeats
 
 
 class _Progress:
@@ -257,5 +300,8 @@ def best_yaml(base: dict, base_dir: str, overrides: dict, target: str) -> str:
     cfg = config.from_dict(raw, base_dir)
     data = config.to_dict(config.absolute(cfg))
     data.pop("search")
-    head = f"# edgekit search: the recommended trial ({', '.join(f'{k}={v}' for k, v in overrides.items())})\n"
+    head = (f"# edgekit search: the recommended trial ({', '.join(f'{k}={v}' for k, v in overrides.items())})\n"
+            f"# its weights were trained on {TRIAL_THREADS} torch thread; the same artifact, bit for bit:\n"
+            f"#   OMP_NUM_THREADS={TRIAL_THREADS} edgekit build best.yaml  (other thread counts round float sums "
+            "in another order: the same recipe, slightly different weights)\n")
     return head + yaml.safe_dump(data, sort_keys=False)

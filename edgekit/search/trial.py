@@ -36,7 +36,7 @@ def run(base: dict, base_dir: str, overrides: dict, target: str, out: Path, tria
     if cache_dir:
         os.environ["EDGEKIT_STAGE_CACHE"] = cache_dir
     record = {"id": trial_id, "overrides": overrides, "digest": space.digest(overrides), "status": "ok",
-              "reason": None, "pid": os.getpid(), "started": time.time()}
+              "reason": None, "pid": os.getpid(), "torch_threads": _threads(), "started": time.time()}
     if out.exists():  # an unfinished try of this trial: start it again
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -54,6 +54,12 @@ def run(base: dict, base_dir: str, overrides: dict, target: str, out: Path, tria
     (out / LOG_FILE).write_text("\n".join(lines) + "\n")
     (out / TRIAL_FILE).write_text(json.dumps(record, indent=1))
     return record
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _one_line(exc: BaseException) -> str:
