@@ -352,6 +352,53 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from edgekit import config
+    from edgekit.search import run
+
+    if args.out is None and args.resume:
+        raise ConfigError("--resume continues the search in --out DIR; pass --out")
+    out = Path(args.out or f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")
+    saved = out / run.CONFIG_FILE
+    cfg = config.load(args.config or (saved if args.resume and saved.is_file() else None), log=print)
+    result = run.search(cfg, args.target, out, trials=args.trials, budget=args.budget, resume=args.resume,
+                        ray_address=args.ray_address, workers=args.workers)
+    ok = [t for t in result["trials"] if t["status"] == "ok"]
+    print(f"\n{len(result['trials'])} trials ({len(ok)} built, {result['trials_run_now']} run now) in "
+          f"{result['seconds']['total']:.0f} s; Pareto front: "
+          f"{', '.join(t['id'] for t in result['trials'] if t.get('pareto')) or 'none'}")
+    for t in result["trials"]:
+        if t["status"] != "ok":
+            print(f"  {t['id']}: {t['status']}{': ' + t['reason'] if t.get('reason') else ''}")
+        elif not t["feasible"]:
+            print(f"  {t['id']}: infeasible: {'; '.join(t['infeasible_because'])}")
+    best = next((t for t in result["trials"] if t["id"] == result["recommended"]), None)
+    if best is None:
+        print("no trial fits the budgets: nothing recommended (see trials.csv for how far each one is)")
+    else:
+        print(f"recommended: {best['id']} ({', '.join(f'{k}={v}' for k, v in best['overrides'].items())}): "
+              f"accuracy {best['accuracy']:.4f}, p90 {best['latency_p90_ms']:.3g} ms ({best['latency_source']}), "
+              f"{best['size_bytes'] / 1024:.1f} KB")
+        print(f"  edgekit build {out / 'best.yaml'} --target {args.target}")
+    print(f"trials: {out / 'trials.csv'} (and .json); plot: {out / 'pareto.png'}")
+    return 0
+
+
+def _add_search(sub) -> None:
+    s = sub.add_parser("search", help="the most accurate model that fits a target's budgets: trials over the "
+                                       "config's search: space, on Ray")
+    s.add_argument("config", nargs="?", help="YAML config with a search: section (default: the built-in demo)")
+    s.add_argument("--target", required=True, help="target name or profile file")
+    s.add_argument("--trials", type=int, help="trials in all (default: search.trials)")
+    s.add_argument("--budget", help="latency_ms=5,memory_mb=256,size_kb=500 (default: the target's budgets)")
+    s.add_argument("--out", help="search folder (default: runs/search-<timestamp>)")
+    s.add_argument("--resume", action="store_true", help="continue the search in --out without repeating "
+                                                         "finished trials")
+    s.add_argument("--ray-address", help="a Ray cluster to run the trials on (default: Ray embedded here)")
+    s.add_argument("--workers", type=int, help="trials at a time (default: this machine's cores)")
+    s.set_defaults(func=_cmd_search)
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edgekit", description="Take a PyTorch model and its data to devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -376,6 +423,7 @@ def parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_docker(sub)
     _add_check(sub)
+    _add_search(sub)
     t = sub.add_parser("targets", help="list target profiles, or check a new one")
     t.add_argument("--check", metavar="FILE", help="validate a target YAML file")
     t.set_defaults(func=_cmd_targets)

@@ -13,6 +13,8 @@ import yaml
 
 from edgekit import targets
 from edgekit.errors import ConfigError
+from edgekit.search.space import SearchConfig
+from edgekit.search.space import check as check_search
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     run: RunConfig = field(default_factory=RunConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # `edgekit search` (edgekit/search/space.py)
     base_dir: str = "."  # directory relative paths are resolved against (set on load, not a config key)
 
     def resolve(self, path: str) -> Path:
@@ -262,7 +265,7 @@ def _infer_source(data: object) -> object:
                       "save arrays x and y with numpy.savez, or set data.source")
 
 
-def from_dict(raw: dict | None, base_dir: str | Path = ".") -> Config:
+def from_dict(raw: dict | None, base_dir: str | Path = ".", *, check_space: bool = True) -> Config:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError("config: the file must hold a mapping of sections (data, model, train, ...)")
@@ -275,6 +278,8 @@ def from_dict(raw: dict | None, base_dir: str | Path = ".") -> Config:
         built[key] = _build_section(sections[key].default_factory, value, key)  # type: ignore[misc]
     cfg = Config(**built, base_dir=str(base_dir))
     _check_ranges(cfg)
+    if check_space and "search" in raw:  # every choice builds (the default space is checked by a test)
+        check_search(cfg.search, raw, lambda r: from_dict(r, base_dir, check_space=False))
     return cfg
 
 

@@ -1,0 +1,307 @@
+"""`edgekit search`: trials on Ray Tune, sampled by Optuna, then a serialized timing phase, then the outputs.
+
+Phase 1 builds the trials, `workers` at a time (one CPU each), never timing anything. Phase 2 measures each
+finished trial's primary artifact with the on-device runner, one at a time, with nothing else running (targets
+this machine runs); other targets get a MACs-based estimate, labelled `estimated`. Phase 3 marks feasibility and
+the Pareto front and writes trials.json, trials.csv, pareto.png and best.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from edgekit import config, targets
+from edgekit.errors import BuildDirError, ConfigError
+from edgekit.files import write_bytes, write_json
+from edgekit.search import pareto, space, trial
+
+TRIALS_DIR = "trials"
+TRIAL_THREADS = 1  # torch threads of a trial (one CPU each); float sums in training depend on the thread count
+CONFIG_FILE = "config.yaml"
+TIMING_FILE = "timing.json"
+ESTIMATED_GMACS_PER_S = {"x86_64": 20.0, "aarch64": 4.0}  # rough int8 throughput, for the MACs-based estimate
+CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pareto", "accuracy", "latency_p90_ms",
+               "latency_source", "peak_rss_mb", "size_bytes", "macs", "cached_stages", "seconds", "sha256")
+
+
+def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = None, budget: str | None = None,
+           resume: bool = False, ray_address: str | None = None, workers: int | None = None, log=print) -> dict:
+    """Run (or continue) a search into `out`; return what trials.json holds."""
+    t0 = time.time()
+    tgt = targets.get([target])[0]
+    target_arg = str(Path(target).resolve()) if targets.is_path(target) else target
+    budgets = pareto.parse_budget(budget, {"latency_ms": tgt.latency_ms, "memory_mb": tgt.memory_mb})
+    total = trials if trials is not None else cfg.search.trials
+    if total < 1:
+        raise ConfigError(f"--trials is {total}; give at least 1")
+    base = config.to_dict(config.absolute(cfg))
+    _claim(out, base, resume)
+    finished = load_trials(out)
+    todo = total - len(finished)
+    workers = workers or os.cpu_count() or 1
+    log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time, "
+        f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}")
+    t1 = time.time()
+    if todo > 0:
+        tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, todo, finished, workers, ray_address, log)
+    t2 = time.time()
+    done = load_trials(out)
+    time_trials(done, out, tgt, log)
+    recommended = pareto.mark(done, budgets)
+    result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
+              "workers": workers, "ray_address": ray_address, "trials_run_now": len(done) - len(finished),
+              "seconds": {"search": round(t2 - t1, 1), "timing": round(time.time() - t2, 1),
+                          "total": round(time.time() - t0, 1)},
+              "recommended": recommended["id"] if recommended else None, "trials": done}
+    write_outputs(out, result, base, cfg.base_dir, target_arg, recommended)
+    return result
+
+
+def _claim(out: Path, base: dict, resume: bool) -> None:
+    saved = out / CONFIG_FILE
+    if resume:
+        if not saved.is_file():
+            raise BuildDirError(f"'{out}' holds no search to resume (no {CONFIG_FILE}); start one without --resume")
+        old = yaml_load(saved)
+        changed = [k for k in base if k != "search" and base[k] != old.get(k)]
+        if changed or base["search"]["space"] != old.get("search", {}).get("space"):
+            raise BuildDirError(f"--resume: the config differs from the one '{out}' was searched with in "
+                                f"{', '.join(changed) or 'search.space'}; resume with the same config or pick "
+                                "another --out")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BuildDirError(f"'{out}' is not a new or empty folder; pick another --out, or --resume a search there")
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes(saved, yaml.safe_dump(base, sort_keys=False).encode())
+
+
+def yaml_load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_trials(out: Path) -> list[dict]:
+    """The finished trials (their trial.json, written last); an unfinished trial's folder is removed."""
+    found = []
+    root = out / TRIALS_DIR
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        path = folder / trial.TRIAL_FILE
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+    return sorted(found, key=lambda t: (t["started"], t["id"]))
+
+
+# --- phase 1: the trials, on Ray Tune with Optuna's sampler -------------------------------------------------
+
+def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target: str, trials_dir: str,
+               cache_dir: str | None, done: dict) -> None:
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(TRIAL_THREADS)  # what best.yaml's header says to rebuild with (bit-identical weights)
+    overrides = space.overrides_of(space_, params)
+    trial_id = tune.get_context().get_trial_id()
+    earlier = done.get(space.digest(overrides))
+    folder = Path(trials_dir) / trial_id
+    if earlier is not None:  # the sampler proposed a recipe a finished trial built: reuse its result
+        record = {**earlier, "id": trial_id, "status": "repeat", "repeat_of": earlier["id"], "started": time.time()}
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / trial.TRIAL_FILE).write_text(json.dumps(record, indent=1))
+    else:
+        record = trial.run(base, base_dir, overrides, target, folder, trial_id, cache_dir)
+    ok = record["status"] == "ok" or record.get("repeat_of") and earlier.get("status") == "ok"
+    tune.report({"accuracy": float(record["accuracy"]) if ok else 0.0,
+                 "macs": float(record.get("macs") or 0) if ok else 1e18, "status": record["status"]})
+
+
+def _sampler(name: str, seed: int):
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _study(search_cfg, finished: list[dict], base: dict):
+    """An Optuna study holding the finished trials (so --resume's sampler knows them) and, first in line, the
+    config's own recipe when no trial built it yet."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="edgekit", directions=["maximize", "minimize"],
+                                sampler=_sampler(search_cfg.sampler, search_cfg.seed))
+    dists = {k: optuna.distributions.CategoricalDistribution(list(range(len(c))))
+             for k, c in search_cfg.space.items()}
+    for t in finished:
+        if t["status"] == "repeat" or set(t["overrides"]) != set(dists):
+            continue
+        params = {k: search_cfg.space[k].index(v) for k, v in t["overrides"].items() if v in search_cfg.space[k]}
+        if len(params) != len(dists):
+            continue
+        ok = t["status"] == "ok"
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, values=[t["accuracy"], float(t.get("macs") or 0)] if ok else None,
+            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+    point = space.base_point(search_cfg.space, base)
+    digests = {t["digest"] for t in finished}
+    if search_cfg.base_first and point is not None and \
+            space.digest(space.overrides_of(search_cfg.space, point)) not in digests:
+        study.enqueue_trial(point)
+    return storage
+
+
+def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
+                workers: int, address: str | None, log) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    owned = not ray.is_initialized()
+    if owned and address:
+        ray.init(address=address, log_to_driver=False)
+    elif owned:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        algo = _searcher(OptunaSearch, search_cfg.space, finished)(
+            metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base),
+            study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed))
+        done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
+        fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
+                                  trials_dir=str((out / TRIALS_DIR).resolve()),
+                                  cache_dir=os.environ.get("EDGEKIT_STAGE_CACHE"), done=done)
+        tuner = tune.Tuner(
+            tune.with_resources(fn, {"cpu": 1}),
+            param_space={k: tune.choice(list(range(len(c)))) for k, c in search_cfg.space.items()},
+            tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, max_concurrent_trials=workers),
+            run_config=tune.RunConfig(storage_path=str((out / ".ray").resolve()), name="tune", verbose=0,
+                                      callbacks=[_Progress(log)]),
+        )
+        tuner.fit()
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+REPEAT_TRIES = 64  # proposals tried for a recipe not yet built before a repeat is let through
+
+
+def _searcher(base_cls, space_: dict, finished: list[dict]):
+    """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
+    Optuna at once (with the earlier result when there is one) and Optuna is asked again. In a space with fewer
+    recipes than trials, repeats are let through; the trial then reuses the earlier result (status: repeat).
+    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    import optuna
+
+    class NoRepeats(base_cls):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.seen = {t["digest"]: ([t["accuracy"], float(t.get("macs") or 0)] if t["status"] == "ok" else None)
+                         for t in finished if t["status"] != "repeat"}
+            self.digests = {}
+
+        def suggest(self, trial_id):
+            params = super().suggest(trial_id)
+            for _ in range(REPEAT_TRIES):
+                digest = space.digest(space.overrides_of(space_, params))
+                if digest not in self.seen:
+                    break
+                values = self.seen[digest]
+                self._ot_study.tell(self._ot_trials.pop(trial_id), values,
+                                    state=optuna.trial.TrialState.COMPLETE if values else
+                                    optuna.trial.TrialState.FAIL)
+                params = super().suggest(trial_id)
+            self.seen.setdefault(digest, None)
+            self.digests[trial_id] = digest
+            return params
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if result and result.get("status") == "ok" and trial_id in self.digests:
+                self.seen[self.digests[trial_id]] = [result["accuracy"], result["macs"]]
+            super().on_trial_complete(trial_id, result, error)
+
+    return NoRepeats
+
+
+class _Progress:
+    """A Tune callback: one line per finished trial."""
+
+    def __new__(cls, log):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                r = trial.last_result or {}
+                log(f"  trial {trial.trial_id}: {r.get('status', '?')}, accuracy {r.get('accuracy', 0):.4f}")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                log(f"  trial {trial.trial_id}: crashed ({trial.error_file})")
+
+        return Progress()
+
+
+# --- phase 2: timing, one trial at a time --------------------------------------------------------------------
+
+def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log) -> None:
+    from edgekit import measure
+
+    for t in trials:
+        if t["status"] != "ok":
+            continue
+        saved = out / TRIALS_DIR / t["id"] / TIMING_FILE
+        if tgt.runs_here:
+            if not saved.is_file():
+                log(f"  timing trial {t['id']} ({t['artifact']}) ...")
+                measure.run_bundle(Path(t["bundle"]), saved, [t["artifact"]], log=lambda _: None)
+            result = json.loads(saved.read_text())
+            t.update(latency_p50_ms=result["latency_ms"]["p50"], latency_p90_ms=result["latency_ms"]["p90"],
+                     peak_rss_mb=result["peak_rss_mb"], measured_accuracy=result.get("accuracy"),
+                     latency_source="measured")
+        else:
+            rate = ESTIMATED_GMACS_PER_S.get(tgt.arch, 4.0)
+            t.update(latency_p50_ms=None, latency_p90_ms=round((t.get("macs") or 0) / (rate * 1e9) * 1e3, 4),
+                     peak_rss_mb=None, latency_source="estimated",
+                     estimate=f"MACs / {rate:g} GMAC/s (no device results; measure with `edgekit run --host`)")
+
+
+# --- phase 3: outputs -----------------------------------------------------------------------------------------
+
+def write_outputs(out: Path, result: dict, base: dict, base_dir: str, target: str, best: dict | None) -> None:
+    write_json(out / "trials.json", result)
+    keys = list(result["space"])
+    with open(out / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*CSV_COLUMNS, *keys])
+        for t in result["trials"]:
+            row = [t.get(c) for c in CSV_COLUMNS]
+            row = [";".join(map(str, v)) if isinstance(v, list) else v for v in row]
+            w.writerow([*row, *(json.dumps(t["overrides"].get(k)) for k in keys)])
+    pareto.plot(result["trials"], result["budgets"], best, out / "pareto.png")
+    (out / "best.yaml").unlink(missing_ok=True)
+    if best is not None:
+        write_bytes(out / "best.yaml", best_yaml(base, base_dir, best["overrides"], target).encode())
+
+
+def best_yaml(base: dict, base_dir: str, overrides: dict, target: str) -> str:
+    """A plain config that `edgekit build` turns into the recommended trial's artifact."""
+    raw = trial.trial_config(base, overrides, target)
+    raw["build"]["run_local"] = base.get("build", {}).get("run_local", True)
+    cfg = config.from_dict(raw, base_dir)
+    data = config.to_dict(config.absolute(cfg))
+    data.pop("search")
+    head = (f"# edgekit search: the recommended trial ({', '.join(f'{k}={v}' for k, v in overrides.items())})\n"
+            f"# its weights were trained on {TRIAL_THREADS} torch thread; the same artifact, bit for bit:\n"
+            f"#   OMP_NUM_THREADS={TRIAL_THREADS} edgekit build best.yaml  (other thread counts round float sums "
+            "in another order: the same recipe, slightly different weights)\n")
+    return head + yaml.safe_dump(data, sort_keys=False)
