@@ -222,6 +222,8 @@ def changed_sections(cfg: Config, out: Path) -> list[str]:
     new = config.to_dict(config.absolute(cfg))
     for key in config.NO_EFFECT:  # they change no file
         new["build"][key] = saved["build"][key]
+    new.pop("search", None)  # read by `edgekit search`, never by a build
+    saved.pop("search", None)
     return [key for key in new if new[key] != saved.get(key)]
 
 

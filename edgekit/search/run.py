@@ -254,7 +254,7 @@ class _Progress:
 # --- phase 2: timing, one trial at a time --------------------------------------------------------------------
 
 def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log) -> None:
-    from edgekit import measure
+    from edgekit.device import measure
 
     for t in trials:
         if t["status"] != "ok":
