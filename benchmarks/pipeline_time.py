@@ -126,7 +126,8 @@ def _rows(name: str, runs: list[dict]) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [f"`{results['command']}`, {results['date']}, {results['cpu']}, caches warm (one build first fills "
              f"them); {results['note']}", "",
-             "Wall seconds of the build with the median wall time (all builds' walls in brackets); stage columns are "
+             "Wall seconds of the build with the median wall time (of an even count the faster middle one; all "
+             "builds' walls in brackets); stage columns are "
              "each stage's own seconds; outside steps are wall / CPU seconds (CPU includes child processes); "
              "load = 1-min load average before the build.", "",
              "| build | wall s | CPU s | " + " | ".join(ORDER) + " | in stages | outside stages (% of stages) | "
