@@ -382,7 +382,7 @@ def table(result: dict) -> str:
         ref = f"{c['manifest_accuracy']:.4f}" if "manifest_accuracy" in c else "-"
         lines.append(f"{name:<20} {c['runtime'] + ' ' + c['version']:<22} {c['arch']:<8} "
                      f"{'yes' if c['emulated'] else 'no':<8} {status:<7} {acc:>6} {ref:>8}  {_versus_x86(c)}")
-        detail = c.get("hint") or c.get("error") or c.get("skipped")
+        detail = c.get("hint") or c.get("error") or c.get("skipped") or from_cache(c).strip(" []")
         if detail:
             lines.append(f"    {detail}")
     emulation = result.get("emulation")
