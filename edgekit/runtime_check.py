@@ -43,6 +43,7 @@ PIP_NETWORK = ("--retries", "2", "--timeout", "60")  # offline: give up soon and
 CHECK_THREADS = 1
 NO_CHECK = {"onnxruntime-gpu": "needs a CUDA device; the ONNX file is checked by the verify stage on the CPU"}
 CACHE_SECTION = "checks"
+NO_CACHE_ENV = "EDGEKIT_NO_CHECK_CACHE"  # set (non-empty): run every check, read no cached pass
 CACHE_VERSION = 1  # raise it when what a check computes changes: every earlier pass is then run again
 CHECK_SCRIPT = '''"""Checks artifacts of a bundle in one process with edgekit's runner code: a JSON line each."""
 import json, sys
@@ -258,7 +259,10 @@ def cache_key(bundle: Path, manifest: dict, spec: dict, kind: str, python_versio
 
 
 def cached_check(key: str | None) -> dict | None:
-    """A pass stored for this key, marked as coming from the cache."""
+    """A pass stored for this key, marked as coming from the cache; never with $EDGEKIT_NO_CHECK_CACHE set (every
+    check then runs, as a test of the checks themselves needs)."""
+    if os.environ.get(NO_CACHE_ENV):
+        return None
     record = cached_record(CACHE_SECTION, key) if key else None
     if not record or record.get("check", {}).get("ok") is not True:
         return None

@@ -231,3 +231,11 @@ def test_the_verify_table_says_which_checks_came_from_the_cache(tmp_path, childr
     assert "cached" not in rc.table(first)
     again = rc.table(bundle_check.verify_bundle(bundle, False, log=lambda m: None))
     assert "cached: these bytes passed on" in again and "not run again" in again
+
+
+def test_no_check_cache_runs_every_check(tmp_path, children, monkeypatch):
+    bundle = _bundle(tmp_path / "b", {"a": ORT})
+    rc.check_bundle(bundle, log=lambda m: None)
+    monkeypatch.setenv(rc.NO_CACHE_ENV, "1")
+    assert "cached" not in rc.check_bundle(bundle, log=lambda m: None)["a"]
+    assert len(children) == 2
