@@ -144,6 +144,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="builds per case (and per checkout)")
     p.add_argument("--against", help="another checkout's python: its builds alternate with this one's")
     p.add_argument("--labels", nargs=2, default=["after", "before"], help="labels of this checkout and --against")
+    p.add_argument("--no-warm-up", action="store_true", help="the caches are warm already: no first build")
     p.add_argument("--cold-checks", action="store_true", help="also a default build with the check cache emptied")
     p.add_argument("--out", type=Path, default=RESULTS / "pipeline_time", help="results file stem")
     return p.parse_args()
@@ -157,8 +158,8 @@ def main() -> None:
                "command": "python benchmarks/pipeline_time.py " + " ".join(sys.argv[1:]),
                "note": "", "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        # fills the pinned-runtime venvs, the sysroot, the data and check caches (--against shares them)
-        build("", Path(tmp) / "warm-up", sys.executable)
+        if not args.no_warm_up:  # fills the pinned-runtime venvs, the sysroot, the data and check caches (shared)
+            build("", Path(tmp) / "warm-up", sys.executable)
         for i in range(args.repeat):
             for name, config in chosen.items():
                 for label, python in pythons.items():
