@@ -126,7 +126,8 @@ def _rows(name: str, runs: list[dict]) -> list[str]:
 def markdown(results: dict) -> str:
     lines = [f"`{results['command']}`, {results['date']}, {results['cpu']}, caches warm (one build first fills "
              f"them); {results['note']}", "",
-             "Wall seconds of the build with the median wall time (all builds' walls in brackets); stage columns are "
+             "Wall seconds of the build with the median wall time (of an even count the faster middle one; all "
+             "builds' walls in brackets); stage columns are "
              "each stage's own seconds; outside steps are wall / CPU seconds (CPU includes child processes); "
              "load = 1-min load average before the build.", "",
              "| build | wall s | CPU s | " + " | ".join(ORDER) + " | in stages | outside stages (% of stages) | "
@@ -143,6 +144,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="builds per case (and per checkout)")
     p.add_argument("--against", help="another checkout's python: its builds alternate with this one's")
     p.add_argument("--labels", nargs=2, default=["after", "before"], help="labels of this checkout and --against")
+    p.add_argument("--no-warm-up", action="store_true", help="the caches are warm already: no first build")
     p.add_argument("--cold-checks", action="store_true", help="also a default build with the check cache emptied")
     p.add_argument("--out", type=Path, default=RESULTS / "pipeline_time", help="results file stem")
     return p.parse_args()
@@ -156,8 +158,8 @@ def main() -> None:
                "command": "python benchmarks/pipeline_time.py " + " ".join(sys.argv[1:]),
                "note": "", "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        # fills the pinned-runtime venvs, the sysroot, the data and check caches (--against shares them)
-        build("", Path(tmp) / "warm-up", sys.executable)
+        if not args.no_warm_up:  # fills the pinned-runtime venvs, the sysroot, the data and check caches (shared)
+            build("", Path(tmp) / "warm-up", sys.executable)
         for i in range(args.repeat):
             for name, config in chosen.items():
                 for label, python in pythons.items():

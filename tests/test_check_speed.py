@@ -223,3 +223,19 @@ def test_one_pass_gives_the_runner_accuracy_and_the_outputs(tmp_path, children):
         x, y = np.load(bundle / "eval.npz")["x"], np.load(bundle / "eval.npz")["y"]
         assert np.load(both / f"{name}.npy").shape == (len(x), 4)
         assert plain[name]["results"]["accuracy"] == (np.load(both / f"{name}.npy").argmax(1) == y).mean()
+
+
+def test_the_verify_table_says_which_checks_came_from_the_cache(tmp_path, children):
+    bundle = _bundle(tmp_path / "b", {"a": ORT})
+    first = bundle_check.verify_bundle(bundle, False, log=lambda m: None)
+    assert "cached" not in rc.table(first)
+    again = rc.table(bundle_check.verify_bundle(bundle, False, log=lambda m: None))
+    assert "cached: these bytes passed on" in again and "not run again" in again
+
+
+def test_no_check_cache_runs_every_check(tmp_path, children, monkeypatch):
+    bundle = _bundle(tmp_path / "b", {"a": ORT})
+    rc.check_bundle(bundle, log=lambda m: None)
+    monkeypatch.setenv(rc.NO_CACHE_ENV, "1")
+    assert "cached" not in rc.check_bundle(bundle, log=lambda m: None)["a"]
+    assert len(children) == 2

@@ -45,6 +45,7 @@ CHECK_THREADS = 1
 NO_CHECK = {r.name: "needs a CUDA device; the ONNX file is checked by the verify stage on the CPU"
             for r in formats.runtimes().values() if r.gpu}
 CACHE_SECTION = "checks"
+NO_CACHE_ENV = "EDGEKIT_NO_CHECK_CACHE"  # set (non-empty): run every check, read no cached pass
 CACHE_VERSION = 1  # raise it when what a check computes changes: every earlier pass is then run again
 CHECK_SCRIPT = '''"""Checks artifacts of a bundle in one process with edgekit's runner code: a JSON line each."""
 import json, sys
@@ -260,7 +261,10 @@ def cache_key(bundle: Path, manifest: dict, spec: dict, kind: str, python_versio
 
 
 def cached_check(key: str | None) -> dict | None:
-    """A pass stored for this key, marked as coming from the cache."""
+    """A pass stored for this key, marked as coming from the cache; never with $EDGEKIT_NO_CHECK_CACHE set (every
+    check then runs, as a test of the checks themselves needs)."""
+    if os.environ.get(NO_CACHE_ENV):
+        return None
     record = cached_record(CACHE_SECTION, key) if key else None
     if not record or record.get("check", {}).get("ok") is not True:
         return None
@@ -384,7 +388,7 @@ def table(result: dict) -> str:
         ref = f"{c['manifest_accuracy']:.4f}" if "manifest_accuracy" in c else "-"
         lines.append(f"{name:<20} {c['runtime'] + ' ' + c['version']:<22} {c['arch']:<8} "
                      f"{'yes' if c['emulated'] else 'no':<8} {status:<7} {acc:>6} {ref:>8}  {_versus_x86(c)}")
-        detail = c.get("hint") or c.get("error") or c.get("skipped")
+        detail = c.get("hint") or c.get("error") or c.get("skipped") or from_cache(c).strip(" []")
         if detail:
             lines.append(f"    {detail}")
     emulation = result.get("emulation")
