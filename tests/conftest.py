@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="edgekit-torch-ext-")
 # and with an empty stage cache: a stage reused from an earlier run of the suite would not be tested
 os.environ["EDGEKIT_STAGE_CACHE"] = tempfile.mkdtemp(prefix="edgekit-stage-cache-")
+# nor a pinned-runtime or qemu check passed by an earlier run (tests/test_check_speed.py tests that cache)
+os.environ["EDGEKIT_NO_CHECK_CACHE"] = "1"
 
 TINY = {
     "data": {"limit": 500, "calib_samples": 64},

@@ -22,6 +22,12 @@ from edgekit.runner import runner
 ORT = onnxruntime.__version__
 
 
+@pytest.fixture(autouse=True)
+def check_cache(monkeypatch):
+    """The suite runs every check for real (tests/conftest.py); these tests are about the cache itself."""
+    monkeypatch.delenv(rc.NO_CACHE_ENV, raising=False)
+
+
 def _model(seed: int) -> bytes:
     w = np.random.default_rng(seed).normal(size=(16, 4)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
