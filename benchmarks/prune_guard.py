@@ -29,11 +29,13 @@ from edgekit.stages.base import Context  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 OUT_NAME = ["prune_guard"]
+NEW = "4 rounds + guard, 6 fine-tuning epochs per round (new default: finetune_epochs 24, round_to 8)"
 VARIANTS = {  # prune section over the defaults; round_to 1: no rounding (the old default had none)
-    "4 rounds + guard (new default; round_to 8 from the target)": {},
-    "one shot, no guard, no rounding (old default)": {"steps": 1, "accuracy_guard": False, "round_to": 1},
+    NEW: {},
+    "4 rounds + guard, finetune_epochs 6 (2+2+1+1)": {"finetune_epochs": 6},
+    "one shot, no guard, no rounding, finetune_epochs 6 (old default)": {"steps": 1, "accuracy_guard": False,
+                                                                          "round_to": 1, "finetune_epochs": 6},
     "4 rounds, no guard (round_to 8)": {"accuracy_guard": False},
-    "4 rounds + guard, 6 fine-tuning epochs per round": {"finetune_epochs": 24},
 }
 
 
