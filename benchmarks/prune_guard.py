@@ -28,9 +28,13 @@ from edgekit.stages import prune, train  # noqa: E402
 from edgekit.stages.base import Context  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+OUT_NAME = ["prune_guard"]
+NEW = "4 rounds + guard, 6 fine-tuning epochs per round (new default: finetune_epochs 24, round_to 8)"
 VARIANTS = {  # prune section over the defaults; round_to 1: no rounding (the old default had none)
-    "4 rounds + guard (new default; round_to 8 from the target)": {},
-    "one shot, no guard, no rounding (old default)": {"steps": 1, "accuracy_guard": False, "round_to": 1},
+    NEW: {},
+    "4 rounds + guard, finetune_epochs 6 (2+2+1+1)": {"finetune_epochs": 6},
+    "one shot, no guard, no rounding, finetune_epochs 6 (old default)": {"steps": 1, "accuracy_guard": False,
+                                                                          "round_to": 1, "finetune_epochs": 6},
     "4 rounds, no guard (round_to 8)": {"accuracy_guard": False},
 }
 
@@ -44,11 +48,12 @@ def cpu_name() -> str:
 
 def save(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prune_guard.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "prune_guard.md").write_text(markdown(result))
+    name = result.get("out_name", "prune_guard")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(result))
 
 
-def run(limit: int, target: str, trained_dir: Path | None) -> dict:
+def run(limit: int, target: str, trained_dir: Path | None, only: list[str], earlier: Path | None) -> dict:
     chosen = targets.get([target])
     base_cfg = config.from_dict({"data": {"source": "fashion-mnist", "limit": limit}})
     data = load_dataset(base_cfg)
@@ -65,8 +70,13 @@ def run(limit: int, target: str, trained_dir: Path | None) -> dict:
              "val_accuracy": trained["val_accuracy"], "macs_kept": 1.0, "seconds": time.perf_counter() - t0}]
     result = {"limit": limit, "target": target, "tolerance_pp": chosen[0].accuracy_tolerance_pp,
               "samples": {"train": len(data.train.y), "val": len(data.val.y), "test": len(data.test.y)},
-              "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows, "out_name": OUT_NAME[0],
+              "command": " ".join([".venv/bin/python benchmarks/prune_guard.py", *sys.argv[1:]])}
+    if earlier:  # rows of an earlier run from the same trained model (--trained): kept, not run again
+        rows += [r for r in json.loads(earlier.read_text())["rows"][1:] if r["variant"] not in only]
     for label, over in VARIANTS.items():
+        if only and label not in only:
+            continue
         cfg = config.from_dict({"data": {"source": "fashion-mnist", "limit": limit}, "prune": over})
         out = work / str(len(rows))
         shutil.copytree(ctx.stage_dir("train"), out / "stages" / "train")
@@ -84,7 +94,7 @@ def run(limit: int, target: str, trained_dir: Path | None) -> dict:
 
 def markdown(result: dict) -> str:
     base = result["rows"][0]
-    lines = [f"`.venv/bin/python benchmarks/prune_guard.py --limit {result['limit']}`, {result['date']}, "
+    lines = [f"`{result.get('command', 'benchmarks/prune_guard.py')}`, {result['date']}, "
              f"{result['cpu']}; Fashion-MNIST {result['samples']}, default config (small_cnn, ratio 0.5), "
              f"target {result['target']} (accuracy_tolerance_pp {result['tolerance_pp']:g}); only the prune stage "
              "differs, every row starts from the same trained model.", "",
@@ -108,8 +118,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=8000)
     ap.add_argument("--target", default="x86-64")
     ap.add_argument("--trained", type=Path, help="reuse this train stage folder (same --limit and defaults)")
+    ap.add_argument("--only", nargs="*", default=[], help="run only these variants (labels)")
+    ap.add_argument("--earlier", type=Path, help="keep the other rows of this earlier result json")
+    ap.add_argument("--out-name", default="prune_guard", help="results file name (without suffix)")
     args = ap.parse_args()
-    result = run(args.limit, args.target, args.trained)
+    OUT_NAME[0] = args.out_name
+    result = run(args.limit, args.target, args.trained, args.only, args.earlier)
     save(result)
     print(markdown(result))
 

@@ -72,7 +72,7 @@ class PruneConfig:
     sparsity_strength: float = 1e-4  # slimming: L1 penalty on BatchNorm scales during sparsity training
     sparsity_epochs: int = 4  # slimming: epochs of sparsity training before channels are removed
     use_sensitivity: bool = False  # per-layer ratios from `edgekit sensitivity` (less for sensitive layers)
-    finetune_epochs: int = 6
+    finetune_epochs: int = 24  # over all rounds (6 per round of the default 4); benchmarks/prune_guard.py
     lr: float = 1e-3
 
 

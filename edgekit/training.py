@@ -42,42 +42,40 @@ class _BatchReader(torch.utils.data.Dataset):
         return torch.from_numpy(self.split.x[rows]), torch.from_numpy(self.split.y[rows])
 
 
+class _Orders(torch.utils.data.Sampler):
+    """One index tensor per batch, a new shuffle each epoch from torch's global generator (so train.seed repeats
+    them), drawn in the training process; also the DataLoader's sampler."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+
+    def __iter__(self):
+        # lazily: a DataLoader makes a sampler iterator it never reads (_BaseDataLoaderIter, then _reset) and the
+        # order must be drawn once per epoch, as the in-memory path draws it
+        yield from torch.randperm(self.n).split(self.batch_size)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
 class Batches:
-    """Shuffled mini-batches of a split, a new order each epoch from torch's global generator (so train.seed
-    repeats them). In-memory arrays are indexed directly; a memory-mapped split (data.Rows) is read batch by batch,
-    in `Rows.workers` DataLoader processes when set (they stay up for the whole fit)."""
+    """Shuffled mini-batches of a split. In-memory arrays are indexed directly; a memory-mapped split (data.Rows)
+    is read batch by batch, in `Rows.workers` DataLoader processes when set: they stay up for the whole fit and
+    end with this object (nothing here refers back to it, so no garbage cycle keeps them alive)."""
 
     def __init__(self, split: Split, batch_size: int) -> None:
-        self.split, self.batch_size = split, batch_size
+        self.orders = _Orders(len(split.y), batch_size)
         workers = getattr(split.x, "workers", 0)
         self.loader = None if isinstance(split.x, np.ndarray) else torch.utils.data.DataLoader(
-            _BatchReader(split), batch_size=None, sampler=_Orders(self), num_workers=workers,
+            _BatchReader(split), batch_size=None, sampler=self.orders, num_workers=workers,
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
         self.tensors = (torch.from_numpy(split.x), torch.from_numpy(split.y)) if self.loader is None else None
-
-    def orders(self) -> list[torch.Tensor]:
-        return list(torch.randperm(len(self.split.y)).split(self.batch_size))
 
     def __iter__(self):
         if self.loader is not None:
             return iter(self.loader)
         x, y = self.tensors
-        return ((x[idx], y[idx]) for idx in self.orders())
-
-
-class _Orders(torch.utils.data.Sampler):
-    """The DataLoader's sampler: one index tensor per batch, drawn in the training process."""
-
-    def __init__(self, batches: Batches) -> None:
-        self.batches = batches
-
-    def __iter__(self):
-        # lazily: a DataLoader makes a sampler iterator it never reads (_BaseDataLoaderIter, then _reset) and the
-        # order must be drawn once per epoch, as the in-memory path draws it
-        yield from self.batches.orders()
-
-    def __len__(self) -> int:
-        return -(-len(self.batches.split.y) // self.batches.batch_size)
+        return ((x[idx], y[idx]) for idx in self.orders)
 
 
 def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, batch_size: int = 64,

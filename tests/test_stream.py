@@ -1,6 +1,8 @@
 """Streaming training data: memory-mapped .npy pairs (and IDX files) whose training split stays on disk and is
 read batch by batch, in DataLoader worker processes when data.workers is set."""
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,7 @@ def test_streamed_training_equals_in_memory_training(tmp_path, workers):
     ds = data.load_dataset(_cfg(tmp_path / "d", workers=workers))
     assert ds.train.x.workers == workers
     streamed = _trained(ds.train, ds.val)
+    assert not multiprocessing.active_children()  # the fit's DataLoader workers ended with it (no leak per fit)
     in_memory = _trained(data.Split(np.asarray(ds.train.x), ds.train.y), ds.val)
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
     untrained = models.build_model(config.from_dict({"model": {"width": 8}}), (1, 8, 8), 3).state_dict()
