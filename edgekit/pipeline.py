@@ -93,15 +93,21 @@ def run_stages(ctx: Context, log=print) -> list[StageRecord]:
                 done.append(record)
                 upstream[module.name] = record["key"]
                 continue
-            why = "an earlier stage ran again" if ran else \
-                f"its inputs changed since: {', '.join(keys.changed(record.get('inputs') or {}, parts))}"
-            log(f"[{module.name}] finished earlier, running again ({why})")
+            log(f"[{module.name}] finished earlier, running again ({_why_again(record, parts, ran)})")
             shutil.rmtree(ctx.stage_dir(module.name))
         ran = True
         key = keys.key_of(parts)
         done.append(_from_cache(ctx, module.name, key, log) or _run_logged(ctx, module.name, upstream, log))
         upstream[module.name] = key
     return done
+
+
+def _why_again(record: StageRecord, parts: dict[str, str], ran: bool) -> str:
+    if ran:
+        return "an earlier stage ran again"
+    if "inputs" not in record:
+        return "an older edgekit made it, without an input key"
+    return f"its inputs changed since: {', '.join(keys.changed(record['inputs'], parts))}"
 
 
 def _run_logged(ctx: Context, name: str, upstream: dict[str, str], log) -> StageRecord:
