@@ -379,7 +379,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"recommended: {best['id']} ({', '.join(f'{k}={v}' for k, v in best['overrides'].items())}): "
               f"accuracy {best['accuracy']:.4f}, p90 {best['latency_p90_ms']:.3g} ms ({best['latency_source']}), "
               f"{best['size_bytes'] / 1024:.1f} KB")
-        print(f"  edgekit build {out / 'best.yaml'} --target {args.target}")
+        print(f"  OMP_NUM_THREADS=1 edgekit build {out / 'best.yaml'} --target {args.target}   # the trial's bytes")
     print(f"trials: {out / 'trials.csv'} (and .json); plot: {out / 'pareto.png'}")
     return 0
 

@@ -243,6 +243,8 @@ MODEL_CASES = [
                         "net.py": "def make():\n    raise ValueError('no')\n"}, BUILD, "raised ValueError: no"),
     ("factory-not-module", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": "def make():\n    return 3\n"},
      BUILD, "returned int, not a torch.nn.Module"),
+    ("factory-signature", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": "def make(n_classes):\n    pass\n"},
+     BUILD, "edgekit passes only the arguments it names among num_classes, input_shape, in_channels"),
     ("checkpoint-missing", {"c.yaml": "model: {checkpoint: w.pt}\n"}, BUILD, "w.pt' not found"),
     ("checkpoint-garbage", {"c.yaml": "model: {checkpoint: w.pt}\n", "w.pt": b"not a checkpoint"}, BUILD,
      "cannot be read"),

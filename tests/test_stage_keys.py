@@ -57,6 +57,22 @@ def test_key_follows_the_model_code(tmp_path):
     assert keys.changed(before, keys.inputs(ctx, train, {})) == ["model code and checkpoint"]
 
 
+def test_key_follows_the_code_the_model_imports_and_only_that(tmp_path):
+    """A helper in a subpackage beside the factory counts; an unrelated file beside it does not."""
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "__init__.py").write_text("")
+    (tmp_path / "nets" / "blocks.py").write_text("from torch import nn\n\ndef act():\n    return nn.ReLU()\n")
+    factory = tmp_path / "net2.py"
+    factory.write_text("from torch import nn\nfrom nets.blocks import act\n\ndef make(num_classes):\n"
+                       "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes), act())\n")
+    ctx = _ctx(tmp_path, model={"factory": f"{factory}:make"})
+    before = keys.inputs(ctx, train, {})
+    (tmp_path / "notes.py").write_text("print('not part of the model')\n")
+    assert keys.changed(before, keys.inputs(ctx, train, {})) == []
+    (tmp_path / "nets" / "blocks.py").write_text("from torch import nn\n\ndef act():\n    return nn.ReLU6()\n")
+    assert keys.changed(before, keys.inputs(ctx, train, {})) == ["model code and checkpoint"]
+
+
 def test_data_fingerprint_reads_a_memory_mapped_split_in_chunks(tmp_path, monkeypatch):
     ctx = _ctx(tmp_path)
     whole = keys.data_fingerprint(ctx.data)

@@ -63,6 +63,9 @@ def _call_factory(factory: object, sample_shape: tuple[int, ...], num_classes: i
     try:
         model = factory(**kwargs)  # type: ignore[operator]
     except Exception as exc:
+        if isinstance(exc, TypeError) and "argument" in str(exc):  # most likely its signature
+            raise ModelError(f"model.factory '{spec}' raised TypeError: {exc}; edgekit passes only the arguments "
+                             f"it names among {', '.join(offered)} (give the others defaults)") from exc
         raise ModelError(f"model.factory '{spec}' raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
@@ -113,7 +116,9 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *,
         with torch.no_grad():
             out = model(torch.zeros(2, *sample_shape))
     except Exception as exc:
-        raise ModelError(f"the model cannot take samples of shape {sample_shape}: {type(exc).__name__}: {exc}") from exc
+        hint = ("; the samples have no channel axis: save x as (N, 1, H, W)" if len(sample_shape) == 2 else "")
+        raise ModelError(f"the model cannot take samples of shape {sample_shape}: {type(exc).__name__}: {exc}"
+                         f"{hint}") from exc
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"the model must return logits (batch, {num_classes}); it returned {shape}")

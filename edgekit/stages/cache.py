@@ -50,7 +50,7 @@ def store(name: str, key: str, stage_dir: Path, out: Path) -> None:
             return
         shutil.rmtree(entry, ignore_errors=True)
         shutil.copytree(stage_dir, entry, ignore=shutil.ignore_patterns(".tmp-*", "error.log"))
-        (entry / READY).write_text(f"{out}\n")  # which build made it
+        (entry / READY).write_text(f"{out.resolve()}\n")  # which build made it
 
 
 def made_by(key: str) -> str:

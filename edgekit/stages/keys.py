@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import weakref
 from pathlib import Path
 
@@ -50,27 +51,55 @@ def _file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _code_digest(module_file: Path) -> dict:
-    """The factory's file and the Python files beside it (the siblings it may import), by content."""
-    files = sorted(module_file.parent.glob("*.py")) if module_file.is_file() else []
-    return {p.name: _file_digest(p) for p in files}
+_LOADED: set[tuple[str, str]] = set()  # factories built once in this process: what they import is loaded
+LIBRARY_DIRS = ("site-packages", "dist-packages")
 
 
-def model_fingerprint(cfg: Config) -> dict:
-    """The user's model code (the factory's folder, or its module's) and checkpoint, by content."""
+def _code_root(cfg: Config) -> Path | None:
+    """Where the user's model code lives: the factory file's folder, or the top folder of its package."""
+    import importlib.util
+
+    source = cfg.model.factory.rpartition(":")[0]
+    if source.endswith(".py"):
+        return cfg.resolve(source).resolve().parent
+    try:
+        spec = importlib.util.find_spec(source.partition(".")[0])
+    except (ImportError, ValueError):
+        return None  # the build's own check says what is wrong with it
+    if spec is None or not spec.origin:
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    return Path(locations[0]).resolve() if locations else Path(spec.origin).resolve().parent
+
+
+def user_code(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
+    """The user's model code by content: every module loaded from the factory's folder (its package's, for
+    package.module) once the factory has built a model, so an edited helper or subpackage counts and an unrelated
+    file beside it does not. Installed libraries and edgekit itself are covered by their versions."""
+    root = _code_root(cfg)
+    if root is None:
+        return {}
+    if (cfg.model.factory, str(root)) not in _LOADED:
+        from edgekit import models
+
+        models.build_model(cfg, sample_shape, num_classes, with_checkpoint=False)  # imports what it imports
+        _LOADED.add((cfg.model.factory, str(root)))
+    edgekit_dir = Path(__file__).resolve().parents[1]
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        path = Path(path).resolve() if path else None
+        if path and path.is_relative_to(root) and not path.is_relative_to(edgekit_dir) \
+                and not set(LIBRARY_DIRS) & set(path.relative_to(root).parts):
+            files.add(path)
+    return {str(p.relative_to(root)): _file_digest(p) for p in sorted(files)}
+
+
+def model_fingerprint(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
+    """The user's model code (edgekit.stages.keys.user_code) and checkpoint, by content."""
     found: dict = {}
     if cfg.model.factory:
-        source = cfg.model.factory.rpartition(":")[0]
-        if source.endswith(".py"):
-            found["factory"] = _code_digest(cfg.resolve(source))
-        else:
-            import importlib.util
-
-            try:
-                spec = importlib.util.find_spec(source)
-            except (ImportError, ValueError):
-                spec = None  # the build's own check says what is wrong with it
-            found["factory"] = _code_digest(Path(spec.origin)) if spec and spec.origin else None
+        found["factory"] = user_code(cfg, sample_shape, num_classes)
     if cfg.model.checkpoint:
         found["checkpoint"] = _file_digest(cfg.resolve(cfg.model.checkpoint))
     return found
@@ -92,7 +121,7 @@ def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
     return {
         "edgekit and libraries": _digest([stage.name, __version__, library_versions()]),
         "data": data_fingerprint(ctx.data)[:20],
-        "model code and checkpoint": _digest(model_fingerprint(ctx.cfg)),
+        "model code and checkpoint": _digest(model_fingerprint(ctx.cfg, ctx.data.sample_shape, ctx.data.num_classes)),
         "config": _digest({section: cfg[section] for section in stage.reads if section in cfg}),
         "targets": _digest(targets_fingerprint(ctx.targets) if "targets" in stage.reads else None),
         "earlier stages": _digest({name: upstream.get(name) for name in stage.needs}),
