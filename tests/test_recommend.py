@@ -57,6 +57,19 @@ def test_p50_win_with_a_much_worse_p90_is_not_faster():
     assert "smaller file" in reason
 
 
+def test_clearly_lower_p90_with_a_p50_lost_in_noise_wins():
+    # the demo build of 2026-12-02: tflite_int8's p50 interval spanned 0.82-2.27x of onnx_fp32's, its p90 was
+    # 2.03-2.06x; the old rule (both lower) called that a tie and recommended the slower, smaller file
+    rng = np.random.default_rng(13)
+    noisy = _samples(0.042, tail=1.15, seed=14) * np.where(rng.random(3000) < 0.5, 0.6, 1.6)
+    samples = {"onnx_fp32": _samples(0.042, tail=1.15, seed=15), "tflite_int8": noisy}
+    ci = recommend.intervals(recommend.bootstrap(samples), "onnx_fp32", "tflite_int8")
+    assert ci["p50"][0] < 1 < ci["p50"][1] and ci["p90"][1] < 0.95  # the case: p50 lost in noise, p90 clear
+    rows = _rows(samples, {"onnx_fp32": 140_000, "tflite_int8": 42_000})
+    pick, reason = recommend.choose(rows, samples, 1.0)
+    assert pick["artifact"] == "onnx_fp32" and reason.startswith("faster beyond noise")
+
+
 def test_inaccurate_artifact_is_never_picked():
     samples = {"onnx_fp32": _samples(0.04, seed=9), "onnx_int8": _samples(0.01, seed=10)}
     rows = _rows(samples, {"onnx_fp32": 4000, "onnx_int8": 1000}, {"onnx_int8": 0.95})
