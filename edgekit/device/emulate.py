@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -334,29 +333,12 @@ def verify_bundle(bundle: Path, log=print) -> dict:
     manifest = json.loads((bundle / "manifest.json").read_text())
     if manifest["target"]["arch"] != "aarch64":
         raise EmulationUnavailable(f"'{bundle}' is a {manifest['target']['arch']} bundle; emulation is for aarch64")
-    checks, keys, todo = {}, {}, []
-    for spec in manifest["artifacts"]:
-        if spec["runtime"] in rc.NO_CHECK:
-            checks[spec["name"]] = rc.skipped(spec, "aarch64", True, rc.NO_CHECK[spec["runtime"]])
-            continue
-        keys[spec["name"]] = emulated_key(bundle, manifest, spec)
-        checks[spec["name"]] = rc.cached_check(keys[spec["name"]])
-        if checks[spec["name"]] is None:
-            todo.append(spec)
-    for (runtime, version), specs in rc.by_runtime(todo).items():
-        emu = make_emulator(manifest, specs[0], log)
-        target = manifest["target"]["name"]
-        log(f"  [emulate] {target}: {runtime} {version} under qemu {emu.cpu}, {len(specs)} artifact(s) in one "
-            f"emulated child, then their x86 outputs ...")
-        t0 = time.perf_counter()
-        for name, check in verify_runtime(emu, bundle, specs, manifest, log).items():
-            rc.remember(keys[name], check)
-            checks[name] = check
-        log(f"  [emulate] {target}: {runtime} {version} done in {time.perf_counter() - t0:.1f} s")
-    checks = {spec["name"]: checks[spec["name"]] for spec in manifest["artifacts"]}
-    for name, check in checks.items():
-        log(f"  [emulate] {manifest['target']['name']}/{name}: {describe(check)}")
-    return checks
+
+    def run_group(specs: list[dict]) -> dict[str, dict]:
+        return verify_runtime(make_emulator(manifest, specs[0], log), bundle, specs, manifest, log)
+
+    return rc.check_all(manifest, "aarch64", True, lambda spec: emulated_key(bundle, manifest, spec), run_group,
+                        "emulated child under qemu, then their x86 outputs", describe, log)
 
 
 def describe(check: dict) -> str:

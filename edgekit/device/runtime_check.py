@@ -309,35 +309,39 @@ def by_runtime(specs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def check_all(manifest: dict, arch: str, emulated: bool, key_of, run_group, how: str, describe_fn, log) -> dict:
+    """Each artifact of a manifest: skipped (a GPU runtime), a pass of the same key from the cache, or run by
+    `run_group(specs)` once per runtime and remembered when it passes. Shared by the native and emulated checks."""
+    tag, target = ("emulate" if emulated else "runtime-check"), manifest["target"]["name"]
+    checks, keys, todo = {}, {}, []
+    for spec in manifest["artifacts"]:
+        if spec["runtime"] in NO_CHECK:
+            checks[spec["name"]] = skipped(spec, arch, emulated, NO_CHECK[spec["runtime"]])
+            continue
+        keys[spec["name"]] = key_of(spec)
+        checks[spec["name"]] = cached_check(keys[spec["name"]])
+        if checks[spec["name"]] is None:
+            todo.append(spec)
+    for (runtime, version), specs in by_runtime(todo).items():
+        log(f"  [{tag}] {target}: {runtime} {version}, {len(specs)} artifact(s) in one {how} ...")
+        t0 = time.perf_counter()
+        for name, check in run_group(specs).items():
+            remember(keys[name], check)
+            checks[name] = check
+        log(f"  [{tag}] {target}: {runtime} {version} done in {time.perf_counter() - t0:.1f} s")
+    for name, check in checks.items():
+        log(f"  [{tag}] {target}/{name}: {describe_fn(check)}")
+    return checks
+
+
 def check_bundle(bundle: Path, log=print) -> dict[str, dict]:
     """runtime_check per artifact of a bundle (native, with each artifact's pinned runtime version): passes of the
     same bytes come from the cache; the rest run in one child per runtime."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     python_version = manifest["target"].get("python", "3.11")
-    checks, keys, todo = {}, {}, []
-    for spec in manifest["artifacts"]:
-        if spec["runtime"] in NO_CHECK:
-            checks[spec["name"]] = skipped(spec, "x86_64", False, NO_CHECK[spec["runtime"]])
-            continue
-        keys[spec["name"]] = cache_key(bundle, manifest, spec, "x86_64", python_version)
-        hit = cached_check(keys[spec["name"]])
-        if hit:
-            checks[spec["name"]] = hit
-        else:
-            todo.append(spec)
-    for (runtime, version), specs in by_runtime(todo).items():
-        log(f"  [runtime-check] {manifest['target']['name']}: {runtime} {version}, {len(specs)} artifact(s) in one "
-            f"child process ...")
-        t0 = time.perf_counter()
-        for name, check in check_runtime(bundle, specs, python_version, log).items():
-            remember(keys[name], check)
-            checks[name] = check
-        log(f"  [runtime-check] {manifest['target']['name']}: {runtime} {version} done in "
-            f"{time.perf_counter() - t0:.1f} s")
-    checks = {spec["name"]: checks[spec["name"]] for spec in manifest["artifacts"]}
-    for name, check in checks.items():
-        log(f"  [runtime-check] {manifest['target']['name']}/{name}: {describe(check)}")
-    return checks
+    return check_all(manifest, "x86_64", False,
+                     lambda spec: cache_key(bundle, manifest, spec, "x86_64", python_version),
+                     lambda specs: check_runtime(bundle, specs, python_version, log), "child process", describe, log)
 
 
 def from_cache(check: dict) -> str:
