@@ -11,8 +11,9 @@ with this one build by build, so that the load of a shared machine hits both ali
 `--cold-checks` also runs this checkout's default build with the check-result cache emptied first (every
 pinned-runtime and emulated check runs again; the venvs and the sysroot stay).
 
-Each build runs in a fresh process (benchmarks/timed_build.py) with the caches warm (one build first fills them);
-the CPU and the load average are named.
+Each build runs in a fresh process (benchmarks/timed_build.py) with the caches warm (one build first fills them)
+and an empty stage cache of its own, so every stage runs (`--rebuild` adds one whose stage cache holds every
+stage; `--cold` one with every edgekit cache empty); the CPU and the load average are named.
 """
 
 from __future__ import annotations
@@ -70,14 +71,16 @@ def _outside(steps: dict, marks: dict, wall: float, in_stages: float) -> dict:
             for k, v in get.items()}
 
 
-def build(config: str, work: Path, python: str = sys.executable) -> dict:
+def build(config: str, work: Path, python: str = sys.executable, env_extra: dict | None = None) -> dict:
+    """One timed build. Its stage cache is its own, empty one (every stage runs) unless env_extra names another."""
     work.mkdir(parents=True, exist_ok=True)
     cfg, steps_file = work / "c.yaml", work / "steps.json"
     cfg.write_text(config)
     load = _load()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    env = os.environ | {"EDGEKIT_BENCH_T0": repr(time.time()), "EDGEKIT_BENCH_OUT": str(steps_file)}
+    env = os.environ | {"EDGEKIT_BENCH_T0": repr(time.time()), "EDGEKIT_BENCH_OUT": str(steps_file),
+                        "EDGEKIT_STAGE_CACHE": str(work / "stage-cache")} | (env_extra or {})
     done = subprocess.run([python, str(DRIVER), str(cfg), "--out", str(work / "b")], capture_output=True, text=True,
                           env=env, cwd=work)
     wall = time.perf_counter() - t0
@@ -146,6 +149,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--labels", nargs=2, default=["after", "before"], help="labels of this checkout and --against")
     p.add_argument("--no-warm-up", action="store_true", help="the caches are warm already: no first build")
     p.add_argument("--cold-checks", action="store_true", help="also a default build with the check cache emptied")
+    p.add_argument("--cold", action="store_true", help="also a default build with every edgekit cache empty (checks, "
+                                                       "pinned-runtime venvs, qemu sysroot, data; EDGEKIT_CACHE)")
+    p.add_argument("--rebuild", action="store_true", help="also a default build whose stage cache holds every stage "
+                                                          "(the same config built again)")
     p.add_argument("--out", type=Path, default=RESULTS / "pipeline_time", help="results file stem")
     return p.parse_args()
 
@@ -168,11 +175,21 @@ def main() -> None:
                     results["cases"].setdefault(key, []).append(r)
                     print(key, {k: r[k] for k in ("wall_s", "cpu_s", "in_stages_s", "outside_stages_s")},
                           {k: v["wall_s"] for k, v in r["outside"].items()}, flush=True)
-                if args.cold_checks and name.startswith("default"):
+                if not name.startswith("default"):
+                    continue
+                extra = []
+                if args.cold_checks:
                     shutil.rmtree(check_cache(), ignore_errors=True)
-                    r = build(config, Path(tmp) / f"cold-checks-{i}", sys.executable)
-                    results["cases"].setdefault(f"{name} [{args.labels[0]}, check cache empty]", []).append(r)
-                    print("cold checks", r["wall_s"], {k: v["wall_s"] for k, v in r["outside"].items()}, flush=True)
+                    extra.append(("check cache empty", {}))
+                if args.cold:
+                    extra.append(("every cache empty", {"EDGEKIT_CACHE": str(Path(tmp) / f"cold-cache-{i}")}))
+                if args.rebuild:  # the stage cache of this round's first build above, which holds every stage
+                    first = Path(tmp) / _folder(f"{name} [{args.labels[0]}]-{i}" if args.against else f"{name}-{i}")
+                    extra.append(("stage cache warm", {"EDGEKIT_STAGE_CACHE": str(first / "stage-cache")}))
+                for what, env in extra:
+                    r = build(config, Path(tmp) / _folder(f"{what}-{i}"), sys.executable, env)
+                    results["cases"].setdefault(f"{name} [{args.labels[0]}, {what}]", []).append(r)
+                    print(what, r["wall_s"], {k: v["wall_s"] for k, v in r["outside"].items()}, flush=True)
     results["load_at_end"] = _load()
     results["note"] = f"1-min load average {results['load_at_start'][0]} at start, {results['load_at_end'][0]} at end"
     args.out.parent.mkdir(exist_ok=True)

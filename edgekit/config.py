@@ -96,7 +96,10 @@ class DistillConfig:
 @dataclass(frozen=True)
 class QuantizeConfig:
     enabled: bool = True
-    method: Literal["qat", "ptq"] = "qat"  # ptq: calibrated ranges only; qat: then fine-tune with fake quant
+    # ptq: calibrated ranges only; qat: then fine-tune with fake quant; auto: PTQ, and QAT only when PTQ loses more
+    # than max_loss_pp of validation accuracy against the float model it quantizes (QAT as the repair)
+    method: Literal["auto", "qat", "ptq"] = "auto"
+    max_loss_pp: float | None = None  # auto's limit; None: the strictest chosen target's accuracy_tolerance_pp
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"  # how activation ranges are set
     percentile: float = 99.99  # calibration: percentile
     activations: Literal["symmetric", "asymmetric"] = "symmetric"
@@ -205,6 +208,7 @@ def _check_ranges(cfg: Config) -> None:
         ("prune.target_params", cfg.prune.target_params is None or 0 < cfg.prune.target_params <= 1),
         ("prune.steps", cfg.prune.steps >= 1),
         ("prune.max_loss_pp", cfg.prune.max_loss_pp is None or cfg.prune.max_loss_pp >= 0),
+        ("quantize.max_loss_pp", cfg.quantize.max_loss_pp is None or cfg.quantize.max_loss_pp >= 0),
         ("prune.sparsity_strength", cfg.prune.sparsity_strength >= 0),
         ("model.width_mult", cfg.model.width_mult > 0),
         ("distill.student_width_mult", cfg.distill.student_width_mult > 0),

@@ -71,6 +71,7 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
         "config": to_dict(cfg),
         "targets": [t.name for t in targets],
         "stages": [m for m in stage_metrics if m["name"] in model_stages],
+        "cached_stages": {m["name"]: m["cached_from"] for m in stage_metrics if m.get("cached_from")},
         "artifacts": rows,
         "bundles": by_name["bundle"]["bundles"],
         "runs": {t: {k: v for k, v in r.items() if k != "artifacts"} for t, r in runs.items()},

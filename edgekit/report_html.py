@@ -98,7 +98,7 @@ def _stage_rows(rep: dict, build: Path) -> list[dict]:
             s = {**s, **stage_files(folder)}
         rows.append({"name": s["name"], "accuracy": s.get("accuracy"), "params": s.get("params"),
                      "macs": s.get("macs"), "size_bytes": s.get("size_bytes"), "size_file": s.get("size_file"),
-                     "files": s.get("files") or {}, "seconds": s.get("seconds")})
+                     "files": s.get("files") or {}, "seconds": s.get("seconds"), "cached_from": s.get("cached_from")})
     return rows
 
 
@@ -108,7 +108,20 @@ def _artifact_row(row: dict, budgets: dict) -> dict:
     check = row.get("budget") or report.budget_check(budgets.get(row["target"], {}), (lat or {}).get("p90"),
                                                      measured.get("peak_rss_mb"))
     return {**row, "p50_ms": (lat or {}).get("p50"), "p90_ms": (lat or {}).get("p90"), "latency_source": source,
-            "peak_rss_mb": measured.get("peak_rss_mb"), "budget": check, "budget_cell": report.budget_cell(check)}
+            "peak_rss_mb": measured.get("peak_rss_mb"), "budget": check, "budget_cell": report.budget_cell(check),
+            "check_cell": check_cell(row.get("runtime_check"))}
+
+
+def check_cell(check: dict | None) -> str:
+    """The pinned-runtime check of one artifact in a few words: its verdict, where it ran, and whether the verdict
+    came from the check cache (the same bytes passed before) rather than a run now."""
+    if not check:
+        return "-"
+    verdict = {True: "ok", False: "FAILED", None: "skipped"}[check.get("ok")]
+    where = "qemu" if check.get("emulated") else check.get("arch") or ""
+    cached = check.get("cached")
+    when = f", cached: passed {cached.get('checked_utc') or 'before'}" if cached else ""
+    return f"{verdict} ({check.get('runtime', '?')} {check.get('version', '')} {where}{when})".replace("  ", " ")
 
 
 def _targets(rep: dict, budgets: dict) -> list[dict]:
@@ -168,7 +181,7 @@ def build_view(source: Source) -> dict:
         view.update(stages=_stage_rows(rep, source.path), targets=_targets(rep, source.budgets),
                     config_yaml=yaml.safe_dump(rep["config"], sort_keys=False),
                     versions={"edgekit": rep.get("edgekit_version"), **(rep.get("versions") or {})},
-                    over_budget=rep.get("over_budget", []))
+                    over_budget=rep.get("over_budget", []), cached_stages=rep.get("cached_stages") or {})
     return view
 
 

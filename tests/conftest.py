@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -27,7 +28,9 @@ TINY = {
     # (tests/test_prune_guard.py tests the guard itself)
     "prune": {"finetune_epochs": 5, "lr": 0.005, "max_loss_pp": 100.0},
     "distill": {"epochs": 3, "lr": 0.005},
-    "quantize": {"qat_epochs": 1, "subset_size": 64},
+    # QAT always, so the builds exercise the int8 artifacts made from QAT-tuned weights; PTQ first (the default
+    # `auto`) is tested in tests/test_quantize_auto.py
+    "quantize": {"method": "qat", "qat_epochs": 1, "subset_size": 64},
     "run": {"warmup_runs": 2, "min_runs": 5, "min_seconds": 0.05, "max_seconds": 2.0},
     "build": {"stage_cache": False},  # each test trains what it tests; tests/test_stage_keys.py tests the cache
 }
@@ -68,13 +71,23 @@ def no_network():
 
 @pytest.fixture(scope="session")
 def e2e_build(tmp_path_factory, no_network):
-    """The default pipeline (every stage, default targets) on a small subset, with the network blocked."""
+    """The default pipeline (every stage, default targets) on a small subset, with the network blocked.
+
+    Built once per run: under pytest-xdist (`make test` runs two workers) the first worker that needs it builds it
+    in the folder the workers share, and the others wait for it and read it."""
+    from filelock import FileLock
+
     from edgekit import config, pipeline
 
-    out = tmp_path_factory.mktemp("e2e") / "build"
-    report = pipeline.build(config.from_dict(tiny()), out)
-    assert no_network == [], f"the build tried to reach the network: {no_network}"
-    return out, report
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("e2e")
+    out, saved = root / "e2e-build", root / "e2e-report.json"
+    with FileLock(str(root / "e2e-build.lock")):
+        if not saved.is_file():
+            report = pipeline.build(config.from_dict(tiny()), out)
+            assert no_network == [], f"the build tried to reach the network: {no_network}"
+            saved.write_text(json.dumps(report))
+    return out, json.loads(saved.read_text())
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit import browser, cli, quiet, report, report_plots
+from edgekit import browser, cli, quiet, report, report_html, report_plots
 
 needs_chromium = pytest.mark.skipif(browser.find() is None, reason="chromium not installed (tests/system_deps.sh)")
 
@@ -286,3 +286,24 @@ def test_accuracy_lost_against_the_unpruned_model_is_flagged_beyond_the_targets_
     table = report.summary_table({"stages": [], "artifacts": [], "bundles": [],
                                   "over_tolerance": [f"{row['target']}/{row['name']}: -2.7 pp"]})
     assert "ACCURACY LOSS OVER TOLERANCE x86-64/onnx_int8: -2.7 pp" in table
+
+
+def test_the_page_says_what_came_from_the_caches(e2e_build, tmp_path):
+    """A stage reused from the stage cache and a check passed from the check cache read as such, not as runs."""
+    out, _ = e2e_build
+    build = tmp_path / "build"
+    shutil.copytree(out, build)
+    saved = json.loads((build / "report.json").read_text())
+    saved["stages"][0]["cached_from"] = "/elsewhere/earlier-build"
+    saved["cached_stages"] = {saved["stages"][0]["name"]: "/elsewhere/earlier-build", "export": "/elsewhere/b2"}
+    checked = saved["artifacts"][0]
+    checked["runtime_check"] = {**checked["runtime_check"], "cached": {"key": "k", "checked_utc": "2026-12-01T10:00"}}
+    (build / "report.json").write_text(json.dumps(saved))
+    report_html.write([build], build / "again.html")
+    page = (build / "again.html").read_text()
+    row = re.search(r'<tr data-stage="train">.*?</tr>', page, re.S).group(0)
+    assert 'title="/elsewhere/earlier-build">cached</td>' in row
+    assert "From the stage cache" in page and "(made by /elsewhere/b2)" in page
+    cells = re.findall(r'<td class="check">([^<]*)</td>', page)
+    assert len(cells) == len(saved["artifacts"]) and "cached: passed 2026-12-01T10:00" in cells[0]
+    assert all(c.startswith("ok (") for c in cells)

@@ -21,7 +21,7 @@ TINY_BUILD = {
     "train": {"epochs": 2, "batch_size": 32},
     "prune": {"finetune_epochs": 1},
     "distill": {"epochs": 1},
-    "quantize": {"qat_epochs": 1, "subset_size": 32},
+    "quantize": {"method": "qat", "qat_epochs": 1, "subset_size": 32},
     "run": {"warmup_runs": 1, "min_runs": 2, "min_seconds": 0.01, "max_seconds": 0.5},
     "build": {"targets": ["x86-64"], "run_local": False, "stage_cache": False},
 }

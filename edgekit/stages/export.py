@@ -2,7 +2,7 @@
 (edgekit.formats) makes the artifacts the chosen targets list from it.
 
 fp32 artifacts come from the last float stage; int8 artifacts from the quantize stage's QAT-tuned weights when
-it ran (the weights learned under int8 fake quantization), else from the same float model. Targets with
+QAT ran (the weights learned under int8 fake quantization), else from the same float model. Targets with
 different ONNX `int8:` settings get different artifacts (`onnx_int8_<variant>`). Every artifact is made and
 checked before any is written.
 """
@@ -32,8 +32,7 @@ ARTIFACT_FILE = "artifacts.json"
 def run(ctx: Context) -> dict:
     """Make every artifact the targets need and check it; only then write them and artifacts.json."""
     specs = needed_specs(ctx)
-    fp32_source = ctx.latest_model_stage(before="quantize")
-    int8_source = "quantize" if ctx.has_model("quantize") else fp32_source
+    fp32_source, int8_source = sources(ctx)
     passes = {fp32_source: [s for s in specs if s.precision != "int8"]}
     passes.setdefault(int8_source, []).extend(s for s in specs if s.precision == "int8")
     built: list[tuple[dict, bytes]] = []
@@ -53,6 +52,12 @@ def run(ctx: Context) -> dict:
     write_json(out / ARTIFACT_FILE, records)
     return {"name": name, "artifacts": records, "size_bytes": sum(r["size_bytes"] for r in records),
             "targets": [t.name for t in ctx.targets]}
+
+
+def sources(ctx: Context) -> tuple[str, str]:
+    """The stages whose torch models the fp32 and the int8 artifacts come from."""
+    fp32_source = ctx.latest_model_stage(before="quantize")
+    return fp32_source, "quantize" if ctx.has_model("quantize") else fp32_source
 
 
 def needed_specs(ctx: Context) -> list:
@@ -92,7 +97,7 @@ def kept_float_modules(ctx: Context) -> list[str]:
 
     They stay float in the ONNX int8 artifacts. TFLite int8 stays full int8: every TFLite target here runs
     integer-only kernels (checked after conversion), so a float layer is not an option there."""
-    if not ctx.has_model("quantize"):
+    if not ctx.done("quantize"):
         return []
     nodes = ctx.metrics("quantize")["settings"].get("keep_float", [])
     return [quantize.module_of_nncf_node(n) for n in nodes]

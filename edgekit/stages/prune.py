@@ -34,12 +34,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from edgekit import metrics, training
+from edgekit import metrics, tolerance, training
 from edgekit.config import Config, PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.files import write_json
 from edgekit.prunable import L1_FILTER_NORM, protected_layers
 from edgekit.stages.base import Context, finish_torch_stage
+from edgekit.tolerance import Guard
 
 name = "prune"
 reads = ("prune", "train", "targets")
@@ -239,34 +240,11 @@ def _rounds(ctx: Context, model: nn.Module, plan: Plan, steps: int) -> Iterator[
         yield prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
 
 
-@dataclass(frozen=True)
-class Guard:
-    """Stop pruning where the validation accuracy falls more than `max_loss_pp` below the unpruned model's."""
-    baseline: float  # validation accuracy of the unpruned (source) model
-    max_loss_pp: float
-    source: str  # where max_loss_pp came from
-    val_samples: int
-
-    @property
-    def limit_pp(self) -> float:
-        """The tolerance, but never finer than one validation sample (a finer loss cannot be judged)."""
-        return max(self.max_loss_pp, 100 / self.val_samples)
-
-    def loss_pp(self, val_accuracy: float) -> float:
-        return 100 * (self.baseline - val_accuracy)
-
-
 def guard_for(p: PruneConfig, targets: list, baseline: float, val_samples: int) -> Guard | None:
     """The guard of this build: None when it is off or there is nothing to judge against."""
     if not p.accuracy_guard:
         return None
-    if p.max_loss_pp is not None:
-        return Guard(baseline, p.max_loss_pp, "prune.max_loss_pp", val_samples)
-    if not targets:
-        return None
-    strictest = min(targets, key=lambda t: t.accuracy_tolerance_pp)
-    return Guard(baseline, strictest.accuracy_tolerance_pp,
-                 f"accuracy_tolerance_pp of target {strictest.name} (the strictest chosen)", val_samples)
+    return tolerance.guard_for(p.max_loss_pp, "prune.max_loss_pp", targets, baseline, val_samples)
 
 
 def round_to_for(p: PruneConfig, targets: list) -> tuple[int | None, str]:
@@ -323,7 +301,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         rounds.append({**info, "finetune_epochs": ep, "val_accuracy": val})
         if guard is not None:
             rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
-            if guard.loss_pp(val) > guard.limit_pp + 1e-9:
+            if not guard.within(val):
                 stopped = {"round": i + 1, "of": p.steps, "loss_pp": guard.loss_pp(val)}
                 model = before
                 break

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgekit import metrics, models, quiet, training
+from edgekit import metrics, models, quiet, tolerance, training
 from edgekit.config import Config, QuantizeConfig
 from edgekit.files import stage_files
 from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
 
 name = "quantize"
-reads = ("quantize", "train", "export")
+reads = ("quantize", "train", "export", "targets")  # targets: quantize.method auto's default limit
 needs = ("train", "prune", "distill")
 
 
@@ -286,6 +286,28 @@ def save_tuned_weights(ctx: Context, source: str, qmodel: torch.nn.Module, out_d
         shutil.copy2(spec, out_dir / models.SPEC_FILE)
 
 
+def qat_decision(ctx: Context, source: str, qmodel: torch.nn.Module) -> dict:
+    """Whether QAT runs: always for `qat`, never for `ptq`; for `auto` only when the calibrated (PTQ) model loses
+    more validation accuracy against the float model it quantizes than the limit (QAT as the repair)."""
+    q, val = ctx.cfg.quantize, ctx.data.val
+    if q.method != "auto" or q.qat_epochs == 0:
+        ran = q.method != "ptq" and q.qat_epochs > 0
+        return {"ran": ran, "why": f"quantize.method {q.method}, qat_epochs {q.qat_epochs}: "
+                                   + ("QAT" if ran else "PTQ only")}
+    float_val = metrics.accuracy(metrics.logits(ctx.load_model(source), val.x), val.y)
+    ptq_val = _val_accuracy(qmodel, val)
+    guard = tolerance.guard_for(q.max_loss_pp, "quantize.max_loss_pp", ctx.targets, float_val, len(val.y))
+    record = {"float_val_accuracy": float_val, "ptq_val_accuracy": ptq_val,
+              "limit_pp": guard.limit_pp if guard else None}
+    if guard is None:
+        return {**record, "ran": True, "why": "quantize.method auto: no target tolerance to judge PTQ against; QAT"}
+    loss = f"PTQ lost {guard.loss_pp(ptq_val):.2f} pp of validation accuracy against the float model"
+    limit = f"{guard.limit_pp:.3g} pp ({guard.source})"
+    if guard.within(ptq_val):
+        return {**record, "ran": False, "why": f"{loss}, within {limit}: QAT skipped (quantize.method auto)"}
+    return {**record, "ran": True, "why": f"{loss}, more than {limit}: QAT repairs it (quantize.method auto)"}
+
+
 def run(ctx: Context) -> dict:
     q, data = ctx.cfg.quantize, ctx.data
     source = ctx.latest_model_stage(before=name)
@@ -302,22 +324,27 @@ def run(ctx: Context) -> dict:
             quiet.silenced(out_dir / LOG_FILE):
         qmodel = calibrate(ctx.load_model(source), data.calib.x, q.subset_size, calibration)
     ptq_acc = metrics.accuracy(metrics.logits(qmodel, data.test.x), data.test.y)
+    qat = qat_decision(ctx, source, qmodel)
+    print(f"[{name}] {qat['why']}")
     best_val = None
-    if q.method == "qat":
+    if qat["ran"]:
         best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
                                 batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat",
                                 keep_zeros=ctx.keep_zeros)
     test_logits = metrics.logits(qmodel, data.test.x)
     np.save(out_dir / LOGITS_FILE, test_logits)
-    save_tuned_weights(ctx, source, qmodel, out_dir)
+    if qat["ran"]:  # else the int8 artifacts come from the float model: each format calibrates it itself
+        save_tuned_weights(ctx, source, qmodel, out_dir)
     with quiet.silenced(out_dir / LOG_FILE):
         export_qdq(qmodel, ctx.example_input(), out_dir / ONNX_FILE, ctx.cfg.export.opset)
     src = ctx.metrics(source)
     return {
         "name": name, "accuracy": metrics.accuracy(test_logits, data.test.y), "ptq_accuracy": ptq_acc,
         "val_accuracy": best_val, "params": src["params"], "macs": src["macs"],
-        **stage_files(out_dir),  # model.pt: the QAT-tuned weights (fp32); model_int8.onnx: NNCF's QDQ export
-        "method": f"nncf-{q.method}", "library": "nncf", "source_stage": source, "mixed_precision": mixed,
+        # model.pt: the QAT-tuned weights (fp32), after QAT only; model_int8.onnx: NNCF's QDQ export
+        **stage_files(out_dir, MODEL_FILE if qat["ran"] else ONNX_FILE),
+        "method": "nncf-qat" if qat["ran"] else "nncf-ptq", "library": "nncf", "source_stage": source,
+        "mixed_precision": mixed, "qat": qat,
         "settings": {"library": "nncf", "method": q.method, "subset_size": q.subset_size,
-                     "qat_epochs": q.qat_epochs if q.method == "qat" else 0, "lr": q.lr, **calibration.describe()},
+                     "qat_epochs": q.qat_epochs if qat["ran"] else 0, "lr": q.lr, **calibration.describe()},
     }

@@ -1,0 +1,85 @@
+"""PTQ first, QAT as the repair (`quantize.method: auto`): QAT runs only when the calibrated model loses more
+validation accuracy against the float model than the limit, and the export then uses the QAT-tuned weights."""
+
+import json
+import shutil
+
+import pytest
+
+from edgekit import config, data, targets
+from edgekit.errors import ConfigError
+from edgekit.stages import export, quantize, train
+from edgekit.stages.base import Context
+from tests.conftest import tiny
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained model (digits, 300 samples) that every quantize run below starts from."""
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}))
+    out = tmp_path_factory.mktemp("trained")
+    ctx = Context(cfg, data.load_dataset(cfg), out, [])
+    (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(ctx)))
+    return ctx
+
+
+def _quantize(trained, tmp_path, chosen: list, **section) -> tuple[dict, Context]:
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}, quantize={"method": "auto", **section}))
+    shutil.copytree(trained.stage_dir("train"), tmp_path / "stages" / "train")
+    ctx = Context(cfg, trained.data, tmp_path, chosen)
+    result = quantize.run(ctx)
+    (ctx.stage_dir("quantize") / "metrics.json").write_text(json.dumps(result))
+    return result, ctx
+
+
+def test_auto_skips_qat_when_ptq_is_within_the_limit(trained, tmp_path, capsys):
+    result, ctx = _quantize(trained, tmp_path, targets.get(["x86-64"]), max_loss_pp=100.0)
+    qat = result["qat"]
+    assert not qat["ran"] and qat["limit_pp"] == 100.0
+    assert qat["float_val_accuracy"] - qat["ptq_val_accuracy"] <= 1.0
+    assert "QAT skipped" in qat["why"] and "quantize.max_loss_pp" in qat["why"]
+    assert "QAT skipped" in capsys.readouterr().out
+    assert result["method"] == "nncf-ptq" and result["settings"]["qat_epochs"] == 0
+    assert not ctx.has_model("quantize") and result["size_file"] == quantize.ONNX_FILE
+    assert (ctx.stage_dir("quantize") / quantize.ONNX_FILE).is_file()
+    assert export.sources(ctx) == ("train", "train")  # the int8 artifacts from the float model
+    assert export.kept_float_modules(ctx) == []  # the quantize stage ran: its keep_float (none) is read
+
+
+def test_auto_runs_qat_when_ptq_loses_more_than_the_limit(trained, tmp_path):
+    """Activation ranges clipped at the 51st percentile lose far more than one validation sample."""
+    result, ctx = _quantize(trained, tmp_path, targets.get(["x86-64"]), calibration="percentile", percentile=51,
+                            max_loss_pp=0.0)
+    qat = result["qat"]
+    assert qat["ran"] and qat["float_val_accuracy"] - qat["ptq_val_accuracy"] > 100 / len(ctx.data.val.y) / 100
+    assert "QAT repairs it" in qat["why"]
+    assert result["method"] == "nncf-qat" and result["settings"]["qat_epochs"] == 1
+    assert ctx.has_model("quantize") and result["val_accuracy"] is not None
+    assert export.sources(ctx) == ("train", "quantize")  # the int8 artifacts from the QAT-tuned weights
+
+
+def test_the_default_limit_is_the_strictest_targets_tolerance(trained, tmp_path):
+    strict, = targets.get(["x86-64"])
+    result, _ = _quantize(trained, tmp_path, [strict])
+    assert "accuracy_tolerance_pp of target x86-64" in result["qat"]["why"]
+    assert result["qat"]["limit_pp"] == max(strict.accuracy_tolerance_pp, 100 / len(trained.data.val.y))
+
+
+def test_ptq_never_runs_qat(trained, tmp_path):
+    result, ctx = _quantize(trained, tmp_path, targets.get(["x86-64"]), method="ptq", max_loss_pp=0.0)
+    assert not result["qat"]["ran"] and not ctx.has_model("quantize")
+    assert result["qat"]["why"] == "quantize.method ptq, qat_epochs 1: PTQ only"
+
+
+def test_auto_without_a_target_runs_qat(trained, tmp_path):
+    result, _ = _quantize(trained, tmp_path, [])
+    assert result["qat"]["ran"] and "no target tolerance" in result["qat"]["why"]
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"max_loss_pp": -1}, "'quantize.max_loss_pp' is out of range"),
+    ({"method": "sometimes"}, "'quantize.method' is 'sometimes'"),
+])
+def test_bad_quantize_settings_are_one_line_errors(section, message):
+    with pytest.raises(ConfigError, match=message):
+        config.from_dict({"quantize": section})
