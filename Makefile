@@ -18,11 +18,12 @@ demo: $(STAMP)
 	$(VENV)/bin/edgekit build
 
 # System packages (sshd, dockerd, qemu) and the offline base images' Debian packages and wheels come from the
-# package registries here, once; the tests themselves reach nothing beyond 127.0.0.1.
+# package registries here, once; the tests themselves reach nothing beyond 127.0.0.1. Two pytest-xdist workers,
+# each test file on one worker (its module fixtures built once); the end-to-end build is shared (tests/conftest.py).
 test: $(STAMP)
 	bash tests/system_deps.sh
 	$(PY) -m edgekit.device.images fetch x86-64 rpi5
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgekit tests benchmarks
