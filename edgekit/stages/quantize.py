@@ -306,7 +306,7 @@ def run(ctx: Context) -> dict:
     if q.method == "qat":
         best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
                                 batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat",
-                                keep_zeros=ctx.keep_zeros)
+                                keep_zeros=ctx.keep_zeros, workers=ctx.cfg.train.workers)
     test_logits = metrics.logits(qmodel, data.test.x)
     np.save(out_dir / LOGITS_FILE, test_logits)
     save_tuned_weights(ctx, source, qmodel, out_dir)
