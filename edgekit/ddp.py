@@ -96,6 +96,9 @@ def train(loop: Callable[[Group], float], model: nn.Module, extra_params: list[n
     load process 0's weights into `model` and `extra_params`; return its best validation accuracy."""
     import multiprocessing
 
+    import torch._dynamo  # noqa: F401 - DDP's constructor imports it (seconds): once here, not in every worker
+    import torch.distributed  # noqa: F401
+
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="edgekit-ddp-") as tmp:
         folder = Path(tmp)
