@@ -80,7 +80,12 @@ class Group:
 
 
 class WorkerFailed(RuntimeError):
-    """A data-parallel worker ended with an error or was killed; the pipeline names the stage."""
+    """A data-parallel worker ended with an error or was killed; the pipeline names the stage, and `where` it
+    broke in the worker (edgekit.pipeline.failing_library there) when known."""
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 class _RemoteTraceback(Exception):
@@ -144,8 +149,7 @@ def _worker(loop: Callable[[Group], float], model: nn.Module, extra_params: list
 
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         (folder / f"error-{rank}.txt").write_text(
-            f"failed in {failing_library(exc)}: {type(exc).__name__}: {first}\n"
-            + "".join(traceback.format_exception(exc)))
+            f"{failing_library(exc)}\n{type(exc).__name__}: {first}\n" + "".join(traceback.format_exception(exc)))
         os._exit(1)
 
 
@@ -176,8 +180,8 @@ def _failure(rank: int, proc, world: int, folder: Path, desc: str) -> WorkerFail
     where = f"data-parallel {desc} loop: worker {rank} of {world} (pid {proc.pid})"
     error = folder / f"error-{rank}.txt"
     if error.is_file():
-        summary, _, detail = error.read_text().partition("\n")
-        exc = WorkerFailed(f"{where} {summary}")
+        library, summary, detail = error.read_text().split("\n", 2)
+        exc = WorkerFailed(f"{where} failed: {summary}", where=library)  # the pipeline says where
         exc.__cause__ = _RemoteTraceback(detail)
         return exc
     code = proc.exitcode
