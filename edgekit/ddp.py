@@ -16,6 +16,7 @@ BatchNorm: torch 2.13's SyncBatchNorm needs a GPU, so each process normalises wi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,12 +81,12 @@ class Group:
 
 
 class WorkerFailed(RuntimeError):
-    """A data-parallel worker ended with an error or was killed; the pipeline names the stage, and `where` it
-    broke in the worker (edgekit.pipeline.failing_library there) when known."""
+    """A data-parallel worker ended with an error or was killed; the pipeline names the stage, and where it
+    broke from `frames`, the worker's traceback (none when it was killed)."""
 
-    def __init__(self, message: str, where: str | None = None) -> None:
+    def __init__(self, message: str, frames: list[traceback.FrameSummary] | None = None) -> None:
         super().__init__(message)
-        self.where = where
+        self.frames = frames or []
 
 
 class _RemoteTraceback(Exception):
@@ -145,11 +146,11 @@ def _worker(loop: Callable[[Group], float], model: nn.Module, extra_params: list
             partial.rename(folder / RESULT_FILE)  # whole or absent
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - any failure is reported to the parent, which stops the rest
-        from edgekit.pipeline import failing_library
-
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        (folder / f"error-{rank}.txt").write_text(
-            f"{failing_library(exc)}\n{type(exc).__name__}: {first}\n" + "".join(traceback.format_exception(exc)))
+        frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(exc.__traceback__)]
+        (folder / f"error-{rank}.json").write_text(json.dumps({
+            "summary": f"{type(exc).__name__}: {first}", "frames": frames,
+            "traceback": "".join(traceback.format_exception(exc))}))
         os._exit(1)
 
 
@@ -178,11 +179,12 @@ def _wait(procs: list, folder: Path, desc: str) -> None:
 
 def _failure(rank: int, proc, world: int, folder: Path, desc: str) -> WorkerFailed:
     where = f"data-parallel {desc} loop: worker {rank} of {world} (pid {proc.pid})"
-    error = folder / f"error-{rank}.txt"
+    error = folder / f"error-{rank}.json"
     if error.is_file():
-        library, summary, detail = error.read_text().split("\n", 2)
-        exc = WorkerFailed(f"{where} failed: {summary}", where=library)  # the pipeline says where
-        exc.__cause__ = _RemoteTraceback(detail)
+        found = json.loads(error.read_text())
+        frames = [traceback.FrameSummary(*frame, lookup_line=False) for frame in found["frames"]]
+        exc = WorkerFailed(f"{where} failed: {found['summary']}", frames)
+        exc.__cause__ = _RemoteTraceback(found["traceback"])
         return exc
     code = proc.exitcode
     how = f"was killed by {signal.Signals(-code).name} (out of memory?)" if code < 0 else f"exited with {code}"

@@ -154,10 +154,8 @@ def run_guarded(stage, ctx: Context) -> dict:
 
 def failing_library(exc: BaseException) -> str:
     """Where it broke: the user's own code (a model's forward, say) if it ran after edgekit's last frame, else
-    the installed package edgekit called. An error that knows where it broke (a data-parallel worker's) says so."""
-    if getattr(exc, "where", None):
-        return exc.where
-    frames = traceback.extract_tb(exc.__traceback__)
+    the installed package edgekit called. A data-parallel worker's failure: where it broke in the worker."""
+    frames = getattr(exc, "frames", None) or traceback.extract_tb(exc.__traceback__)
     ours = [i for i, f in enumerate(frames) if Path(f.filename).is_relative_to(EDGEKIT_DIR)]
     after = frames[ours[-1] + 1:] if ours else frames
     for frame in reversed(after):
