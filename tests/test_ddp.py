@@ -83,12 +83,15 @@ def test_each_worker_reads_only_its_share_of_every_batch():
     assert len(list(training._Orders(65, 32, ddp.Group(1, 2)))) == 2  # a last batch of 1 sample: both skip it
 
 
-def test_streamed_split_trains_in_two_workers_as_in_memory(tmp_path):
+@pytest.mark.parametrize("readers", [0, 2])
+def test_streamed_split_trains_in_two_workers_as_in_memory(tmp_path, readers):
+    """data.workers DataLoader processes (forked by each training worker) read its share of each batch."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
     np.save(tmp_path / "x.npy", (rng.random((200, 8, 8)) * 60 + y[:, None, None] * 60).astype(np.uint8))
     np.save(tmp_path / "y.npy", y)
-    ds = data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path), "calib_samples": 16}}))
+    ds = data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path), "calib_samples": 16,
+                                                      "workers": readers}}))
     assert isinstance(ds.train.x, data.Rows)  # memory-mapped: each worker's DataLoader reads its rows only
     states = []
     for split in (ds.train, data.Split(np.asarray(ds.train.x), ds.train.y)):
