@@ -341,7 +341,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     model = models.build_model(cfg, data.sample_shape, data.num_classes)
     t = cfg.train
     training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
-                 weight_decay=t.weight_decay, seed=t.seed)
+                 weight_decay=t.weight_decay, seed=t.seed, workers=t.workers)
     result = sensitivity.analyse(model, data, protect_stem=cfg.prune.protect_stem)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sensitivity.json", {**result, "layer_ratios": sensitivity.to_ratios(result)})

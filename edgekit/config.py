@@ -51,6 +51,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    # data-parallel processes for every training loop (train, prune fine-tuning, distill, QAT); each takes a
+    # share of every batch (edgekit/ddp.py); 1 trains in this process
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ def _check_ranges(cfg: Config) -> None:
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1),
         ("distill.temperature", cfg.distill.temperature > 0),
         ("train.batch_size", cfg.train.batch_size > 0),
+        ("train.workers", cfg.train.workers >= 1),
         ("data.calib_samples", cfg.data.calib_samples > 0),
         ("data.copies", cfg.data.copies > 0),
         ("data.workers", cfg.data.workers >= 0),
@@ -234,6 +238,9 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.data.source in ("digits", "digits32") and cfg.data.path:
         raise ConfigError(f"config: data.path is set but data.source '{cfg.data.source}' is built in and would "
                           "ignore it; set data.source to npz or imagefolder, or remove data.path")
+    if cfg.train.workers > cfg.train.batch_size:
+        raise ConfigError(f"config: train.workers ({cfg.train.workers}) is more than train.batch_size "
+                          f"({cfg.train.batch_size}); each worker takes a share of every batch, so lower workers")
     if not cfg.build.targets:
         raise ConfigError("config: build.targets is empty; list at least one target (see `edgekit targets`)")
 

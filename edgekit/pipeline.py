@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import config, models, onnx_int8, prunable, targets
+from edgekit import config, ddp, models, onnx_int8, prunable, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
@@ -70,8 +70,10 @@ def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -
     module = stage(name)
     parts = keys.inputs(ctx, module, upstream_keys(ctx) if upstream is None else upstream)
     (ctx.stage_dir(name) / METRICS_FILE).unlink(missing_ok=True)  # not finished until it is written again
-    t0 = time.perf_counter()
+    t0, loops = time.perf_counter(), ddp.loops_run()
     result = run_guarded(module, ctx)
+    if ddp.loops_since(loops):  # how it trained: train.workers, gloo or in-process, the workers' pids
+        result["training"] = ddp.loops_since(loops)
     result.update(key=keys.key_of(parts), inputs=parts, seconds=round(time.perf_counter() - t0, 2))
     write_json(ctx.stage_dir(name) / METRICS_FILE, result)
     return result
@@ -152,8 +154,8 @@ def run_guarded(stage, ctx: Context) -> dict:
 
 def failing_library(exc: BaseException) -> str:
     """Where it broke: the user's own code (a model's forward, say) if it ran after edgekit's last frame, else
-    the installed package edgekit called."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    the installed package edgekit called. A data-parallel worker's failure: where it broke in the worker."""
+    frames = getattr(exc, "frames", None) or traceback.extract_tb(exc.__traceback__)
     ours = [i for i, f in enumerate(frames) if Path(f.filename).is_relative_to(EDGEKIT_DIR)]
     after = frames[ours[-1] + 1:] if ours else frames
     for frame in reversed(after):

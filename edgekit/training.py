@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from collections.abc import Callable
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from edgekit import ddp
 from edgekit.data import Split
 from edgekit.metrics import accuracy, logits
 
@@ -37,34 +39,44 @@ class _BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split.y)
 
-    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = idx.numpy()
-        return torch.from_numpy(self.split.x[rows]), torch.from_numpy(self.split.y[rows])
+    def __getitem__(self, item: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        rows, share = item[0].numpy(), item[1]
+        return torch.from_numpy(self.split.x[rows]), torch.from_numpy(self.split.y[rows]), share
 
 
 class _Orders(torch.utils.data.Sampler):
-    """One index tensor per batch, a new shuffle each epoch from torch's global generator (so train.seed repeats
-    them), drawn in the training process; also the DataLoader's sampler."""
+    """One (index tensor, weight) per batch, a new shuffle each epoch from torch's global generator (so
+    train.seed repeats them), drawn in the training process; also the DataLoader's sampler.
 
-    def __init__(self, n: int, batch_size: int) -> None:
+    Among data-parallel workers (edgekit.ddp) every worker draws the same shuffle and takes its own slice of
+    each batch, so it reads only its share; the weight (share size x workers / batch size) makes the averaged
+    gradient the whole batch's when the last batch does not divide evenly."""
+
+    def __init__(self, n: int, batch_size: int, group: ddp.Group | None = None) -> None:
         self.n, self.batch_size = n, batch_size
+        self.rank, self.world = (group.rank, group.world) if group else (0, 1)
 
     def __iter__(self):
         # lazily: a DataLoader makes a sampler iterator it never reads (_BaseDataLoaderIter, then _reset) and the
         # order must be drawn once per epoch, as the in-memory path draws it
-        yield from torch.randperm(self.n).split(self.batch_size)
+        for batch in torch.randperm(self.n).split(self.batch_size):
+            if len(batch) < self.world:
+                continue  # a last batch too small to share: every worker skips it
+            rows = batch.tensor_split(self.world)[self.rank]
+            yield rows, len(rows) * self.world / len(batch)
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
 
 class Batches:
-    """Shuffled mini-batches of a split. In-memory arrays are indexed directly; a memory-mapped split (data.Rows)
+    """Shuffled mini-batches of a split (a worker's share of each, among data-parallel workers), each with its
+    weight (1.0 in one process). In-memory arrays are indexed directly; a memory-mapped split (data.Rows)
     is read batch by batch, in `Rows.workers` DataLoader processes when set: they stay up for the whole fit and
     end with this object (nothing here refers back to it, so no garbage cycle keeps them alive)."""
 
-    def __init__(self, split: Split, batch_size: int) -> None:
-        self.orders = _Orders(len(split.y), batch_size)
+    def __init__(self, split: Split, batch_size: int, group: ddp.Group | None = None) -> None:
+        self.orders = _Orders(len(split.y), batch_size, group)
         workers = getattr(split.x, "workers", 0)
         self.loader = None if isinstance(split.x, np.ndarray) else torch.utils.data.DataLoader(
             _BatchReader(split), batch_size=None, sampler=self.orders, num_workers=workers,
@@ -75,39 +87,63 @@ class Batches:
         if self.loader is not None:
             return iter(self.loader)
         x, y = self.tensors
-        return ((x[idx], y[idx]) for idx in self.orders)
+        return ((x[idx], y[idx], share) for idx, share in self.orders)
 
 
 def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, batch_size: int = 64,
         weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = cross_entropy, desc: str = "train",
-        keep_best: bool = True, extra_params: list[nn.Parameter] | None = None, keep_zeros: bool = False) -> float:
+        keep_best: bool = True, extra_params: list[nn.Parameter] | None = None, keep_zeros: bool = False,
+        workers: int = 1) -> float:
     """Train in place with Adam and a cosine schedule; load the weights of the best validation epoch.
 
     Returns that best validation accuracy. `keep_best=False` keeps the last epoch (sparsity training, where
     the effect wanted builds up over the epochs); `extra_params` are trained too (distillation adapters);
-    `keep_zeros` holds weights that are exactly zero at zero (unstructured sparsity survives fine-tuning).
+    `keep_zeros` holds weights that are exactly zero at zero (unstructured sparsity survives fine-tuning);
+    `workers` > 1 trains data-parallel in that many processes (edgekit.ddp), on the same batches.
     """
+    loop = functools.partial(_fit, model, train, val, epochs=epochs, lr=lr, batch_size=batch_size,
+                             weight_decay=weight_decay, seed=seed, loss_fn=loss_fn, desc=desc, keep_best=keep_best,
+                             extra_params=list(extra_params or []), keep_zeros=keep_zeros)
+    if workers > 1:
+        return ddp.train(loop, model, list(extra_params or []), workers, desc)
+    ddp.record(desc, workers=1)
+    return loop(None)
+
+
+def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *, epochs: int, lr: float,
+         batch_size: int, weight_decay: float, seed: int, loss_fn: LossFn, desc: str, keep_best: bool,
+         extra_params: list[nn.Parameter], keep_zeros: bool) -> float:
+    """The loop, in this process (group None) or in one data-parallel worker; the lead (the only process, or
+    worker 0) validates, keeps the best epoch and shows progress."""
     seed_everything(seed)
-    opt = torch.optim.Adam(list(model.parameters()) + list(extra_params or []), lr=lr, weight_decay=weight_decay)
+    net = model if group is None else group.wrap(model)
+    opt = torch.optim.Adam(list(model.parameters()) + extra_params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    batches = Batches(train, batch_size)
-    best_acc, best_state = accuracy(logits(model, val.x), val.y), copy.deepcopy(model.state_dict())
+    batches = Batches(train, batch_size, group)
+    lead = group is None or group.rank == 0
+    best_acc, best_state = (accuracy(logits(model, val.x), val.y), copy.deepcopy(model.state_dict())) if lead \
+        else (0.0, None)
     masks = [(p, p.detach() != 0) for p in model.parameters() if p.dim() > 1] if keep_zeros else []
-    bar = tqdm(range(epochs), desc=f"{desc:>9}", unit="epoch", leave=False)
+    bar = tqdm(range(epochs), desc=f"{desc:>9}", unit="epoch", leave=False, disable=not lead)
     for _ in bar:
         model.train()
-        for xb, yb in batches:
+        for xb, yb, share in batches:
             opt.zero_grad()
-            loss = loss_fn(model(xb), yb, xb)
-            loss.backward()
+            loss = loss_fn(net(xb), yb, xb)
+            (loss if share == 1.0 else loss * share).backward()
+            if group is not None:
+                group.average_grads(extra_params)
             opt.step()
             with torch.no_grad():
                 for param, mask in masks:
                     param.mul_(mask)
         sched.step()
+        if not lead:
+            continue
         acc = accuracy(logits(model, val.x), val.y)
         if acc > best_acc or not keep_best:
             best_acc, best_state = acc, copy.deepcopy(model.state_dict())
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}", best=f"{best_acc:.3f}")
-    model.load_state_dict(best_state)
+    if lead:
+        model.load_state_dict(best_state)
     return best_acc

@@ -270,7 +270,7 @@ def run(ctx: Context) -> dict:
     best_val = training.fit(student, data.train, data.val, epochs=d.epochs, lr=d.lr,
                             batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, loss_fn=objective,
                             desc="distill", extra_params=list(objective.adapters.parameters()),
-                            keep_zeros=ctx.keep_zeros)
+                            keep_zeros=ctx.keep_zeros, workers=ctx.cfg.train.workers)
     objective.close()
     if spec is not None:
         models.save_model(student, ctx.stage_dir(name) / "model.pt", spec)

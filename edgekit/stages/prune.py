@@ -185,13 +185,13 @@ def bn_l1(model: nn.Module) -> torch.Tensor:
 
 
 def sparsity_train(model: nn.Module, ctx_train, ctx_val, *, strength: float, epochs: int, lr: float,
-                   batch_size: int, seed: int) -> float:
+                   batch_size: int, seed: int, workers: int = 1) -> float:
     """Train with CE + strength * sum|gamma| so that unimportant channels' BN scales go to zero."""
     def loss(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(out, y) + strength * bn_l1(model)
 
     return training.fit(model, ctx_train, ctx_val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        loss_fn=loss, desc="sparsity", keep_best=False)
+                        loss_fn=loss, desc="sparsity", keep_best=False, workers=workers)
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
-                           seed=t.seed, desc="finetune")
+                           seed=t.seed, desc="finetune", workers=t.workers)
         rounds.append({**info, "finetune_epochs": ep, "val_accuracy": val})
         if guard is not None:
             rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
@@ -336,7 +336,7 @@ def run_magnitude(ctx: Context, model: nn.Module) -> dict:
 
     def fine_tune(sparse: nn.Module) -> None:
         best["val"] = training.fit(sparse, data.train, data.val, epochs=p.finetune_epochs, lr=p.lr,
-                                   batch_size=t.batch_size, seed=t.seed, desc="finetune")
+                                   batch_size=t.batch_size, seed=t.seed, desc="finetune", workers=t.workers)
 
     magnitude_sparsity(model, p.ratio, ctx.example_input(), fine_tune)
     return finish_torch_stage(ctx, name, model, val_accuracy=best["val"], method="magnitude", library="nncf",
@@ -356,7 +356,7 @@ def run(ctx: Context) -> dict:
     extra: dict = {}
     if method(p.method).sparsity_training:
         sparsity_train(model, data.train, data.val, strength=p.sparsity_strength, epochs=p.sparsity_epochs,
-                       lr=p.lr, batch_size=t.batch_size, seed=t.seed)
+                       lr=p.lr, batch_size=t.batch_size, seed=t.seed, workers=t.workers)
         extra["bn_l1_after_sparsity"] = float(bn_l1(model))
     layer_ratios = None
     if p.use_sensitivity:

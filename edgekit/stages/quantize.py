@@ -330,7 +330,7 @@ def run(ctx: Context) -> dict:
     if qat["ran"]:
         best_val = training.fit(qmodel, data.train, data.val, epochs=q.qat_epochs, lr=q.lr,
                                 batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.train.seed, desc="qat",
-                                keep_zeros=ctx.keep_zeros)
+                                keep_zeros=ctx.keep_zeros, workers=ctx.cfg.train.workers)
     test_logits = metrics.logits(qmodel, data.test.x)
     np.save(out_dir / LOGITS_FILE, test_logits)
     if qat["ran"]:  # else the int8 artifacts come from the float model: each format calibrates it itself

@@ -17,6 +17,7 @@ def run(ctx: Context) -> dict:
     model = models.build_model(cfg, data.sample_shape, data.num_classes)
     t = cfg.train
     best_val = training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
-                            weight_decay=t.weight_decay, seed=t.seed, desc="train")
+                            weight_decay=t.weight_decay, seed=t.seed, desc="train", workers=t.workers)
     return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method="adam+cosine",
-                              settings={"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size})
+                              settings={"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size,
+                                        "workers": t.workers})
