@@ -4,7 +4,8 @@ fp32 is the torch export checked against torch (every other format starts from i
 inputs and outputs; int8 is quantized from fp32 by edgekit.onnx_int8 with each target's `int8:` settings (BN
 folded, int8 weights, Q/DQ that onnxruntime fuses), repaired by edgekit.repair when it misses its targets'
 fidelity gate. int4 is weight-only (edgekit.onnx_int4: INT4 weights behind DequantizeLinear, opset 21, float
-compute): onnxruntime (CPU) from 1.19.0 only, which target profiles enforce; TensorRT's int4 is untried here.
+compute, the input conv int8): onnxruntime (CPU) from 1.19.0 only, which target profiles enforce; TensorRT's
+int4 is untried here.
 """
 
 from __future__ import annotations
@@ -71,11 +72,16 @@ def _to_fp16(fp32: Path) -> bytes:
 
 
 def _int4_artifact(job: formats.ExportJob, spec) -> tuple[dict, bytes]:
-    """Weight-only int4 of the fp32 export, per output channel (edgekit.onnx_int4; benchmarks/lowbit.py
-    measured blockwise no better on edgekit's CNNs), with what onnxruntime computes it in."""
-    from edgekit import onnx_int4
+    """Weight-only int4 of the fp32 export, per output channel, the input conv's weights int8 (edgekit.onnx_int4),
+    with what onnxruntime computes it in. The input conv has the fewest weights and was the most sensitive layer
+    measured (benchmarks/results/lowbit.md: 2.2 pp alone at int4; at int8 the model kept fp32's accuracy for
+    0.5 % more weight bytes), as int8 keeps it float."""
+    import onnx
 
-    payload, info = onnx_int4.quantize(job.fp32_onnx)
+    from edgekit import onnx_int4, onnx_int8
+
+    first = onnx_int8.first_conv(onnx.load(str(job.fp32_onnx)))
+    payload, info = onnx_int4.quantize(job.fp32_onnx, plan={first: 8} if first else {})
     rec, payload = artifact(spec, payload, job.source)
     rec["int4"] = {**info, **onnx_int4.check_int4(payload),
                    "size_vs_fp32": round(len(payload) / job.fp32_onnx.stat().st_size, 3)}
