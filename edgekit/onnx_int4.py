@@ -4,7 +4,7 @@ ONNX opset 21 gives DequantizeLinear INT4 inputs, per-channel (`axis`) or blockw
 input dimension); onnxruntime's CPU provider runs both from 1.19.0 (1.18.1 refuses the file: "MLDataType for:
 tensor(int4) is not currently registered"). Activations stay float, and so does the arithmetic: onnxruntime
 keeps each DequantizeLinear in its optimized graph and runs float Conv / Gemm on the weights it dequantizes, so
-int4 here saves file size (about 8x against fp32, 2x against int8), not compute. onnxruntime computes in 4 bits
+int4 here saves file size (about 7x against fp32, 2x against int8), not compute. onnxruntime computes in 4 bits
 only in its contrib op MatMulNBits (MatMul / Gather weights, `onnxruntime.quantization.matmul_nbits_quantizer`),
 which has no Conv counterpart: for the CNNs edgekit builds it would cover the classifier at most.
 
