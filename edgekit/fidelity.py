@@ -73,9 +73,12 @@ def predict(path, spec: dict, x: np.ndarray, how: str) -> tuple[np.ndarray, dict
 # --- the gate: what makes an artifact the model that was validated ------------------------------------------
 
 def thresholds(targets: list, key: str) -> dict:
-    """The strictest thresholds among the targets that ship this artifact."""
+    """The strictest thresholds among the targets that ship this artifact; an int4 artifact gets the targets'
+    int4 agreement and SQNR thresholds (looser: 4-bit weights) and the same accuracy tolerance."""
     users = [t for t in targets if any(a.key == key for a in t.artifacts)]
-    return {"min_agreement": max(t.min_agreement for t in users), "min_sqnr_db": max(t.min_sqnr_db for t in users),
+    int4 = any(a.key == key and a.precision == "int4" for t in users for a in t.artifacts)
+    return {"min_agreement": max(t.int4_min_agreement if int4 else t.min_agreement for t in users),
+            "min_sqnr_db": max(t.int4_min_sqnr_db if int4 else t.min_sqnr_db for t in users),
             "accuracy_tolerance_pp": min(t.accuracy_tolerance_pp for t in users),
             "confident_sigmas": CONFIDENT_SIGMAS, "targets": [t.name for t in users]}
 

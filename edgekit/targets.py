@@ -22,6 +22,10 @@ REQUIRED = {"name": str, "description": str, "arch": str, "python": str, "artifa
             "budgets": dict, "accuracy_tolerance_pp": (int, float), "docker_base": str}
 OPTIONAL = {"runtimes": dict, "fidelity": dict, "int8": dict, "round_to": int}  # optional; each has defaults
 FIDELITY_DEFAULTS = {"min_agreement": 0.99, "min_sqnr_db": 15.0}  # every artifact against its torch model
+# ONNX int4 weight-only (`fidelity: {int4: {...}}`): 4-bit weights carry ~24 dB less SQNR than 8-bit ones; measured
+# int4 logit SQNR 16.7-26.9 dB (tests, benchmarks/results/lowbit.md), close to int8's 15, so int4's gate sits one bit
+# (6 dB) lower and the target's accuracy_tolerance_pp, which holds as for every artifact, decides
+INT4_FIDELITY_DEFAULTS = {"min_agreement": 0.97, "min_sqnr_db": 10.0}
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def int8_settings(raw: dict, where: str, base: Int8Settings | None = None) -> In
 @dataclass(frozen=True)
 class ArtifactSpec:
     format: str  # a registered format (edgekit.formats): onnx | tflite | ...
-    precision: str  # one of the format's precisions: fp32 | fp16 | int8
+    precision: str  # one of the format's precisions: fp32 | fp16 | int8 | int4 (onnx)
     runtime: str  # one of the format's runtimes (edgekit.formats.Runtime)
     runtime_version: str  # the version pinned on the device
     io: str = "float32"  # tflite int8: int8 | float32 input/output tensors
@@ -109,6 +113,8 @@ class Target:
     source: str
     min_agreement: float = FIDELITY_DEFAULTS["min_agreement"]  # top-1 agreement of each artifact with torch
     min_sqnr_db: float = FIDELITY_DEFAULTS["min_sqnr_db"]
+    int4_min_agreement: float = INT4_FIDELITY_DEFAULTS["min_agreement"]  # the same two for ONNX int4 artifacts
+    int4_min_sqnr_db: float = INT4_FIDELITY_DEFAULTS["min_sqnr_db"]
     int8: Int8Settings = Int8Settings()  # ONNX int8 quantization settings (targets/*.yaml `int8:`)
     round_to: int | None = None  # pruned channel counts a multiple of this (what the int8 kernels like)
 
@@ -137,6 +143,9 @@ def _artifact(raw: object, versions: dict, where: str) -> ArtifactSpec:
         raise TargetError(f"{where}: runtime '{rt}' cannot run {fmt}; valid: {', '.join(valid)}")
     if rt not in versions:
         raise TargetError(f"{where}: runtime '{rt}' has no pinned version under 'runtimes:'")
+    refusal = known[fmt].runtime_refusal(prec, rt, str(versions[rt]))
+    if refusal:
+        raise TargetError(f"{where}: {refusal}")
     io = raw.get("io", "float32")
     valid_io = ("float32", "int8") if known[fmt].int8_io and prec == "int8" else ("float32",)
     if io not in valid_io:
@@ -203,15 +212,26 @@ def _with_int8(spec: ArtifactSpec, int8: Int8Settings) -> ArtifactSpec:
 
 
 def _fidelity(raw: dict, source: str) -> dict:
-    unknown = set(raw) - set(FIDELITY_DEFAULTS)
+    """The thresholds of every artifact, and under `int4:` those of ONNX int4 artifacts."""
+    raw = dict(raw)
+    int4 = raw.pop("int4", {})
+    if not isinstance(int4, dict):
+        raise TargetError(f"{source}: fidelity.int4 must be a mapping like {{min_agreement: 0.97, min_sqnr_db: 10}}")
+    found = _thresholds(raw, FIDELITY_DEFAULTS, "fidelity", source, extra=("int4",))
+    return found | {f"int4_{k}": v for k, v in _thresholds(int4, INT4_FIDELITY_DEFAULTS, "fidelity.int4",
+                                                            source).items()}
+
+
+def _thresholds(raw: dict, defaults: dict, where: str, source: str, extra: tuple = ()) -> dict:
+    unknown = set(raw) - set(defaults)
     if unknown:
-        raise TargetError(f"{source}: unknown fidelity key '{sorted(unknown)[0]}'; valid: "
-                          + ", ".join(FIDELITY_DEFAULTS))
-    merged = FIDELITY_DEFAULTS | raw
+        raise TargetError(f"{source}: unknown {where} key '{sorted(unknown)[0]}'; valid: "
+                          + ", ".join([*defaults, *extra]))
+    merged = defaults | raw
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in merged.values()):
-        raise TargetError(f"{source}: fidelity thresholds must be numbers")
+        raise TargetError(f"{source}: {where} thresholds must be numbers")
     if not 0 <= merged["min_agreement"] <= 1:
-        raise TargetError(f"{source}: fidelity.min_agreement must be between 0 and 1")
+        raise TargetError(f"{source}: {where}.min_agreement must be between 0 and 1")
     return {k: float(v) for k, v in merged.items()}
 
 

@@ -47,6 +47,27 @@ class Format:
     exporter: str  # "module:function" making its artifacts: fn(job: ExportJob, specs) -> [(record, bytes)]
     order: int = 100  # where its artifacts come in listings (ONNX first, then TFLite)
     int8_io: bool = False  # has int8-input/output variants (ArtifactSpec.io)
+    # precision -> {runtime: first version that runs it}: such a precision runs on the runtimes named, from
+    # that version on (targets that pin an older one are refused); a precision not named runs on all of them
+    min_versions: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def runtime_refusal(self, precision: str, runtime: str, version: str) -> str | None:
+        """Why `runtime` at `version` cannot run this format's `precision`; None when it can."""
+        from packaging.version import InvalidVersion, Version
+
+        needs = self.min_versions.get(precision)
+        if needs is None:
+            return None
+        art = f"{self.name}/{precision}"
+        if runtime not in needs:
+            return (f"{art} runs on {', '.join(f'{r} >= {v}' for r, v in needs.items())} only, not {runtime}; "
+                    f"ship it to a target with one of those runtimes")
+        try:
+            old = Version(version) < Version(needs[runtime])
+        except InvalidVersion:
+            return f"{runtime} version '{version}' is not a version number; pin one like {needs[runtime]}"
+        return (f"{art} needs {runtime} >= {needs[runtime]}, the target pins {version}; pin {needs[runtime]} or "
+                f"newer under 'runtimes:' or drop the {art} artifact") if old else None
 
     def export(self, job: ExportJob, specs: list) -> list[tuple[dict, bytes]]:
         module, _, function = self.exporter.partition(":")
@@ -93,6 +114,7 @@ class ArtifactRecord(TypedDict):
     output: TensorRecord
     graph: dict  # {"ops": {op: count}}
     int8: NotRequired[dict]  # ONNX int8: settings, kept-float layers, fusion, repair, float twin
+    int4: NotRequired[dict]  # ONNX int4: scheme, per-layer bits, packed weight bytes, what onnxruntime computes in
     float_twin: NotRequired[str]  # TFLite int8: the float model of the same conversion
 
 

@@ -1,9 +1,11 @@
-"""ONNX: fp32, fp16 (GPU) and int8 artifacts, run by onnxruntime (CPU) or onnxruntime-gpu (Jetson, TensorRT).
+"""ONNX: fp32, fp16 (GPU), int8 and int4 artifacts, run by onnxruntime (CPU) or onnxruntime-gpu (Jetson, TensorRT).
 
 fp32 is the torch export checked against torch (every other format starts from it); fp16 keeps float32
 inputs and outputs; int8 is quantized from fp32 by edgekit.onnx_int8 with each target's `int8:` settings (BN
 folded, int8 weights, Q/DQ that onnxruntime fuses), repaired by edgekit.repair when it misses its targets'
-fidelity gate.
+fidelity gate. int4 is weight-only (edgekit.onnx_int4: INT4 weights behind DequantizeLinear, opset 21, float
+compute, the input conv int8): onnxruntime (CPU) from 1.19.0 only, which target profiles enforce; TensorRT's
+int4 is untried here.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import numpy as np
 from edgekit import formats
 from edgekit.errors import EdgekitError
 from edgekit.files import write_bytes
+from edgekit.onnx_int4 import MIN_ONNXRUNTIME
 
 FORMAT = formats.register(formats.Format(
-    name="onnx", suffix="onnx", precisions=("fp32", "fp16", "int8"), order=0, host_runtime="onnxruntime",
-    exporter="edgekit.formats.onnx:export",
+    name="onnx", suffix="onnx", precisions=("fp32", "fp16", "int8", "int4"), order=0, host_runtime="onnxruntime",
+    exporter="edgekit.formats.onnx:export", min_versions={"int4": {"onnxruntime": MIN_ONNXRUNTIME}},
     runtimes=(formats.Runtime("onnxruntime", "onnxruntime", "onnxruntime"),
               formats.Runtime("onnxruntime-gpu", "onnxruntime-gpu", "onnxruntime", gpu=True))))
 
@@ -35,6 +38,8 @@ def export(job: formats.ExportJob, specs: list) -> list[tuple[dict, bytes]]:
             built.append(artifact(spec, job.fp32_onnx.read_bytes(), job.source))
         elif spec.precision == "fp16":
             built.append(artifact(spec, _to_fp16(job.fp32_onnx), job.source))
+        elif spec.precision == "int4":
+            built.append(_int4_artifact(job, spec))
         else:
             if check is None:  # the float model on the validation split: what a repair must stay close to
                 from edgekit import metrics
@@ -64,6 +69,23 @@ def _to_fp16(fp32: Path) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about values clamped to the fp16 range
         return convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True).SerializeToString()
+
+
+def _int4_artifact(job: formats.ExportJob, spec) -> tuple[dict, bytes]:
+    """Weight-only int4 of the fp32 export, per output channel, the input conv's weights int8 (edgekit.onnx_int4),
+    with what onnxruntime computes it in. The input conv has the fewest weights and was the most sensitive layer
+    measured (benchmarks/results/lowbit.md: 2.2 pp alone at int4; at int8 the model kept fp32's accuracy for
+    0.5 % more weight bytes), as int8 keeps it float."""
+    import onnx
+
+    from edgekit import onnx_int4, onnx_int8
+
+    first = onnx_int8.first_conv(onnx.load(str(job.fp32_onnx)))
+    payload, info = onnx_int4.quantize(job.fp32_onnx, plan={first: 8} if first else {})
+    rec, payload = artifact(spec, payload, job.source)
+    rec["int4"] = {**info, **onnx_int4.check_int4(payload),
+                   "size_vs_fp32": round(len(payload) / job.fp32_onnx.stat().st_size, 3)}
+    return rec, payload
 
 
 def _int8_artifact(job: formats.ExportJob, spec, check: tuple) -> tuple[dict, bytes]:
