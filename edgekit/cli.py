@@ -152,9 +152,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.host:
         from edgekit.device import remote
 
-        conn = remote.Connection(args.host, port=args.port, identity=args.identity,
-                                 accept_new_host_key=args.accept_new_host_key)
-        result, path = remote.run_remote(Path(args.bundle), conn, python=args.python, setup=args.setup,
+        result, path = remote.run_remote(Path(args.bundle), _connection(args), python=args.python, setup=args.setup,
                                          artifacts=args.artifact, threads=args.threads, mode=args.mode,
                                          overrides=overrides, out=out, keep=args.keep)
     else:
@@ -175,16 +173,28 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     for key, kind in (("warmup-runs", int), ("warmup-seconds", float), ("min-runs", int), ("min-seconds", float),
                       ("max-seconds", float)):
         r.add_argument(f"--{key}", type=kind, help=f"override the bundle's run.{key.replace('-', '_')}")
-    ssh = r.add_argument_group("on a device over SSH (keys only; host keys are checked)")
-    ssh.add_argument("--host", help="user@host of the device: copy the bundle there, run it, bring results back")
+    ssh = _ssh_options(r, "user@host of the device: copy the bundle there, run it, bring results back")
+    ssh.add_argument("--keep", action="store_true", help="keep the remote folder (default: removed)")
+
+
+def _ssh_options(p: argparse.ArgumentParser, host_help: str):
+    ssh = p.add_argument_group("on a device over SSH (keys only; host keys are checked)")
+    ssh.add_argument("--host", help=host_help)
     ssh.add_argument("--port", type=int, help="SSH port (default: 22 or ~/.ssh/config)")
     ssh.add_argument("--identity", metavar="FILE", help="private key file (default: ssh-agent / ~/.ssh)")
     ssh.add_argument("--python", default="python3", help="Python on the device (default: python3)")
     ssh.add_argument("--setup", action="store_true",
                      help="make a venv on the device and pip install numpy and the runtime the target pins")
-    ssh.add_argument("--keep", action="store_true", help="keep the remote folder (default: removed)")
     ssh.add_argument("--accept-new-host-key", action="store_true",
                      help="trust an unknown host key and pin it in edgekit's known-hosts file")
+    return ssh
+
+
+def _connection(args: argparse.Namespace):
+    from edgekit.device import remote
+
+    return remote.Connection(args.host, port=args.port, identity=args.identity,
+                             accept_new_host_key=args.accept_new_host_key)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -361,8 +371,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")
     saved = out / run.CONFIG_FILE
     cfg = config.load(args.config or (saved if args.resume and saved.is_file() else None), log=print)
+    device = run.Device(_connection(args), args.python, args.setup) if args.host else None
     result = run.search(cfg, args.target, out, trials=args.trials, budget=args.budget, resume=args.resume,
-                        ray_address=args.ray_address, workers=args.workers)
+                        ray_address=args.ray_address, workers=args.workers, device=device,
+                        device_results=args.device_results)
     ok = [t for t in result["trials"] if t["status"] == "ok"]
     print(f"\n{len(result['trials'])} trials ({len(ok)} built, {result['trials_run_now']} run now) in "
           f"{result['seconds']['total']:.0f} s; Pareto front: "
@@ -396,6 +408,10 @@ def _add_search(sub) -> None:
                                                          "finished trials")
     s.add_argument("--ray-address", help="a Ray cluster to run the trials on (default: Ray embedded here)")
     s.add_argument("--workers", type=int, help="trials at a time (default: this machine's cores)")
+    s.add_argument("--device-results", nargs="+", metavar="FILE_OR_DIR",
+                   help="for a target this machine cannot run and no --host: `edgekit run` results files (in their "
+                        "bundle folders) of that target, or folders holding them, to fit the latency estimate to")
+    _ssh_options(s, "user@host of the device: time each trial's artifact there (after the trials are built)")
     s.set_defaults(func=_cmd_search)
 
 

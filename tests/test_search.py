@@ -79,7 +79,7 @@ def test_outputs_front_and_recommendation(searched):
     assert [t["id"] for t in saved["trials"]] == [t["id"] for t in second["trials"]]
     assert (out / "trials.csv").read_text().count("\n") == 5 and (out / "pareto.png").stat().st_size > 1000
     ok = [t for t in saved["trials"] if t["status"] == "ok"]
-    assert ok and all(t["latency_source"] == "measured" and t["latency_p90_ms"] > 0 for t in ok)
+    assert ok and all(t["latency_source"] == "measured here" and t["latency_p90_ms"] > 0 for t in ok)
     front = [t for t in ok if t["pareto"]]
     assert front and not any(pareto.dominates(o, f) for f in front for o in ok)
     assert all(any(pareto.dominates(f, t) for f in front) or t["pareto"] for t in ok)  # off the front: beaten
@@ -139,3 +139,94 @@ def test_budget_option():
         {"latency_ms": 5.0, "memory_mb": 512, "size_kb": 500.0}
     with pytest.raises(ConfigError, match="KEY=NUMBER"):
         pareto.parse_budget("speed=5", {})
+
+
+# --- the latency estimate of a target this machine cannot run ------------------------------------------------
+
+def _as_device_results(out: Path) -> list[Path]:
+    """Each built trial's timing (a real runner result) put where `edgekit run` writes it: in its bundle."""
+    import shutil
+
+    written = []
+    for folder in sorted((out / "trials").iterdir()):
+        record = json.loads((folder / "trial.json").read_text())
+        if record["status"] == "ok" and not record.get("repeat_of"):
+            dest = Path(record["bundle"]) / "results.json"
+            shutil.copy(folder / run.TIMING_FILE, dest)
+            written.append(dest)
+    return written
+
+
+def test_latency_fitted_to_device_results(searched):
+    import copy
+    import dataclasses
+
+    from edgekit.search import latency
+
+    _, out, target, _, second, said = searched
+    files = _as_device_results(out)
+    tgt = targets.get([target])[0]
+    points = latency.load([str(out / "trials")], tgt.name)  # a folder: every results*.json under it
+    assert len(points) == len(files) >= 2
+    built = {t["bundle"]: t for t in second["trials"] if t["status"] == "ok" and not t.get("repeat_of")}
+    for p in points:  # each point's MACs are those of the trial that built the bundle
+        assert p.macs == built[str(Path(p.path).parent)]["macs"]
+    # a least-squares line (or ratio) puts its errors on both sides: the estimates of the points sum to their p90s
+    guesses = [latency.estimate(p.macs, p.artifact, "aarch64", points) for p in points]
+    assert sum(g.p90_ms for g in guesses) == pytest.approx(sum(p.p90_ms for p in points), rel=1e-3)
+    trials = copy.deepcopy(second["trials"])
+    far = dataclasses.replace(tgt, arch="aarch64")  # a target this machine does not run: estimated, not measured
+    run.time_trials(trials, out, far, said.append, points=points)
+    ok = [t for t in trials if t["status"] == "ok"]
+    assert all(t["latency_source"] == f"estimated (fitted to {len(points)} device results)" for t in ok)
+    assert all(t["peak_rss_mb"] is None and "onnx_int8 results" in t["estimate"] for t in ok)
+    run.time_trials(trials, out, far, said.append)  # no results: from MACs, and says so
+    assert all(t["latency_source"] == "estimated (MACs)" and t["latency_p90_ms"] > 0 for t in ok)
+    # a bundle older than `macs` in manifests: the MACs come from its build's report.json
+    manifest_path = files[0].parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for a in manifest["artifacts"]:
+        a.pop("macs")
+    manifest_path.write_text(json.dumps(manifest))
+    assert latency.load([str(files[0])], tgt.name)[0].macs == points[0].macs
+
+
+def test_fit_recovers_a_line_and_falls_back_to_a_ratio():
+    from edgekit.search import latency
+
+    line = [latency.Point("onnx_int8", m, 0.5 + 2e-6 * m, "r.json") for m in (1e5, 2e5, 4e5)]
+    a, b, n, how = latency.fit(line, "onnx_int8")
+    assert (a, b, n) == (pytest.approx(0.5), pytest.approx(2e-6), 3) and "least squares over 3 onnx_int8" in how
+    two = line[:2]  # too few for a line: one ratio, through 0
+    a, b, n, how = latency.fit(two, "tflite_int8")  # no tflite_int8 point: the other artifacts' points
+    assert a == 0 and b == pytest.approx((0.7 + 0.9) / 3e5) and "ratio" in how and "tflite_int8: none" in how
+
+
+def test_bad_device_results_are_one_line_errors(searched, tmp_path):
+    from edgekit.search import latency
+
+    _, out, target, _, second, _ = searched
+    files = _as_device_results(out)
+    name = targets.get([target])[0].name
+    cases = [(tmp_path / "none.json", "does not exist")]
+    (tmp_path / "bad.json").write_text("{not json")
+    cases.append((tmp_path / "bad.json", "cannot be read as JSON"))
+    alone = tmp_path / "results.json"
+    alone.write_text(files[0].read_text())  # out of its bundle folder: its MACs are unknown
+    cases.append((alone, "not in its bundle folder"))
+    other = files[0].with_name("results-other.json")
+    other.write_text(json.dumps({**json.loads(files[0].read_text()), "target": "rpi4"}))
+    cases.append((other, "holds results for target 'rpi4', not 'x86-onnx'"))
+    moved = files[1].with_name("results-moved.json")
+    moved.write_text(json.dumps({**json.loads(files[0].read_text()), "bundle_id": "0123456789abcdef"}))
+    cases.append((moved, "measured bundle 0123456789abcdef, not the bundle beside it"))
+    (tmp_path / "empty").mkdir()
+    cases.append((tmp_path / "empty", "holds no results*.json file"))
+    for path, says in cases:
+        with pytest.raises(ConfigError) as err:
+            latency.load([str(path)], name)
+        assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+    other.unlink()
+    moved.unlink()
+    with pytest.raises(ConfigError, match="no valid results for target 'rpi4'"):
+        latency.load([str(out / "trials")], "rpi4")

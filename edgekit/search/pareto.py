@@ -27,9 +27,12 @@ def feasibility(trial: dict, budgets: dict) -> tuple[bool | None, list[str], lis
             unchecked.append(key)
         elif value > budget:
             label = names[key].format(v=value, b=budget)
-            over.append(label + (" (estimated)" if key == "latency_ms" and trial.get("latency_source") == "estimated"
-                                 else ""))
+            over.append(label + (" (estimated)" if key == "latency_ms" and _estimated(trial) else ""))
     return not over, over, unchecked
+
+
+def _estimated(trial: dict) -> bool:
+    return str(trial.get("latency_source") or "").startswith("estimated")
 
 
 def _objectives(trial: dict) -> tuple[float, float, float]:
@@ -117,9 +120,10 @@ def plot(trials: list[dict], budgets: dict, recommended: dict | None, path) -> N
         ax.axvline(budgets["latency_ms"], color="#d62728", lw=1, label=f"budget {budgets['latency_ms']:g} ms")
     elif budgets.get("latency_ms"):
         ax.set_title(f"latency budget {budgets['latency_ms']:g} ms: beyond every trial", fontsize=8)
-    estimated = any(t.get("latency_source") == "estimated" for t in ok)
-    ax.set_xlabel("p90 latency, ms" + (" (estimated from MACs)" if estimated else " (measured here)"))
+    sources = sorted({t["latency_source"] for t in ok if t.get("latency_source")})
+    ax.set_xlabel(f"p90 latency, ms ({', '.join(sources) or 'none'})")
     ax.set_ylabel("accuracy of the shipped artifact, %")
+    ax.set_ylim(top=min(100.5, ax.get_ylim()[1]))  # the axis's margin must not suggest accuracy above 100 %
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": "edgekit"})
     plt.close(fig)

@@ -1,8 +1,9 @@
 """`edgekit search`: trials on Ray Tune, sampled by Optuna, then a serialized timing phase, then the outputs.
 
 Phase 1 builds the trials, `workers` at a time (one CPU each), never timing anything. Phase 2 measures each
-finished trial's primary artifact with the on-device runner, one at a time, with nothing else running (targets
-this machine runs); other targets get a MACs-based estimate, labelled `estimated`. Phase 3 marks feasibility and
+finished trial's primary artifact with the on-device runner, one at a time, with nothing else running: on the
+device over SSH with `--host`, else here for targets this machine runs; other targets get an estimate labelled
+`estimated (...)` (edgekit.search.latency). Phase 3 marks feasibility and
 the Pareto front and writes trials.json, trials.csv, pareto.png and best.yaml.
 """
 
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -20,22 +22,31 @@ import yaml
 from edgekit import config, targets
 from edgekit.errors import BuildDirError, ConfigError
 from edgekit.files import write_bytes, write_json
-from edgekit.search import pareto, space, trial
+from edgekit.search import latency, pareto, space, trial
 
 TRIALS_DIR = "trials"
 TRIAL_THREADS = 1  # torch threads of a trial (one CPU each); float sums in training depend on the thread count
 CONFIG_FILE = "config.yaml"
 TIMING_FILE = "timing.json"
-ESTIMATED_GMACS_PER_S = {"x86_64": 20.0, "aarch64": 4.0}  # rough int8 throughput, for the MACs-based estimate
 CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pareto", "accuracy", "latency_p90_ms",
                "latency_source", "peak_rss_mb", "size_bytes", "macs", "cached_stages", "seconds", "sha256")
 
 
 def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = None, budget: str | None = None,
-           resume: bool = False, ray_address: str | None = None, workers: int | None = None, log=print) -> dict:
-    """Run (or continue) a search into `out`; return what trials.json holds."""
+           resume: bool = False, ray_address: str | None = None, workers: int | None = None, log=print,
+           device: Device | None = None, device_results: list[str] | None = None) -> dict:
+    """Run (or continue) a search into `out`; return what trials.json holds. `device`: time the trials there
+    (`--host`); `device_results`: `edgekit run` results files or folders to fit the latency estimate of a target
+    this machine cannot run."""
     t0 = time.time()
     tgt = targets.get([target])[0]
+    points = None
+    if device_results and (device is not None or tgt.runs_here):
+        log(f"search: --device-results not used: the trials are measured {'on the device' if device else 'here'}")
+    elif device_results:  # read before the trials run: a bad file is an error now, not after an hour
+        points = latency.load(device_results, tgt.name)
+    if device is not None:
+        device.check(tgt)
     target_arg = str(Path(target).resolve()) if targets.is_path(target) else target
     budgets = pareto.parse_budget(budget, {"latency_ms": tgt.latency_ms, "memory_mb": tgt.memory_mb})
     total = trials if trials is not None else cfg.search.trials
@@ -53,7 +64,9 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, todo, finished, workers, ray_address, log)
     t2 = time.time()
     done = load_trials(out)
-    time_trials(done, out, tgt, log)
+    time_trials(done, out, tgt, log, device, points)
+    for source, how in sorted({(t["latency_source"], t["estimate"]) for t in done if t.get("estimate")}):
+        log(f"latency {source}: {how}")
     recommended = pareto.mark(done, budgets)
     result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
               "workers": workers, "ray_address": ray_address, "trials_run_now": len(done) - len(finished),
@@ -253,26 +266,67 @@ class _Progress:
 
 # --- phase 2: timing, one trial at a time --------------------------------------------------------------------
 
-def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log) -> None:
+def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device: Device | None = None,
+                points: list | None = None) -> None:
+    """Each finished trial's p90 latency: measured on the device over SSH (`device`), else here when this machine
+    runs the target, else estimated (fitted to `points` from device results, or from MACs)."""
     from edgekit.device import measure
 
     for t in trials:
         if t["status"] != "ok":
             continue
-        saved = out / TRIALS_DIR / t["id"] / TIMING_FILE
-        if tgt.runs_here:
+        if device is not None or tgt.runs_here:
+            saved = out / TRIALS_DIR / t["id"] / (device.timing_file if device else TIMING_FILE)
             if not saved.is_file():
-                log(f"  timing trial {t['id']} ({t['artifact']}) ...")
-                measure.run_bundle(Path(t["bundle"]), saved, [t["artifact"]], log=lambda _: None)
+                where = f" on {device.conn.host}" if device else ""
+                log(f"  timing trial {t['id']} ({t['artifact']}){where} ...")
+                if device:
+                    device.measure(Path(t["bundle"]), t["artifact"], saved)
+                else:
+                    measure.run_bundle(Path(t["bundle"]), saved, [t["artifact"]], log=lambda _: None)
             result = json.loads(saved.read_text())
             t.update(latency_p50_ms=result["latency_ms"]["p50"], latency_p90_ms=result["latency_ms"]["p90"],
                      peak_rss_mb=result["peak_rss_mb"], measured_accuracy=result.get("accuracy"),
-                     latency_source="measured")
+                     latency_source=f"measured on {device.conn.host}" if device else "measured here",
+                     estimate=None)
         else:
-            rate = ESTIMATED_GMACS_PER_S.get(tgt.arch, 4.0)
-            t.update(latency_p50_ms=None, latency_p90_ms=round((t.get("macs") or 0) / (rate * 1e9) * 1e3, 4),
-                     peak_rss_mb=None, latency_source="estimated",
-                     estimate=f"MACs / {rate:g} GMAC/s (no device results; measure with `edgekit run --host`)")
+            guess = latency.estimate(t.get("macs"), t["artifact"], tgt.arch, points)
+            t.update(latency_p50_ms=None, latency_p90_ms=guess.p90_ms, peak_rss_mb=None, measured_accuracy=None,
+                     latency_source=guess.source, estimate=guess.how)
+
+
+@dataclass
+class Device:
+    """Where `--host` times the trials: `edgekit run --host`'s connection and options. A venv made by --setup
+    on the first trial is used by the later ones."""
+
+    conn: object  # edgekit.device.remote.Connection
+    python: str = "python3"
+    setup: bool = False
+
+    @property
+    def timing_file(self) -> str:
+        from edgekit.device import remote
+
+        return remote.results_path(Path("."), self.conn).name  # results-HOST.json: one file per device
+
+    def check(self, tgt: targets.Target) -> None:
+        """Reach the device before any trial runs: a wrong host, key or architecture is an error now."""
+        from edgekit.device import remote
+        from edgekit.errors import RemoteError
+
+        info = remote.probe(self.conn, self.python)
+        arch = remote.ARCH_ALIASES.get(info["machine"], info["machine"])
+        if arch != tgt.arch:
+            raise RemoteError(f"{self.conn.host} is {arch} and target {tgt.name} is {tgt.arch}; search for the "
+                              "device's target, or pass the host of a device of this one")
+
+    def measure(self, bundle: Path, artifact: str, out: Path) -> None:
+        from edgekit.device import remote
+
+        data, _ = remote.run_remote(bundle, self.conn, python=self.python, setup=self.setup, artifacts=[artifact],
+                                    out=out, log=lambda _: None)
+        self.python, self.setup = data["remote"]["python"], False
 
 
 # --- phase 3: outputs -----------------------------------------------------------------------------------------

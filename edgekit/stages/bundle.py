@@ -35,7 +35,9 @@ def _artifact_entries(ctx: Context, target: Target) -> list[dict]:
         entries.append({k: v[k] for k in ("name", "file", "format", "precision", "io", "source_stage", "size_bytes",
                                           "input", "output", "graph")}
                        | {"runtime": spec.runtime, "runtime_version": spec.runtime_version,
-                          "engine": formats.runtime(spec.runtime).engine, "reference": reference}
+                          "engine": formats.runtime(spec.runtime).engine, "reference": reference,
+                          # what `edgekit search --device-results` fits device latency against
+                          "macs": ctx.metrics(v["source_stage"]).get("macs")}
                        | ({"int8": _int8_record(v["int8"])} if v.get("int8") else {}))
     return entries
 
