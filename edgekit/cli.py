@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edgekit import quiet
-from edgekit.errors import BuildDirError, BundleError, ConfigError, EdgekitError, UsageError
+from edgekit.errors import BuildDirError, BundleError, ConfigError, EdgekitError, NothingFeasible, UsageError
 
 quiet.setup()  # before anything imports tensorflow
 
@@ -385,14 +385,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
         elif not t["feasible"]:
             print(f"  {t['id']}: infeasible: {'; '.join(t['infeasible_because'])}")
     best = next((t for t in result["trials"] if t["id"] == result["recommended"]), None)
-    if best is None:
-        print("no trial fits the budgets: nothing recommended (see trials.csv for how far each one is)")
-    else:
+    if best is not None:
         print(f"recommended: {best['id']} ({', '.join(f'{k}={v}' for k, v in best['overrides'].items())}): "
               f"accuracy {best['accuracy']:.4f}, p90 {best['latency_p90_ms']:.3g} ms ({best['latency_source']}), "
               f"{best['size_bytes'] / 1024:.1f} KB")
         print(f"  OMP_NUM_THREADS=1 edgekit build {out / 'best.yaml'} --target {args.target}   # the trial's bytes")
     print(f"trials: {out / 'trials.csv'} (and .json); plot: {out / 'pareto.png'}")
+    if best is None:  # the outputs are written; the goal is missed, like a build that misses its fidelity
+        raise NothingFeasible(f"no trial fits the budgets, nothing recommended: see {out / 'trials.csv'} for how "
+                              "far each one is, then widen search.space, loosen --budget or run more --trials")
     return 0
 
 

@@ -29,6 +29,10 @@ class FidelityError(EdgekitError):
     """An exported artifact is not the model that was validated (it misses its target's thresholds)."""
 
 
+class NothingFeasible(EdgekitError):
+    """A search ran and wrote its outputs, but no trial fits the budgets."""
+
+
 class BundleError(EdgekitError):
     """A bundle is missing files or a file does not match its manifest."""
 

@@ -1,4 +1,4 @@
-"""Keep TensorFlow, absl and onnx2tf log noise off the terminal.
+"""Keep TensorFlow, absl, onnx2tf and Ray log noise off the terminal.
 
 Call `setup()` before anything imports tensorflow (the environment variables only work then), and wrap
 calls into onnx2tf or the TFLite converter in `silenced()`: they print from C++ and Python alike, so only
@@ -38,6 +38,19 @@ def setup() -> None:
     except ImportError:
         return
     absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def ray(embedded: bool) -> int:
+    """Before `import ray`: no usage report to the internet, Tune's legacy output (silent at verbose=0; the new
+    one prints a configuration table and paths whatever the verbosity), and for the Ray that edgekit starts
+    itself, token authentication asked for explicitly: Ray's default, made explicit so that Ray does not warn
+    about it (a cluster at --ray-address keeps its own mode). Returns the `logging_level` for `ray.init`."""
+    defaults = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"} | ({"RAY_AUTH_MODE": "token"}
+                                                                           if embedded else {})
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    return logging.ERROR
 
 
 def _flush() -> None:

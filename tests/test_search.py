@@ -230,3 +230,51 @@ def test_bad_device_results_are_one_line_errors(searched, tmp_path):
     moved.unlink()
     with pytest.raises(ConfigError, match="no valid results for target 'rpi4'"):
         latency.load([str(out / "trials")], "rpi4")
+
+
+def test_trials_csv_has_p50_and_reads_back(searched, tmp_path):
+    import copy
+    import csv
+
+    _, out, _, _, second, _ = searched
+    result = copy.deepcopy(second)
+    result["space"] = {**result["space"], "prune.method": ["l1", "taylor"]}
+    failed = next(t for t in result["trials"] if t["status"] == "failed")
+    failed["reason"] = 'distill: "nope:nope", a layer, is not in the model'  # quotes and a comma
+    for t in result["trials"]:
+        t["overrides"]["prune.method"] = "taylor"
+    run.write_outputs(tmp_path, result, {}, str(tmp_path), "x86-64", None)
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open(newline="")))
+    assert [r["id"] for r in rows] == [t["id"] for t in result["trials"]]
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[failed["id"]]["reason"] == failed["reason"]
+    for t in result["trials"]:
+        row = by_id[t["id"]]
+        assert row["prune.method"] == "taylor" and json.loads(row["distill.feature_layers"]) == \
+            t["overrides"]["distill.feature_layers"] and float(row["prune.ratio"]) == t["overrides"]["prune.ratio"]
+        if t["status"] == "ok":
+            assert 0 < float(row["latency_p50_ms"]) <= float(row["latency_p90_ms"])
+
+
+def test_nothing_feasible_exits_2_with_outputs_and_ray_stays_quiet(searched, tmp_path):
+    """Resumed with one more trial (Ray starts) and a budget no trial meets: the outputs are written, one line
+    says so, the exit code is a failed goal's (2), and nothing of Ray's banner or warnings shows."""
+    import shutil
+
+    _, out, target, _, _, _ = searched
+    copy_ = tmp_path / "s"
+    shutil.copytree(out, copy_, ignore=shutil.ignore_patterns(".ray"))
+    (copy_ / "trials.json").unlink()
+    env = {**__import__("os").environ, "EDGEKIT_STAGE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "edgekit", "search", "--target", target, "--out", str(copy_),
+                           "--resume", "--trials", "5", "--workers", "1", "--budget", "latency_ms=0.000001"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "no trial fits the budgets, nothing recommended" in proc.stderr
+    saved = json.loads((copy_ / "trials.json").read_text())
+    assert len(saved["trials"]) == 5 and saved["recommended"] is None and not (copy_ / "best.yaml").exists()
+    assert (copy_ / "pareto.png").is_file() and "trial " in proc.stdout
+    said = proc.stdout + proc.stderr
+    for noise in ("Token authentication", "Started a local Ray instance", "Configuration for experiment",
+                  "View detailed results", "TensorBoard"):
+        assert noise not in said, said[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from edgekit import config, targets
+from edgekit import config, quiet, targets
 from edgekit.errors import BuildDirError, ConfigError
 from edgekit.files import write_bytes, write_json
 from edgekit.search import latency, pareto, space, trial
@@ -28,8 +28,9 @@ TRIALS_DIR = "trials"
 TRIAL_THREADS = 1  # torch threads of a trial (one CPU each); float sums in training depend on the thread count
 CONFIG_FILE = "config.yaml"
 TIMING_FILE = "timing.json"
-CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pareto", "accuracy", "latency_p90_ms",
-               "latency_source", "peak_rss_mb", "size_bytes", "macs", "cached_stages", "seconds", "sha256")
+CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pareto", "accuracy", "latency_p50_ms",
+               "latency_p90_ms", "latency_source", "estimate", "peak_rss_mb", "size_bytes", "macs", "cached_stages",
+               "seconds", "sha256")
 
 
 def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = None, budget: str | None = None,
@@ -176,16 +177,17 @@ def _study(search_cfg, finished: list[dict], base: dict):
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
                 workers: int, address: str | None, log) -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
+    level = quiet.ray(embedded=not address)
     import ray
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     owned = not ray.is_initialized()
     if owned and address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=level)
     elif owned:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 logging_level=level)
     try:
         algo = _searcher(OptunaSearch, search_cfg.space, finished)(
             metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base),
@@ -340,11 +342,17 @@ def write_outputs(out: Path, result: dict, base: dict, base_dir: str, target: st
         for t in result["trials"]:
             row = [t.get(c) for c in CSV_COLUMNS]
             row = [";".join(map(str, v)) if isinstance(v, list) else v for v in row]
-            w.writerow([*row, *(json.dumps(t["overrides"].get(k)) for k in keys)])
+            w.writerow([*row, *(_cell(t["overrides"].get(k)) for k in keys)])
     pareto.plot(result["trials"], result["budgets"], best, out / "pareto.png")
     (out / "best.yaml").unlink(missing_ok=True)
     if best is not None:
         write_bytes(out / "best.yaml", best_yaml(base, base_dir, best["overrides"], target).encode())
+
+
+def _cell(value) -> object:
+    """A choice as a CSV cell: a number or a string as itself (the csv module quotes what needs it), a list or
+    mapping as JSON."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def best_yaml(base: dict, base_dir: str, overrides: dict, target: str) -> str:
