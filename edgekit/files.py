@@ -52,11 +52,17 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """One process at a time makes a cached folder: two builds at once wait for each other."""
+def locked(path: Path, on_wait=None) -> Iterator[None]:
+    """One process at a time makes a cached folder: two builds at once wait for each other. `on_wait()` is
+    called once when another holds the lock, before waiting for it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 

@@ -99,7 +99,8 @@ def run_stages(ctx: Context, log=print) -> list[StageRecord]:
             shutil.rmtree(ctx.stage_dir(module.name))
         ran = True
         key = keys.key_of(parts)
-        done.append(_from_cache(ctx, module.name, key, log) or _run_logged(ctx, module.name, upstream, log))
+        with cache.building(module.name, key, log) if ctx.cfg.build.stage_cache else contextlib.nullcontext():
+            done.append(_from_cache(ctx, module.name, key, log) or _run_logged(ctx, module.name, upstream, log))
         upstream[module.name] = key
     return done
 

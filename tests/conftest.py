@@ -1,13 +1,19 @@
-"""Shared fixtures: tiny configs, a network guard, and one real end-to-end build shared by the e2e tests."""
+"""Shared fixtures: tiny configs, a network guard, one real end-to-end build shared by the e2e tests, and a
+loopback sshd as the device of `--host` tests."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -98,3 +104,98 @@ def bundle(e2e_build, tmp_path):
     shutil.copytree(out / "bundles" / "x86-64", dest)
     (dest / "results.json").unlink(missing_ok=True)
     return dest
+
+
+# --- a real OpenSSH server on 127.0.0.1: the device of `--host` tests (tests/test_remote.py, test_search.py) ---
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+class Sshd:
+    """sshd -D on 127.0.0.1:port with its own host key; only `user_key` may log in, as the current user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.user = root, free_port(), getpass.getuser()
+        self.host_key, self.user_key = root / "host_key", root / "user_key"
+        for key in (self.host_key, self.user_key):
+            keygen(key)
+        (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
+        (root / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}", f"PidFile {root}/sshd.pid",
+            f"AuthorizedKeysFile {root}/authorized_keys", "PubkeyAuthentication yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no",
+            f"AllowUsers {self.user}", "AcceptEnv TMPDIR", "LogLevel INFO", ""]))
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+        self.log = (root / "sshd.log").open("w")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while "Server listening" not in (root / "sshd.log").read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("sshd did not start: " + (root / "sshd.log").read_text()[-500:])
+            time.sleep(0.05)
+
+    def connection(self, known_hosts: Path, accept_new: bool = False):
+        from edgekit.device import remote
+
+        return remote.Connection(f"{self.user}@127.0.0.1", port=self.port, identity=str(self.user_key),
+                                 accept_new_host_key=accept_new, known_hosts=known_hosts)
+
+    def session_processes(self) -> list[psutil.Process]:
+        """Every process of every open connection: the per-connection sshd children and what they run."""
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def running(self, script: str) -> bool:
+        """A Python process of one of the connections runs `script` (not merely a shell that will)."""
+        for p in self.session_processes():
+            try:
+                argv = p.cmdline()
+            except psutil.Error:  # ended meanwhile
+                continue
+            if len(argv) > 1 and "python" in Path(argv[0]).name and argv[1].endswith(script):
+                return True
+        return False
+
+    def drop_connections(self) -> None:
+        """Kill the per-connection sshd processes and any Python they run; shells end on their own (SIGHUP),
+        so that no shell start-up file is cut in the middle of something (pyenv's rehash leaves a lock)."""
+        for p in self.session_processes():
+            try:
+                if p.name() == "sshd" or "python" in p.name():
+                    p.kill()
+            except psutil.Error:
+                continue
+
+    def stop(self) -> None:
+        self.drop_connections()
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def pinned(sshd, tmp_path):
+    """A known-hosts file that already trusts the fixture's host key (as after --accept-new-host-key)."""
+    known = tmp_path / "known_hosts"
+    key = (sshd.root / "host_key.pub").read_text().split()
+    known.write_text(f"[127.0.0.1]:{sshd.port} {key[0]} {key[1]}\n")
+    return known

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,104 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import Sshd, keygen
 
 from edgekit import cli
 from edgekit.device import measure, remote
 
 pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: `pytest -m "not system"` skips
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 20, "min_seconds": 0.0, "max_seconds": 5.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-
-
-class Sshd:
-    """sshd -D on 127.0.0.1:port with its own host key; only `user_key` may log in, as the current user."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port, self.user = root, _free_port(), getpass.getuser()
-        self.host_key, self.user_key = root / "host_key", root / "user_key"
-        for key in (self.host_key, self.user_key):
-            _keygen(key)
-        (root / "authorized_keys").write_text((root / "user_key.pub").read_text())
-        (root / "sshd_config").write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {self.host_key}", f"PidFile {root}/sshd.pid",
-            f"AuthorizedKeysFile {root}/authorized_keys", "PubkeyAuthentication yes", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "UsePAM no", "StrictModes no",
-            f"AllowUsers {self.user}", "AcceptEnv TMPDIR", "LogLevel INFO", ""]))
-        if os.geteuid() == 0:
-            Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-        self.log = (root / "sshd.log").open("w")
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while "Server listening" not in (root / "sshd.log").read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("sshd did not start: " + (root / "sshd.log").read_text()[-500:])
-            time.sleep(0.05)
-
-    def connection(self, known_hosts: Path, accept_new: bool = False) -> remote.Connection:
-        return remote.Connection(f"{self.user}@127.0.0.1", port=self.port, identity=str(self.user_key),
-                                 accept_new_host_key=accept_new, known_hosts=known_hosts)
-
-    def session_processes(self) -> list[psutil.Process]:
-        """Every process of every open connection: the per-connection sshd children and what they run."""
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def running(self, script: str) -> bool:
-        """A Python process of one of the connections runs `script` (not merely a shell that will)."""
-        for p in self.session_processes():
-            try:
-                argv = p.cmdline()
-            except psutil.Error:  # ended meanwhile
-                continue
-            if len(argv) > 1 and "python" in Path(argv[0]).name and argv[1].endswith(script):
-                return True
-        return False
-
-    def drop_connections(self) -> None:
-        """Kill the per-connection sshd processes and any Python they run; shells end on their own (SIGHUP),
-        so that no shell start-up file is cut in the middle of something (pyenv's rehash leaves a lock)."""
-        for p in self.session_processes():
-            try:
-                if p.name() == "sshd" or "python" in p.name():
-                    p.kill()
-            except psutil.Error:
-                continue
-
-    def stop(self) -> None:
-        self.drop_connections()
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = Sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def pinned(sshd, tmp_path):
-    """A known-hosts file that already trusts the fixture's host key (as after --accept-new-host-key)."""
-    known = tmp_path / "known_hosts"
-    key = (sshd.root / "host_key.pub").read_text().split()
-    known.write_text(f"[127.0.0.1]:{sshd.port} {key[0]} {key[1]}\n")
-    return known
 
 
 def _remote_folders() -> set[str]:
@@ -184,7 +92,7 @@ def test_unknown_host_key_is_refused_then_pinned_when_accepted(sshd, bundle, tmp
 
 def test_changed_host_key_is_always_refused(sshd, tmp_path):
     other = tmp_path / "other_key"
-    _keygen(other)
+    keygen(other)
     known = tmp_path / "known_hosts"
     key = (tmp_path / "other_key.pub").read_text().split()
     known.write_text(f"[127.0.0.1]:{sshd.port} {key[0]} {key[1]}\n")
@@ -196,7 +104,7 @@ def test_changed_host_key_is_always_refused(sshd, tmp_path):
 
 def test_wrong_user_key_says_keys_only(sshd, pinned, tmp_path):
     stranger = tmp_path / "stranger"
-    _keygen(stranger)
+    keygen(stranger)
     conn = sshd.connection(pinned)
     conn.identity = str(stranger)
     with pytest.raises(remote.RemoteError, match="keys only"):

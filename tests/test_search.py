@@ -278,3 +278,36 @@ def test_nothing_feasible_exits_2_with_outputs_and_ray_stays_quiet(searched, tmp
     for noise in ("Token authentication", "Started a local Ray instance", "Configuration for experiment",
                   "View detailed results", "TensorBoard"):
         assert noise not in said, said[-3000:]
+
+
+@pytest.mark.system  # sshd (tests/conftest.py's loopback device)
+def test_host_times_each_trial_on_the_device_over_ssh(searched, sshd, pinned):
+    """`--host`: each built trial's primary artifact timed on the device with `edgekit run --host`'s code; the
+    result is kept per device and reused; a device of another architecture is refused before any trial."""
+    import copy
+    import dataclasses
+
+    from edgekit.device import measure
+    from edgekit.errors import RemoteError
+
+    _, out, target, _, second, said = searched
+    tgt = targets.get([target])[0]
+    device = run.Device(sshd.connection(pinned), python=sys.executable)
+    device.check(tgt)
+    with pytest.raises(RemoteError, match="is x86_64 and target x86-onnx is aarch64"):
+        device.check(dataclasses.replace(tgt, arch="aarch64"))
+    trials = copy.deepcopy(second["trials"])
+    said.clear()
+    run.time_trials(trials, out, tgt, said.append, device)
+    ok = [t for t in trials if t["status"] == "ok"]
+    assert ok and all(t["latency_source"] == f"measured on {sshd.user}@127.0.0.1" for t in ok)
+    for t in ok:
+        saved = out / "trials" / t["id"] / "results-127.0.0.1.json"
+        result = json.loads(saved.read_text())
+        measure.validate(result)
+        assert result["remote"]["host"] == device.conn.host and result["artifact"] == t["artifact"]
+        assert result["artifact_sha256"] == t["sha256"] and t["latency_p90_ms"] == result["latency_ms"]["p90"]
+    assert sum("on " + device.conn.host in line for line in said) == len(ok)
+    said.clear()
+    run.time_trials(copy.deepcopy(second["trials"]), out, tgt, said.append, device)  # kept: not timed again
+    assert not said

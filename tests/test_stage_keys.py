@@ -149,3 +149,58 @@ def test_stage_cache_reuses_stages_with_the_same_inputs_and_only_those(tmp_path,
     said = build("c", 0.25)  # another pruning ratio: the trained model is the same, the pruned one is not
     assert any(line.startswith("[train] reused from the stage cache") for line in said)
     assert "[prune] running" in said and "[export] running" in said
+
+
+def test_two_builds_at_once_compute_a_shared_stage_once(tmp_path):
+    """Build A holds the train stage's "being built" lock (stopped by SIGSTOP while it trains); build B, started
+    then with the same inputs, waits for it instead of training too, and reuses A's trained model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    raw = tiny(data={"limit": 160}, train={"epochs": 1}, prune={"enabled": False}, distill={"enabled": False},
+               quantize={"enabled": False}, build={"targets": [_onnx_only_target(tmp_path)], "run_local": False,
+                                                   "stage_cache": True})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "EDGEKIT_STAGE_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edgekit", "build", str(tmp_path / "c.yaml"), "--out",
+                                 str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+
+    def read_until(proc: subprocess.Popen, text: str, said: list[str]) -> None:
+        for line in proc.stdout:
+            said.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"'{text}' never came: {''.join(said)[-2000:]}")
+
+    a, b = start("a"), None
+    said_a: list[str] = []
+    said_b: list[str] = []
+    try:
+        read_until(a, "[train] running", said_a)
+        os.kill(a.pid, signal.SIGSTOP)  # A holds the lock and cannot finish the stage meanwhile
+        b = start("b")
+        read_until(b, "[train]", said_b)  # B's first train line: waiting, not running
+        assert "[train] waiting for another build that is making this stage" in said_b[-1], said_b[-1]
+        time.sleep(0.5)
+        assert b.poll() is None
+    except BaseException:
+        for proc in (a, b):
+            if proc is not None:
+                proc.kill()
+        raise
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    said_a += a.stdout.readlines()
+    said_b += b.stdout.readlines()
+    assert a.wait(timeout=600) == 0 and b.wait(timeout=600) == 0, "".join(said_a + said_b)[-3000:]
+    assert sum("[train] running" in line for line in said_b) == 0
+    assert any(f"[train] reused from the stage cache: the same inputs as in {tmp_path / 'a'}" in line
+               for line in said_b)

@@ -6,13 +6,19 @@ model under other pruning settings trains once). Only stages whose results live 
 stored: the model stages and export. The cache lives in `$EDGEKIT_STAGE_CACHE/<key>/`, by default
 `<edgekit cache>/stages/<key>/` (edgekit.files.cache_dir); delete that folder to empty it, or set
 `build.stage_cache: false` to build without it.
+
+Two builds that reach the same key at once (search trials sharing a prefix) do not both compute it: the first
+holds the key's "being built" lock (`building`) while it looks up, runs and stores the stage; the second waits
+for that lock and then finds the stage in the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgekit.files import METRICS_FILE, READY, cache_dir, locked
@@ -23,6 +29,20 @@ CACHEABLE = (*MODEL_STAGES, "export")
 
 def folder(key: str) -> Path:
     return Path(os.environ.get("EDGEKIT_STAGE_CACHE") or cache_dir() / "stages") / key
+
+
+@contextlib.contextmanager
+def building(name: str, key: str, log=print) -> Iterator[None]:
+    """Hold stage `name`'s key while looking it up and, on a miss, running and storing it (a lock file beside the
+    entry, not `store`'s, which is taken inside this one)."""
+    if name not in CACHEABLE:
+        yield
+        return
+    entry = folder(key)
+    with locked(entry.with_name(f"{key}.building"),
+                on_wait=lambda: log(f"[{name}] waiting for another build that is making this stage (the same "
+                                    "inputs), to reuse it")):
+        yield
 
 
 def lookup(name: str, key: str) -> dict | None:
