@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import ConfigError
+from edgekit.runner.runner import SCHEMA_FILE
 
 MIN_LINE_POINTS = 3
 GMACS_PER_S = {"x86_64": 20.0, "aarch64": 4.0}  # rough int8 throughput, for the MACs-based estimate
@@ -41,7 +42,7 @@ def files(paths: list[str]) -> list[tuple[Path, bool]]:
     for text in paths:
         path = Path(text)
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("results*.json") if p.is_file())
+            inside = sorted(p for p in path.rglob("results*.json") if p.is_file() and p.name != SCHEMA_FILE)
             if not inside:
                 raise _fail(path, "holds no results*.json file")
             found += [(p, False) for p in inside]
