@@ -94,6 +94,7 @@ class ArtifactRecord(TypedDict):
     graph: dict  # {"ops": {op: count}}
     int8: NotRequired[dict]  # ONNX int8: settings, kept-float layers, fusion, repair, float twin
     float_twin: NotRequired[str]  # TFLite int8: the float model of the same conversion
+    activation_ranges: NotRequired[dict | str]  # TFLite int8: the quantize stage's ranges carried, or the converter's
 
 
 _REGISTRY: dict[str, Format] = {}
