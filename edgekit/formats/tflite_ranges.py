@@ -27,11 +27,13 @@ INT_RANGES = {np.dtype("int8"): (-128, 127), np.dtype("uint8"): (0, 255)}
 class CarriedRanges:
     ranges: dict[str, tuple[float, float]]  # NNCF activation quantizer's input tensor -> (min, max) in float
     reference: dict[str, np.ndarray]  # that tensor on the samples, dataset layout
+    per_channel: list[str] = field(default_factory=list)  # per-channel activation quantizers: TFLite has no such
     carried: set[str] = field(default_factory=set)  # the quantizers paired with a TFLite tensor
 
     def describe(self) -> dict:
         return {"from": "quantize stage (NNCF QDQ ONNX)", "carried": len(self.carried),
-                "quantizers": len(self.ranges), "not_paired": sorted(set(self.ranges) - self.carried)}
+                "quantizers": len(self.ranges), "not_paired": sorted(set(self.ranges) - self.carried),
+                "per_channel_left_to_converter": self.per_channel}
 
     def impose(self, calibrated: bytes, x: np.ndarray) -> bytes:
         """The calibrated float flatbuffer with NNCF's min/max on every TFLite tensor paired with a quantizer;
@@ -43,8 +45,7 @@ class CarriedRanges:
         model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
         tensors = model.subgraphs[0].tensors
         for name, want in self.reference.items():
-            index = pair(want, values)
-            if index is not None:
+            for index in pairs(want, values):
                 lo, hi = self.ranges[name]
                 q = tensors[index].quantization or schema.QuantizationParametersT()
                 q.min, q.max = [lo], [hi]
@@ -68,7 +69,9 @@ def carried_ranges(ctx, source: str, x: np.ndarray) -> CarriedRanges | None:
     float_model = _without_qdq(onnx_lib.load(str(path)), list(ranges))
     outs = onnx.session(float_model.SerializeToString(), "NNCF's QDQ ONNX without its quantizers").run(
         list(ranges), {"input": x})
-    return CarriedRanges(ranges, dict(zip(ranges, outs, strict=True)))
+    per_channel = [n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in ranges
+                   and n.input[0] not in {i.name for i in graph.initializer}]
+    return CarriedRanges(ranges, dict(zip(ranges, outs, strict=True)), per_channel)
 
 
 def activation_ranges(graph) -> dict[str, tuple[float, float]]:
@@ -87,7 +90,7 @@ def activation_ranges(graph) -> dict[str, tuple[float, float]]:
             continue
         scale, zero = consts.get(node.input[1]), consts.get(node.input[2])
         if scale is None or zero is None or scale.size != 1 or zero.dtype not in INT_RANGES:
-            continue  # per-channel activations: no per-tensor TFLite range to write
+            continue  # per-channel activations (NNCF: before a depthwise conv): TFLite's are per tensor
         qmin, qmax = INT_RANGES[zero.dtype]
         s, z = float(scale.reshape(())), int(zero.reshape(()))
         found[node.input[0]] = ((qmin - z) * s, (qmax - z) * s)
@@ -142,16 +145,16 @@ def _tensor_values(payload: bytes, x: np.ndarray) -> dict[int, np.ndarray]:
     return {i: np.stack(v) for i, v in rows.items() if len(v) == len(x)}
 
 
-def pair(want: np.ndarray, values: dict[int, np.ndarray]) -> int | None:
-    """The TFLite tensor holding the ONNX tensor `want` (as is or channels-last): the closest one, if it is
-    within PAIR_TOLERANCE of |want|'s max and clearly closer than any other (NNCF's graph and the TFLite model
-    differ by up to ~1 % where NNCF's export snaps weights to the int8 grid; other tensors differ by tens of %)."""
+def pairs(want: np.ndarray, values: dict[int, np.ndarray]) -> list[int]:
+    """The TFLite tensors holding the ONNX tensor `want` (as is or channels-last): the closest one, if it is within
+    PAIR_TOLERANCE of |want|'s max, and any other as close (a reshape's output holds its input's values, and
+    TFLite gives both one range). NNCF's graph and the TFLite model differ by up to ~1 % where NNCF's export snaps
+    weights to the int8 grid; unrelated tensors of the same size differ by tens of %."""
     top = float(np.abs(want).max())
     if not top > 0:
-        return None
+        return []
     layouts = [want] + ([np.moveaxis(want, 1, -1)] if want.ndim >= 3 else [])
-    errors = sorted((min(float(np.abs(got.reshape(-1) - w.reshape(-1)).max()) for w in layouts) / top, index)
-                    for index, got in values.items() if got.size == want.size)
-    if not errors or errors[0][0] > PAIR_TOLERANCE or (len(errors) > 1 and errors[1][0] < 3 * errors[0][0]):
-        return None
-    return errors[0][1]
+    errors = {index: min(float(np.abs(got.reshape(-1) - w.reshape(-1)).max()) for w in layouts) / top
+              for index, got in values.items() if got.size == want.size}
+    best = min(errors.values(), default=np.inf)
+    return sorted(i for i, e in errors.items() if e <= min(PAIR_TOLERANCE, 3 * best + 1e-6))
