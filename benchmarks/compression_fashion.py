@@ -195,7 +195,15 @@ def goal(model: str, what: str, hit: bool, numbers: str) -> str:
 def report(rows: dict, seconds: float, command: str) -> str:
     lines = ["| model | row | test acc % | params | MACs | TFLite fp32 KB | TFLite int8 KB | TFLite int8 acc % |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for key, r in rows.items():
+    order = [n for n, _ in MODELS]
+    kinds = ["fp32", "qat unpruned", "prune", "distill", "qat l1 50%", "qat l1 70%"]
+
+    def rank(key: str) -> tuple:
+        model, label = key.split(":", 1)
+        return order.index(model), next(i for i, k in enumerate(kinds + [""]) if label.startswith(k)), label
+
+    for key in sorted(rows, key=rank):
+        r = rows[key]
         model, label = key.split(":", 1)
         lines.append(f"| {model} | {label} | {pct(r.get('accuracy'))} | {r.get('params') or ''} | "
                      f"{r.get('macs') or ''} | {_kb(r.get('tflite_fp32_bytes'))} | {_kb(r.get('tflite_int8_bytes'))}"
@@ -213,6 +221,15 @@ def report(rows: dict, seconds: float, command: str) -> str:
             "'carried' = NNCF's activation ranges written into the TFLite converter's calibration, "
             "'recalibrated' = the converter's own ranges from the calibration split.\n\n"
             + "\n".join(lines) + "\n\n## Goals\n\n" + "\n".join(g) + "\n\n" + LITERATURE + "\n")
+
+
+def _carried(r: dict) -> str:
+    c = r.get("ranges")
+    if not isinstance(c, dict):
+        return "ranges carried: not recorded"
+    left = len(c.get("per_channel_left_to_converter", []))
+    return f"NNCF ranges carried {c['carried']}/{c['quantizers']}" + (f", {left} per-channel left to the converter"
+                                                                    if left else "")
 
 
 def _kb(v: int | None) -> str:
@@ -236,14 +253,15 @@ def model_goals(rows: dict, name: str) -> list[str]:
         ptq, old = fp32.get("tflite_int8_acc"), q.get("recalibrated_int8_acc")
         out.append(goal(name, "shipped QAT TFLite (ranges carried) beats PTQ-only TFLite", q["tflite_int8_acc"] > ptq,
                         f"carried {pct(q['tflite_int8_acc'])} %, PTQ-only {pct(ptq)} %, QAT weights but converter "
-                        f"ranges {pct(old)} %, NNCF QAT (torch) {pct(q['accuracy'])} %, n=1"))
+                        f"ranges {pct(old)} %, NNCF QAT (torch) {pct(q['accuracy'])} %; {_carried(q)}; n=1"))
     for label, removed in (("50%", 0.5), ("70%", 0.7)):
         f = rows.get(f"{k}qat l1 {label} + KD")
         if not f or f.get("tflite_int8_acc") is None:
             continue
         d, cut = f["tflite_int8_acc"] - base, 1 - f["macs"] / fp32["macs"]
         out.append(goal(name, f"{label} MACs removed + KD + QAT: int8 TFLite within 1 pp of fp32",
-                        cut >= removed - 0.02 and d >= -0.01, f"{100 * cut:.0f} % removed, {100 * d:+.2f} pp, n=1"))
+                        cut >= removed - 0.02 and d >= -0.01,
+                        f"{100 * cut:.0f} % removed, {100 * d:+.2f} pp; {_carried(f)}; n=1"))
         ratio = fp32["tflite_fp32_bytes"] / f["tflite_int8_bytes"]
         out.append(goal(name, f"{label}: ≥ 12× smaller than the fp32 TFLite within 1 pp", ratio >= 12 and d >= -0.01,
                         f"{ratio:.1f}× ({_kb(fp32['tflite_fp32_bytes'])} → {_kb(f['tflite_int8_bytes'])} KB), "
