@@ -188,11 +188,13 @@ def ms(values: list[float]) -> str:
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={len(values)})"
 
 
-def goal(model: str, what: str, hit: bool, numbers: str) -> str:
-    return f"| {model} | {what} | {'hit' if hit else 'MISS'} | {numbers} |"
+def goal(model: str, what: str, hit: bool | None, numbers: str) -> str:
+    """hit None: not decidable from what was run (a seed comparison with one seed)."""
+    verdict = "n/a (one seed)" if hit is None else "hit" if hit else "MISS"
+    return f"| {model} | {what} | {verdict} | {numbers} |"
 
 
-def report(rows: dict, seconds: float, command: str) -> str:
+def report(rows: dict, seconds: float, command: str, note: str = "") -> str:
     lines = ["| model | row | test acc % | params | MACs | TFLite fp32 KB | TFLite int8 KB | TFLite int8 acc % |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     order = [n for n, _ in MODELS]
@@ -219,7 +221,8 @@ def report(rows: dict, seconds: float, command: str) -> str:
             f"QAT {EPOCHS['qat']}; one fp32 model per zoo model; seeds {SEEDS} (others: one seed). "
             f"Published for comparison: {PUBLISHED}. int8 TFLite = full int8 with int8 I/O (rpi5); "
             "'carried' = NNCF's activation ranges written into the TFLite converter's calibration, "
-            "'recalibrated' = the converter's own ranges from the calibration split.\n\n"
+            "'recalibrated' = the converter's own ranges from the calibration split."
+            + (f" {note}" if note else "") + "\n\n"
             + "\n".join(lines) + "\n\n## Goals\n\n" + "\n".join(g) + "\n\n" + LITERATURE + "\n")
 
 
@@ -278,7 +281,7 @@ def model_goals(rows: dict, name: str) -> list[str]:
         d0 = statistics.mean(early[m]) - statistics.mean(early["random"])
         spread = max(mean_std(accs[m])["std"], mean_std(rand)["std"])
         out.append(goal(name, f"{m} beats random by > one seed-std at 70 % MACs removed (after FT)",
-                        len(accs[m]) > 1 and d > spread,
+                        d > spread if len(accs[m]) > 1 else None,
                         f"{m} {ms(accs[m])}, random {ms(rand)}: {100 * d:+.2f} pp vs std {100 * spread:.2f}; "
                         f"right after pruning (val) {100 * d0:+.1f} pp"))
     ce = [rows[f"{k}distill 70% alpha 0.0 seed {s}"]["accuracy"] for s in seeds(name)
@@ -287,7 +290,8 @@ def model_goals(rows: dict, name: str) -> list[str]:
           if f"{k}distill 70% alpha 0.7 seed {s}" in rows]
     if ce and kd and len(ce) == len(kd):
         d = statistics.mean(kd) - statistics.mean(ce)
-        out.append(goal(name, "KD student (70 % pruned, alpha 0.7) beats the same student without KD", d > 0,
+        out.append(goal(name, "KD student (70 % pruned, alpha 0.7) beats the same student without KD",
+                        d > 0 if len(kd) > 1 else None,
                         f"KD {ms(kd)}, CE {ms(ce)}: {100 * d:+.2f} pp"))
     return out
 
@@ -308,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/edgekit-compression-fashion", help="build folders (kept for resuming)")
     ap.add_argument("--models", nargs="*", help="zoo model names (default: all, in priority order)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
+    ap.add_argument("--note", default="", help="a sentence about this run for the markdown (wall time, restarts)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the study shares the machine; one thread is also the fastest per CPU here
     out, t0 = Path(args.out), time.perf_counter()
@@ -319,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
 
     st = Study(out, Path(args.work), None if args.report_only else load_data(), log)
     st.on_row = lambda rows: (out / "compression-fashion.md").write_text(
-        report(rows, time.perf_counter() - t0, command))
+        report(rows, time.perf_counter() - t0, command, args.note))
     for name, width in ([] if args.report_only else MODELS):
         if not args.models or name in args.models:
             run_model(st, name, width)
-    text = report(st.rows, time.perf_counter() - t0, command)
+    text = report(st.rows, time.perf_counter() - t0, command, args.note)
     (out / "compression-fashion.md").write_text(text)
     print(text)
     return 0
