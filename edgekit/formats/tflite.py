@@ -8,11 +8,13 @@ split and so throw away what QAT learned (onnx2tf cannot take NNCF's QDQ ONNX in
 QuantizeLinear -> DequantizeLinear pair). So int8 from the quantize stage is made in two steps: the converter
 calibrates (min/max per tensor, in the float flatbuffer), the ranges of the tensors NNCF quantized are replaced
 by NNCF's (scale, zero point of its QDQ export), and the converter's quantizer makes the int8 model from those.
-Tensors are paired by value: NNCF's graph without its quantizers and the calibrated float TFLite model run on the
-same samples, and an NNCF activation quantizer's input must equal a TFLite tensor (layout aside). Weights are
-quantized by the converter (per channel, max |w| of the QAT-tuned weights). onnx2tf turns
-channels-first inputs channels-last; the permutation from the dataset's layout to the artifact's input is
-recorded as `input.transpose` and proven by running the float model against onnxruntime.
+Tensors are paired by value (edgekit.formats.tflite_ranges): NNCF's graph without its quantizers and the
+calibrated float TFLite model run on the same samples, and an NNCF activation quantizer's input pairs with the
+TFLite tensor clearly closest to it (layout aside). Weights are quantized by the converter (per channel, max |w|
+of the QAT-tuned weights). `activation_ranges` in the artifact record says how many ranges were carried.
+
+onnx2tf turns channels-first inputs channels-last; the permutation from the dataset's layout to the artifact's
+input is recorded as `input.transpose` and proven by running the float model against onnxruntime.
 
 Nothing here touches the network: onnx2tf's download of a sample image is replaced by local data and every
 socket connect is refused while it runs.
