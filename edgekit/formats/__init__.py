@@ -116,6 +116,7 @@ class ArtifactRecord(TypedDict):
     int8: NotRequired[dict]  # ONNX int8: settings, kept-float layers, fusion, repair, float twin
     int4: NotRequired[dict]  # ONNX int4: scheme, per-layer bits, packed weight bytes, what onnxruntime computes in
     float_twin: NotRequired[str]  # TFLite int8: the float model of the same conversion
+    activation_ranges: NotRequired[dict | str]  # TFLite int8: the quantize stage's ranges carried, or the converter's
 
 
 _REGISTRY: dict[str, Format] = {}

@@ -1,9 +1,20 @@
 """TFLite: fp32 and full-integer int8 artifacts, run by LiteRT or tflite-runtime.
 
 onnx2tf turns the checked fp32 ONNX (static batch 1) into a float SavedModel once; TensorFlow's own converter
-makes each artifact from it, with a representative dataset from the calibration split for int8. onnx2tf turns
-channels-first inputs channels-last; the permutation from the dataset's layout to the artifact's input is
-recorded as `input.transpose` and proven by running the float model against onnxruntime.
+makes each artifact from it, with a representative dataset from the calibration split for int8.
+
+Activation ranges of a quantized build: the converter would recalibrate every activation from the calibration
+split and so throw away what QAT learned (onnx2tf cannot take NNCF's QDQ ONNX instead: it drops each
+QuantizeLinear -> DequantizeLinear pair). So int8 from the quantize stage is made in two steps: the converter
+calibrates (min/max per tensor, in the float flatbuffer), the ranges of the tensors NNCF quantized are replaced
+by NNCF's (scale, zero point of its QDQ export), and the converter's quantizer makes the int8 model from those.
+Tensors are paired by value (edgekit.formats.tflite_ranges): NNCF's graph without its quantizers and the
+calibrated float TFLite model run on the same samples, and an NNCF activation quantizer's input pairs with the
+TFLite tensor clearly closest to it (layout aside). Weights are quantized by the converter (per channel, max |w|
+of the QAT-tuned weights). `activation_ranges` in the artifact record says how many ranges were carried.
+
+onnx2tf turns channels-first inputs channels-last; the permutation from the dataset's layout to the artifact's
+input is recorded as `input.transpose` and proven by running the float model against onnxruntime.
 
 Nothing here touches the network: onnx2tf's download of a sample image is replaced by local data and every
 socket connect is refused while it runs.
@@ -27,6 +38,7 @@ from edgekit import formats, quiet
 from edgekit.errors import EdgekitError
 from edgekit.files import write_bytes
 from edgekit.formats import onnx
+from edgekit.formats.tflite_ranges import CarriedRanges, carried_ranges
 
 FORMAT = formats.register(formats.Format(
     name="tflite", suffix="tflite", precisions=("fp32", "int8"), order=10, host_runtime="litert", int8_io=True,
@@ -38,6 +50,7 @@ STAGE = "export"  # the stage whose folder holds the converter log and the float
 LOG_FILE = "convert.log"  # what onnx2tf and the TFLite converter printed, for when they fail
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # float <-> int8 at the edges of a float-I/O int8 model
+RANGE_SAMPLES = 8  # calibration samples that pair NNCF's quantizers with TFLite tensors
 
 
 def export(job: formats.ExportJob, specs: list) -> list[tuple[dict, bytes]]:
@@ -59,20 +72,24 @@ def export(job: formats.ExportJob, specs: list) -> list[tuple[dict, bytes]]:
     twin = f"tflite.{source}.float-twin.tflite"  # the int8 models' layer-by-layer reference: same SavedModel
     if any(s.precision == "int8" for s in specs):
         write_bytes(ctx.stage_dir(STAGE) / twin, fp32)
+    ranges = carried_ranges(ctx, source, ctx.data.calib.x[:RANGE_SAMPLES]) if any(
+        s.precision == "int8" for s in specs) else None
     for spec in specs:
         int8_io = spec.io == "int8"
-        payload = fp32 if spec.precision == "fp32" else _converted_int8(spec.key, saved, calib, int8_io, log)
+        payload = fp32 if spec.precision == "fp32" else _converted_int8(spec.key, saved, calib, int8_io, log, ranges)
         built.append(artifact(spec, payload, source, perm))
         if spec.precision == "int8":
             built[-1][0]["float_twin"] = twin
+            built[-1][0]["activation_ranges"] = ranges.describe() if ranges else "TFLite converter calibration"
         formats.progress(spec.key, t0, len(payload))
         t0 = time.perf_counter()
     return built
 
 
-def _converted_int8(key: str, saved: Path, calib: np.ndarray, int8_io: bool, log: Path) -> bytes:
+def _converted_int8(key: str, saved: Path, calib: np.ndarray, int8_io: bool, log: Path,
+                    ranges: CarriedRanges | None) -> bytes:
     with quiet.phase(STAGE, f"TFLite converter: {key} (full integer, {len(calib)} calibration samples)"):
-        return convert(saved, calib, int8_io, log)
+        return convert(saved, calib, int8_io, log, ranges)
 
 
 @contextlib.contextmanager
@@ -123,8 +140,10 @@ def onnx_to_saved_model(onnx_path: Path, work: Path, calib: np.ndarray, log: Pat
     return saved
 
 
-def convert(saved: Path, calib: np.ndarray | None, int8_io: bool, log: Path) -> bytes:
-    """TensorFlow's converter: plain float, or full-int8 (builtin int8 ops only) when calib is given."""
+def convert(saved: Path, calib: np.ndarray | None, int8_io: bool, log: Path,
+            ranges: CarriedRanges | None = None) -> bytes:
+    """TensorFlow's converter: plain float, or full-int8 (builtin int8 ops only) when calib is given; with
+    `ranges`, calibrate only, impose the carried activation ranges, then quantize."""
     with quiet.silenced(log):
         import tensorflow as tf
 
@@ -136,8 +155,15 @@ def convert(saved: Path, calib: np.ndarray | None, int8_io: bool, log: Path) -> 
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = io_type
             converter.inference_output_type = io_type
+            # what TFLiteConverter.convert does in one go, split at the calibrated model (its own private switch)
+            converter._experimental_calibrate_only = ranges is not None  # noqa: SLF001
         try:
-            return converter.convert()
+            if ranges is None:
+                return converter.convert()
+            from tensorflow.lite.python.convert import mlir_quantize
+
+            calibrated = ranges.impose(converter.convert(), calib[:RANGE_SAMPLES])
+            return bytes(mlir_quantize(calibrated, input_data_type=io_type, output_data_type=io_type))
         except Exception as exc:  # ConverterError and friends; the full text is in the log
             print(exc, file=sys.stderr)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
