@@ -74,11 +74,31 @@ def test_key_follows_the_code_the_model_imports_and_only_that(tmp_path):
 
 
 def test_data_fingerprint_reads_a_memory_mapped_split_in_chunks(tmp_path, monkeypatch):
-    ctx = _ctx(tmp_path)
-    whole = keys.data_fingerprint(ctx.data)
+    """A training split left on disk (data.Rows over a memmap) hashes as the same samples in memory do, in
+    pieces of any size."""
+    import dataclasses
+
+    import numpy as np
+
+    from edgekit import data
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.integers(0, 255, (200, 8, 8), dtype=np.uint8))
+    np.save(tmp_path / "y.npy", rng.integers(0, 3, 200))
+    ds = data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path), "calib_samples": 16}}))
+    assert isinstance(ds.train.x, data.Rows)
+    whole = keys.data_fingerprint(ds)
+    in_memory = dataclasses.replace(ds, train=dataclasses.replace(ds.train, x=np.asarray(ds.train.x)))
+    assert keys.data_fingerprint(in_memory) == whole
     monkeypatch.setattr(keys, "CHUNK", 64)  # many small pieces: the same digest
     monkeypatch.setattr(keys, "_FINGERPRINTS", {})
-    assert keys.data_fingerprint(ctx.data) == whole
+    assert keys.data_fingerprint(ds) == whole
+    on_disk = np.load(tmp_path / "x.npy", mmap_mode="r+")
+    on_disk[ds.train.x.index[0], 0, 0] ^= 1  # one changed byte of a training sample on disk: another digest
+    on_disk.flush()
+    changed = data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path),
+                                                           "calib_samples": 16}}))
+    assert keys.data_fingerprint(changed) != whole
 
 
 def test_resume_runs_again_a_stage_whose_inputs_changed_and_every_stage_after_it(e2e_build, tmp_path):

@@ -26,12 +26,20 @@ CHUNK = 1 << 24  # bytes hashed at a time: a memory-mapped split larger than mem
 _FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}  # id(dataset) -> (the dataset, its fingerprint)
 
 
-def _hash_array(h: hashlib._Hash, a: np.ndarray) -> None:
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    flat = a.reshape(-1)
-    step = max(1, CHUNK // max(1, a.itemsize))
-    for start in range(0, flat.size, step):
-        h.update(np.ascontiguousarray(flat[start:start + step]).tobytes())
+def _hash_array(h: hashlib._Hash, a) -> None:
+    """The samples as training sees them: an array in memory, or a memory-mapped split (data.Rows, which reads
+    and scales rows on demand), a block of rows at a time; the same samples give the same digest either way."""
+    h.update(f"{a.dtype.str}{tuple(a.shape)}".encode())
+    if isinstance(a, np.ndarray):
+        flat = a.reshape(-1)
+        step = max(1, CHUNK // max(1, a.itemsize))
+        for start in range(0, flat.size, step):
+            h.update(np.ascontiguousarray(flat[start:start + step]).tobytes())
+        return
+    row_bytes = max(1, a.dtype.itemsize * int(np.prod(a.shape[1:])))
+    step = max(1, CHUNK // row_bytes)
+    for start in range(0, len(a), step):
+        h.update(np.ascontiguousarray(a[start:start + step]).tobytes())
 
 
 def data_fingerprint(data) -> str:
