@@ -13,13 +13,11 @@ emulated timings and memory are not the device's, so results say `emulated: true
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -244,26 +242,25 @@ def verify_artifact(emu: Emulator, bundle: Path, spec: dict, manifest: dict, log
 
 
 def verify_runtime(emu: Emulator, bundle: Path, specs: list[dict], manifest: dict, log=print) -> dict[str, dict]:
-    """Artifacts of one runtime: qemu children run them (accuracy and outputs; one child per core, each taking its
-    share of the artifacts, since qemu runs a child on one core), and at the same time one x86 child of the same
+    """Artifacts of one runtime: one qemu child runs them all (accuracy and outputs), one x86 child of the same
     pinned version writes the outputs they are compared with."""
     names = [s["name"] for s in specs]
     python_version = manifest["target"].get("python", "3.11")
-    try:
-        reference = str(_reference_python(specs[0], python_version, log))
-    except rc.RuntimeEnvError as exc:  # no x86 wheel to compare with: say so, fail nothing
-        reference = exc
-    cores = min(len(names), os.cpu_count() or 1)
-    shares = [names[i::cores] for i in range(cores)]
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(len(shares) + 1) as pool:
+    with tempfile.TemporaryDirectory() as tmp:
         emu_dir, x86_dir = Path(tmp) / "emulated", Path(tmp) / "x86"
         emu_dir.mkdir()
         x86_dir.mkdir()
-        emulating = [pool.submit(emu.batch, bundle, share, emu_dir) for share in shares]
-        dumping = pool.submit(rc.run_batch, reference, bundle, names, env=rc.clean_env(), threads=EMULATED_THREADS,
-                              mode="dump", dumps=x86_dir) if isinstance(reference, str) else None
-        emulated = {k: v for job in emulating for k, v in job.result().items()}
-        x86 = dumping.result() if dumping else {}
+        emulated = emu.batch(bundle, names, emu_dir)
+        ran = [n for n in names if "error" not in emulated[n]]
+        reference, x86 = None, {}
+        if ran:
+            try:
+                reference = str(_reference_python(specs[0], python_version, log))
+            except rc.RuntimeEnvError as exc:  # no x86 wheel to compare with: say so, fail nothing
+                reference = exc
+        if isinstance(reference, str):
+            x86 = rc.run_batch(reference, bundle, ran, env=rc.clean_env(), threads=EMULATED_THREADS, mode="dump",
+                               dumps=x86_dir)
         return {s["name"]: _assemble(emu, s, manifest, emulated[s["name"]], reference, x86.get(s["name"]),
                                      emu_dir, x86_dir) for s in specs}
 
