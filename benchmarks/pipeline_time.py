@@ -88,8 +88,9 @@ def build(config: str, work: Path, python: str = sys.executable, env_extra: dict
     if done.returncode != 0:
         raise SystemExit(f"build failed: {done.stderr.strip().splitlines()[-3:]}")
     timed = json.loads(steps_file.read_text())
-    stages = {p.parent.name: json.loads(p.read_text()).get("seconds", 0.0)
-              for p in (work / "b" / "stages").glob("*/metrics.json")}
+    records = {p.parent.name: json.loads(p.read_text()) for p in (work / "b" / "stages").glob("*/metrics.json")}
+    # a stage reused from the stage cache keeps the seconds of the build that made it: it took none here
+    stages = {name: 0.0 if r.get("cached_from") else r.get("seconds", 0.0) for name, r in records.items()}
     in_stages = sum(v for k, v in stages.items() if k in ORDER)  # a build whose measure/check/report are stages
     marks = timed["marks"]                                         # still counts them outside, as issue #16 does
     return {"wall_s": round(wall, 1),
