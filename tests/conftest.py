@@ -96,6 +96,21 @@ def e2e_build(tmp_path_factory, no_network):
     return out, json.loads(saved.read_text())
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained model (digits, 300 samples, 4 epochs) that a module's stage runs start from; a test
+    copies its `stages/train` into its own build folder."""
+    from edgekit import config, data
+    from edgekit.stages import train
+    from edgekit.stages.base import Context
+
+    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}))
+    out = tmp_path_factory.mktemp("trained")
+    ctx = Context(cfg, data.load_dataset(cfg), out, [])
+    (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(ctx)))
+    return ctx
+
+
 @pytest.fixture()
 def bundle(e2e_build, tmp_path):
     """A private copy of the e2e build's x86-64 bundle, without its results."""

@@ -2,27 +2,16 @@
 `round_to` (pruned channel counts that the int8 kernels like)."""
 
 import dataclasses
-import json
 
 import pytest
 import yaml
 from torch import nn
 
-from edgekit import config, data, metrics, targets
+from edgekit import config, metrics, targets
 from edgekit.errors import ConfigError, TargetError
-from edgekit.stages import prune, train
+from edgekit.stages import prune
 from edgekit.stages.base import Context
 from tests.conftest import tiny
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained model (digits, 300 samples) that every prune run below starts from."""
-    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}))
-    out = tmp_path_factory.mktemp("trained")
-    ctx = Context(cfg, data.load_dataset(cfg), out, [])
-    (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(ctx)))
-    return ctx
 
 
 def _prune(trained, tmp_path, chosen: list, **section) -> tuple[dict, Context]:

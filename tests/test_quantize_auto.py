@@ -6,21 +6,11 @@ import shutil
 
 import pytest
 
-from edgekit import config, data, targets
+from edgekit import config, targets
 from edgekit.errors import ConfigError
-from edgekit.stages import export, quantize, train
+from edgekit.stages import export, quantize
 from edgekit.stages.base import Context
 from tests.conftest import tiny
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny trained model (digits, 300 samples) that every quantize run below starts from."""
-    cfg = config.from_dict(tiny(data={"limit": 300}, train={"epochs": 4}))
-    out = tmp_path_factory.mktemp("trained")
-    ctx = Context(cfg, data.load_dataset(cfg), out, [])
-    (ctx.stage_dir("train") / "metrics.json").write_text(json.dumps(train.run(ctx)))
-    return ctx
 
 
 def _quantize(trained, tmp_path, chosen: list, **section) -> tuple[dict, Context]:
