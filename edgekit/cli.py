@@ -374,7 +374,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     device = run.Device(_connection(args), args.python, args.setup) if args.host else None
     result = run.search(cfg, args.target, out, trials=args.trials, budget=args.budget, resume=args.resume,
                         ray_address=args.ray_address, workers=args.workers, device=device,
-                        device_results=args.device_results)
+                        device_results=args.device_results, stage_cache=not args.no_stage_cache)
     ok = [t for t in result["trials"] if t["status"] == "ok"]
     print(f"\n{len(result['trials'])} trials ({len(ok)} built, {result['trials_run_now']} run now) in "
           f"{result['seconds']['total']:.0f} s; Pareto front: "
@@ -409,6 +409,8 @@ def _add_search(sub) -> None:
                                                          "finished trials")
     s.add_argument("--ray-address", help="a Ray cluster to run the trials on (default: Ray embedded here)")
     s.add_argument("--workers", type=int, help="trials at a time (default: this machine's cores)")
+    s.add_argument("--no-stage-cache", action="store_true", help="build every stage of every trial, reusing none "
+                                                                 "(default: trials reuse the stages they share)")
     s.add_argument("--device-results", nargs="+", metavar="FILE_OR_DIR",
                    help="for a target this machine cannot run and no --host: `edgekit run` results files (in their "
                         "bundle folders) of that target, or folders holding them, to fit the latency estimate to")

@@ -134,6 +134,26 @@ def test_default_space_is_valid_and_shown():
     assert "prune.ratio" in config.default_yaml() and "search:" in config.default_yaml()
 
 
+def test_no_stage_cache_reaches_every_trial(monkeypatch, tmp_path):
+    from edgekit import cli
+    from edgekit.search import trial
+
+    assert trial.trial_config({}, {}, "x86-64")["build"]["stage_cache"] is True  # trials share their prefixes
+    assert trial.trial_config({}, {}, "x86-64", stage_cache=False)["build"]["stage_cache"] is False
+    seen = {}
+
+    def fake_search(cfg, target, out, **kw):  # the CLI's hand-over, not a search
+        seen.update(kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(run, "search", fake_search)
+    for argv, want in ((["search", "--target", "x86-64", "--out", str(tmp_path / "a")], True),
+                       (["search", "--target", "x86-64", "--out", str(tmp_path / "b"), "--no-stage-cache"], False)):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert seen["stage_cache"] is want
+
+
 def test_budget_option():
     assert pareto.parse_budget("latency_ms=5,size_kb=500", {"latency_ms": 10, "memory_mb": 512}) == \
         {"latency_ms": 5.0, "memory_mb": 512, "size_kb": 500.0}

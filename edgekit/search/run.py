@@ -35,10 +35,10 @@ CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pare
 
 def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = None, budget: str | None = None,
            resume: bool = False, ray_address: str | None = None, workers: int | None = None, log=print,
-           device: Device | None = None, device_results: list[str] | None = None) -> dict:
+           device: Device | None = None, device_results: list[str] | None = None, stage_cache: bool = True) -> dict:
     """Run (or continue) a search into `out`; return what trials.json holds. `device`: time the trials there
     (`--host`); `device_results`: `edgekit run` results files or folders to fit the latency estimate of a target
-    this machine cannot run."""
+    this machine cannot run; `stage_cache=False` (`--no-stage-cache`): every trial builds every stage."""
     t0 = time.time()
     tgt = targets.get([target])[0]
     points = None
@@ -62,7 +62,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}")
     t1 = time.time()
     if todo > 0:
-        tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, todo, finished, workers, ray_address, log)
+        tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, todo, finished, workers, ray_address, log,
+                    stage_cache)
     t2 = time.time()
     done = load_trials(out)
     time_trials(done, out, tgt, log, device, points)
@@ -70,7 +71,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         log(f"latency {source}: {how}")
     recommended = pareto.mark(done, budgets)
     result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
-              "workers": workers, "ray_address": ray_address, "trials_run_now": len(done) - len(finished),
+              "workers": workers, "ray_address": ray_address, "stage_cache": stage_cache,
+              "trials_run_now": len(done) - len(finished),
               "seconds": {"search": round(t2 - t1, 1), "timing": round(time.time() - t2, 1),
                           "total": round(time.time() - t0, 1)},
               "recommended": recommended["id"] if recommended else None, "trials": done}
@@ -116,7 +118,7 @@ def load_trials(out: Path) -> list[dict]:
 # --- phase 1: the trials, on Ray Tune with Optuna's sampler -------------------------------------------------
 
 def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target: str, trials_dir: str,
-               cache_dir: str | None, done: dict) -> None:
+               cache_dir: str | None, done: dict, stage_cache: bool = True) -> None:
     import torch
     from ray import tune
 
@@ -130,7 +132,7 @@ def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / trial.TRIAL_FILE).write_text(json.dumps(record, indent=1))
     else:
-        record = trial.run(base, base_dir, overrides, target, folder, trial_id, cache_dir)
+        record = trial.run(base, base_dir, overrides, target, folder, trial_id, cache_dir, stage_cache)
     ok = record["status"] == "ok" or record.get("repeat_of") and earlier.get("status") == "ok"
     tune.report({"accuracy": float(record["accuracy"]) if ok else 0.0,
                  "macs": float(record.get("macs") or 0) if ok else 1e18, "status": record["status"]})
@@ -176,7 +178,7 @@ def _study(search_cfg, finished: list[dict], base: dict):
 
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
-                workers: int, address: str | None, log) -> None:
+                workers: int, address: str | None, log, stage_cache: bool = True) -> None:
     level = quiet.ray(embedded=not address)
     import ray
     from ray import tune
@@ -195,7 +197,7 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
         done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
         fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
                                   trials_dir=str((out / TRIALS_DIR).resolve()),
-                                  cache_dir=os.environ.get("EDGEKIT_STAGE_CACHE"), done=done)
+                                  cache_dir=os.environ.get("EDGEKIT_STAGE_CACHE"), done=done, stage_cache=stage_cache)
         tuner = tune.Tuner(
             tune.with_resources(fn, {"cpu": 1}),
             param_space={k: tune.choice(list(range(len(c)))) for k, c in search_cfg.space.items()},

@@ -20,16 +20,16 @@ TRIAL_FILE = "trial.json"
 LOG_FILE = "build.log"
 
 
-def trial_config(base: dict, overrides: dict, target: str) -> dict:
+def trial_config(base: dict, overrides: dict, target: str, stage_cache: bool = True) -> dict:
     """The raw config a trial builds: the base with the overrides, for one target, not run here (timing is a
-    separate phase), with the stage cache on (trials share their prefixes)."""
+    separate phase), with the stage cache on (trials share their prefixes) unless `--no-stage-cache` said not."""
     raw = space.apply({k: v for k, v in base.items() if k != "search"}, overrides)
-    raw.setdefault("build", {}).update(targets=[target], run_local=False, stage_cache=True)
+    raw.setdefault("build", {}).update(targets=[target], run_local=False, stage_cache=stage_cache)
     return raw
 
 
 def run(base: dict, base_dir: str, overrides: dict, target: str, out: Path, trial_id: str,
-        cache_dir: str | None = None) -> dict:
+        cache_dir: str | None = None, stage_cache: bool = True) -> dict:
     """Build one trial into `out`; return its record (also written to out/trial.json)."""
     from edgekit import config, pipeline
 
@@ -42,7 +42,7 @@ def run(base: dict, base_dir: str, overrides: dict, target: str, out: Path, tria
     out.mkdir(parents=True)
     lines: list[str] = []
     try:
-        cfg = config.from_dict(trial_config(base, overrides, target), base_dir)
+        cfg = config.from_dict(trial_config(base, overrides, target, stage_cache), base_dir)
         report = pipeline.build(cfg, out / "build", [target], log=lines.append)
         record.update(metrics(report, out / "build", target))
     except KeyboardInterrupt:
