@@ -1,13 +1,13 @@
-"""Trials per hour of `edgekit search`: 1 and 2 trials at a time (Ray workers), and what the stage cache saved.
+"""Trials per hour of `edgekit search`: 1 and 2 trials at a time (Ray workers), the stage cache on and off.
 
     python benchmarks/search_throughput.py                       # 6 trials per search on the digits demo
-    python benchmarks/search_throughput.py --trials 16 --config fm.yaml
+    python benchmarks/search_throughput.py --trials 16 --config fm.yaml --runs 2:on 2:off 1:on
 
 Each search runs in a fresh process with its own empty stage cache, so what it reuses is what its trials share (a
 trained model reused by every trial with the same train settings, a pruned one by those with the same prune
-settings too). A search always builds its trials with the stage cache on (edgekit/search/trial.py), so "off" is
-not run: the seconds the cache saved are the seconds that the reused stages took in the trial that made them
-(a reused stage's record keeps them). Wall time covers building and the serialized timing phase. Results:
+settings too); `off` is `edgekit search --no-stage-cache`, every trial building every stage. "Stage seconds the
+cache saved" are the seconds that the reused stages took in the trial that made them (a reused stage's record
+keeps them). Wall time covers building and the serialized timing phase. Results:
 benchmarks/results/search_throughput.md|json, with the CPU named.
 """
 
@@ -40,20 +40,21 @@ def saved_seconds(search_dir: Path) -> float:
     return total
 
 
-def search(base: dict, trials: int, workers: int, work: Path) -> dict:
+def search(base: dict, trials: int, workers: int, cache: bool, work: Path) -> dict:
     cfg = {**base, "search": {**base.get("search", {}), "trials": trials}}
     work.mkdir(parents=True)
     (work / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = os.environ | {"EDGEKIT_STAGE_CACHE": str(work / "stage-cache")}
     load, t0 = _load(), time.perf_counter()
     done = subprocess.run([str(EDGEKIT), "search", str(work / "c.yaml"), "--target", "x86-64", "--workers",
-                           str(workers), "--out", str(work / "s")], capture_output=True, text=True, env=env)
+                           str(workers), "--out", str(work / "s"), *([] if cache else ["--no-stage-cache"])],
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     records = json.loads((work / "s" / "trials.json").read_text()) if (work / "s" / "trials.json").is_file() else []
     records = records.get("trials", records) if isinstance(records, dict) else records
     finished = [r for r in records if r.get("status") == "ok"]
     reused = sum(1 for r in records if r.get("cached_stages"))
-    return {"trials": trials, "workers": workers, "wall_s": round(wall, 1), "saved_by_cache_s":
+    return {"trials": trials, "workers": workers, "stage_cache": cache, "wall_s": round(wall, 1), "saved_by_cache_s":
             round(saved_seconds(work / "s"), 1),
             "trials_per_hour": round(3600 * trials / wall, 1), "exit_code": done.returncode,
             "ok_trials": len(finished), "trials_reusing_a_stage": reused, "load_before": load,
@@ -63,12 +64,14 @@ def search(base: dict, trials: int, workers: int, work: Path) -> dict:
 def markdown(res: dict) -> str:
     lines = [f"`{res['command']}`, {res['date']}, {res['cpu']}; {res['trials']} trials per search, target x86-64, "
              f"config: {res['config']}", "",
-             "| trials at a time | wall s | trials / hour | trials that reused a stage | stage seconds the cache "
-             "saved | exit | load before |",
-             "|---|---|---|---|---|---|---|"]
+             "| trials at a time | stage cache | wall s | trials / hour | trials that reused a stage | stage seconds "
+             "the cache saved | exit | load before |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
-        lines.append(f"| {r['workers']} | {r['wall_s']} | {r['trials_per_hour']} | {r['trials_reusing_a_stage']} | "
-                     f"{r['saved_by_cache_s']} | {r['exit_code']} | {r['load_before'][0]} |")
+        cache = "on" if r.get("stage_cache", True) else "off"
+        lines.append(f"| {r['workers']} | {cache} | {r['wall_s']} | {r['trials_per_hour']} | "
+                     f"{r['trials_reusing_a_stage']} | {r['saved_by_cache_s']} | {r['exit_code']} | "
+                     f"{r['load_before'][0]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--config", type=Path, help="base config (default: the built-in digits demo)")
-    ap.add_argument("--workers", type=int, nargs="*", default=[2, 1])
+    ap.add_argument("--runs", nargs="*", default=["2:on", "1:on", "2:off"],
+                    help="searches to run, each WORKERS:on|off (the stage cache)")
     ap.add_argument("--out", type=Path, default=RESULTS / "search_throughput")
     args = ap.parse_args()
     base = yaml.safe_load(args.config.read_text()) if args.config else {}
@@ -84,8 +88,9 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d"), "trials": args.trials, "config": str(args.config or "built-in demo"),
            "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in args.workers:
-            r = search(base, args.trials, workers, Path(tmp) / f"w{workers}")
+        for run in args.runs:
+            workers, _, cache = run.partition(":")
+            r = search(base, args.trials, int(workers), cache != "off", Path(tmp) / run.replace(":", "-"))
             res["runs"].append(r)
             print({k: v for k, v in r.items() if k != "tail"}, flush=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
