@@ -25,6 +25,7 @@ FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MIN_SPLIT = {"train": 10, "validation": 5, "test": 10}  # fewer gives accuracies that mean nothing
 MAX_ZIP_RATIO = 1100  # deflate cannot compress better than about 1032:1
+ZIP_MAGIC = b"PK\x03\x04"  # what every zip archive (a .npz) starts with
 
 
 class Rows:
@@ -129,18 +130,40 @@ def _digits32(copies: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]
     return xs, y, [str(c) for c in range(10)], prep, np.repeat(np.arange(n), copies)
 
 
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy stream declares; the stream is left at the start of its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _check_npy_length(file: Path) -> None:
+    """A .npy cut short (a copy or download that stopped) is named as such, before it is memory-mapped."""
+    with open(file, "rb") as f:
+        shape, dtype = _npy_header(f)
+        need = f.tell() + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = file.stat().st_size
+    if have < need:
+        raise DataError(f"'{file}' is truncated: its header declares {dtype} {shape} ({need} bytes) but the file "
+                        f"has {have}; write it again with numpy.save")
+
+
 def _check_npz_sizes(path: Path) -> None:
     """Read each array's header, never its data: a damaged or hostile file may declare a shape of terabytes."""
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == ZIP_MAGIC
+        if starts_as_zip:  # a zip's directory is at its end: a cut-short copy or download starts right, ends wrong
+            raise DataError(f"'{path}' looks truncated or corrupt: it starts as a zip archive but cannot be read to "
+                            f"the end ({path.stat().st_size} bytes); save arrays x and y again with numpy.savez")
         raise DataError(f"'{path}' is not a .npz archive; save arrays x and y with numpy.savez")
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
                 continue
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
+                shape, dtype = _npy_header(f)
             declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
             if declared > info.file_size or info.file_size > MAX_ZIP_RATIO * info.compress_size + 4096:
                 name = info.filename[:-4]
@@ -310,6 +333,8 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"'{folder}' needs x.npy (samples, float32 or uint8 images) and y.npy (labels); "
                         "write them with numpy.save")
     try:
+        for file in files:
+            _check_npy_length(file)
         x, y = np.load(files[0], mmap_mode="r", allow_pickle=False), np.load(files[1], allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"'{folder}': x.npy / y.npy are not readable .npy files ({_one_line(exc)})") from exc

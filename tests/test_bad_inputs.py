@@ -214,7 +214,7 @@ DATA_CASES = [
      "neither a .npz file nor a folder"),
     ("npz-truncated", {"c.yaml": "data: {path: d.npz}\n",
                        "d.npz": lambda p: (npz(p, **good_arrays()), p.write_bytes(p.read_bytes()[:300]))},
-     BUILD, "is not a .npz archive"),
+     BUILD, "d.npz' looks truncated or corrupt: it starts as a zip archive but cannot be read to the end"),
     ("npz-pickled-objects", {"c.yaml": "data: {path: d.npz}\n",
                              "d.npz": lambda p: np.savez(p, x=np.array([{"a": 1}] * 40, dtype=object),
                                                          y=np.arange(40) % 2)},

@@ -40,6 +40,27 @@ def test_bad_npz_is_a_clear_error(tmp_path, arrays, needle):
     assert needle in str(err.value)
 
 
+def test_truncated_npz_says_truncated_not_wrong_format(tmp_path):
+    """The first half of a valid numpy.savez file: a zip whose directory (at its end) is missing."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((60, 4), np.float32), y=np.arange(60) % 3)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(path)}}))
+    assert "d.npz' looks truncated or corrupt" in str(err.value) and "numpy.savez" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cut", ["x.npy", "y.npy"])
+def test_truncated_npy_pair_names_the_file(tmp_path, cut):
+    np.save(tmp_path / "x.npy", np.zeros((60, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(60) % 3)
+    (tmp_path / cut).write_bytes((tmp_path / cut).read_bytes()[:-100])
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path)}}))
+    assert f"{cut}' is truncated: its header declares" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_imagefolder(tmp_path):
     for cls, value in (("cat", 30), ("dog", 220)):
         (tmp_path / cls).mkdir()
