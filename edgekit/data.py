@@ -326,6 +326,20 @@ def _idx_dataset(cfg: Config) -> Dataset:
 NPY_CHUNK = 4096  # rows per read when an on-disk array is checked
 
 
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """NaN or inf in x: name the array, how many rows hold one and the first, reading a chunk at a time
+    (x may be memory-mapped and larger than memory)."""
+    bad, first = 0, None
+    for i in range(0, len(x), NPY_CHUNK):
+        rows = ~np.isfinite(x[i : i + NPY_CHUNK].reshape(min(NPY_CHUNK, len(x) - i), -1)).all(axis=1)
+        bad += int(rows.sum())
+        if first is None and rows.any():
+            first = i + int(np.argmax(rows))
+    if bad:
+        raise DataError(f"{what}: x holds NaN or infinite values in {bad} of {len(x)} rows (the first is row "
+                        f"{first}); clean them (drop the rows or numpy.nan_to_num) before building")
+
+
 def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """x.npy memory-mapped (never read whole) and y.npy, checked against each other."""
     files = [folder / "x.npy", folder / "y.npy"]
@@ -343,9 +357,8 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
                         "x (N, ...) and y (N,) with equal N > 0")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"'{folder}': y.npy must hold non-negative integer class ids, got dtype {y.dtype}")
-    for i in range(0, len(x), NPY_CHUNK) if x.dtype == np.float32 else ():  # bounded memory: one chunk at a time
-        if not np.isfinite(x[i : i + NPY_CHUNK]).all():
-            raise DataError(f"'{folder}': x.npy holds NaN or infinite values (rows {i}..); clean it before building")
+    if x.dtype == np.float32:
+        _check_finite(x, f"'{folder / 'x.npy'}'")
     return x, y.astype(np.int64)
 
 
@@ -386,8 +399,8 @@ def load_dataset(cfg: Config) -> Dataset:
         x, y, labels, prep = _npz(cfg.resolve(d.path))
     else:
         x, y, labels, prep = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
-    if not np.isfinite(x).all():
-        raise DataError("the data holds NaN or infinite values; clean it before building")
-    _check_classes(y, labels, f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}")
+    where = f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}"
+    _check_finite(x, where)
+    _check_classes(y, labels, where)
     train, val, test, calib = _split(x, y, d, groups)
     return Dataset(train, val, test, calib, labels, prep)

@@ -196,7 +196,7 @@ DATA_CASES = [
      BUILD, "integer class ids"),
     ("npz-nan", {"c.yaml": "data: {path: d.npz}\n",
                  "d.npz": lambda p: npz(p, x=np.full((40, 2), np.nan, np.float32), y=np.arange(40) % 2)},
-     BUILD, "NaN or infinite"),
+     BUILD, "d.npz': x holds NaN or infinite values in 40 of 40 rows (the first is row 0)"),
     ("labels-with-gap", {"c.yaml": "data: {path: d.npz}\n",
                          "d.npz": lambda p: npz(p, x=np.zeros((80, 2), np.float32), y=np.array([0, 1, 2, 999] * 20))},
      BUILD, "4 classes are used but the class ids run to 999; no sample has class 3, 4, 5, 6, 7 and 991 more"),
