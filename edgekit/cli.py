@@ -322,11 +322,15 @@ def _cmd_targets(args: argparse.Namespace) -> int:
         t = targets.load_file(Path(args.check))
         print(f"{args.check}: ok (target '{t.name}', {t.arch}, {len(t.artifacts)} artifacts)")
         return 0
-    print(f"{'name':<18} {'arch':<8} {'artifacts (first is primary)':<52} {'threads':>7}  description")
+    from edgekit.device.measure import aligned
+
+    rows = []
     for t in targets.available().values():
         arts = ", ".join(f"{a.key}@{a.runtime}=={a.runtime_version}" for a in t.artifacts)
         own = "" if Path(t.source).parent == targets.TARGETS_DIR else f"  [{t.source}]"
-        print(f"{t.name:<18} {t.arch:<8} {arts:<52} {t.threads:>7}  {t.description}{own}")
+        rows.append([t.name, t.arch, str(t.threads), arts, t.description + own])
+    print(aligned(["name", "arch", "threads", "artifacts (first is primary)", "description"], rows,
+                  [False, False, True, False, False]))
     return 0
 
 

@@ -25,6 +25,7 @@ FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MIN_SPLIT = {"train": 10, "validation": 5, "test": 10}  # fewer gives accuracies that mean nothing
 MAX_ZIP_RATIO = 1100  # deflate cannot compress better than about 1032:1
+ZIP_MAGIC = b"PK\x03\x04"  # what every zip archive (a .npz) starts with
 
 
 class Rows:
@@ -129,18 +130,40 @@ def _digits32(copies: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]
     return xs, y, [str(c) for c in range(10)], prep, np.repeat(np.arange(n), copies)
 
 
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy stream declares; the stream is left at the start of its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _check_npy_length(file: Path) -> None:
+    """A .npy cut short (a copy or download that stopped) is named as such, before it is memory-mapped."""
+    with open(file, "rb") as f:
+        shape, dtype = _npy_header(f)
+        need = f.tell() + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = file.stat().st_size
+    if have < need:
+        raise DataError(f"'{file}' is truncated: its header declares {dtype} {shape} ({need} bytes) but the file "
+                        f"has {have}; write it again with numpy.save")
+
+
 def _check_npz_sizes(path: Path) -> None:
     """Read each array's header, never its data: a damaged or hostile file may declare a shape of terabytes."""
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == ZIP_MAGIC
+        if starts_as_zip:  # a zip's directory is at its end: a cut-short copy or download starts right, ends wrong
+            raise DataError(f"'{path}' looks truncated or corrupt: it starts as a zip archive but cannot be read to "
+                            f"the end ({path.stat().st_size} bytes); save arrays x and y again with numpy.savez")
         raise DataError(f"'{path}' is not a .npz archive; save arrays x and y with numpy.savez")
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
                 continue
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
+                shape, dtype = _npy_header(f)
             declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
             if declared > info.file_size or info.file_size > MAX_ZIP_RATIO * info.compress_size + 4096:
                 name = info.filename[:-4]
@@ -303,6 +326,20 @@ def _idx_dataset(cfg: Config) -> Dataset:
 NPY_CHUNK = 4096  # rows per read when an on-disk array is checked
 
 
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """NaN or inf in x: name the array, how many rows hold one and the first, reading a chunk at a time
+    (x may be memory-mapped and larger than memory)."""
+    bad, first = 0, None
+    for i in range(0, len(x), NPY_CHUNK):
+        rows = ~np.isfinite(x[i : i + NPY_CHUNK].reshape(min(NPY_CHUNK, len(x) - i), -1)).all(axis=1)
+        bad += int(rows.sum())
+        if first is None and rows.any():
+            first = i + int(np.argmax(rows))
+    if bad:
+        raise DataError(f"{what}: x holds NaN or infinite values in {bad} of {len(x)} rows (the first is row "
+                        f"{first}); clean them (drop the rows or numpy.nan_to_num) before building")
+
+
 def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """x.npy memory-mapped (never read whole) and y.npy, checked against each other."""
     files = [folder / "x.npy", folder / "y.npy"]
@@ -310,6 +347,8 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"'{folder}' needs x.npy (samples, float32 or uint8 images) and y.npy (labels); "
                         "write them with numpy.save")
     try:
+        for file in files:
+            _check_npy_length(file)
         x, y = np.load(files[0], mmap_mode="r", allow_pickle=False), np.load(files[1], allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"'{folder}': x.npy / y.npy are not readable .npy files ({_one_line(exc)})") from exc
@@ -318,9 +357,8 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
                         "x (N, ...) and y (N,) with equal N > 0")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"'{folder}': y.npy must hold non-negative integer class ids, got dtype {y.dtype}")
-    for i in range(0, len(x), NPY_CHUNK) if x.dtype == np.float32 else ():  # bounded memory: one chunk at a time
-        if not np.isfinite(x[i : i + NPY_CHUNK]).all():
-            raise DataError(f"'{folder}': x.npy holds NaN or infinite values (rows {i}..); clean it before building")
+    if x.dtype == np.float32:
+        _check_finite(x, f"'{folder / 'x.npy'}'")
     return x, y.astype(np.int64)
 
 
@@ -361,8 +399,8 @@ def load_dataset(cfg: Config) -> Dataset:
         x, y, labels, prep = _npz(cfg.resolve(d.path))
     else:
         x, y, labels, prep = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
-    if not np.isfinite(x).all():
-        raise DataError("the data holds NaN or infinite values; clean it before building")
-    _check_classes(y, labels, f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}")
+    where = f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}"
+    _check_finite(x, where)
+    _check_classes(y, labels, where)
     train, val, test, calib = _split(x, y, d, groups)
     return Dataset(train, val, test, calib, labels, prep)

@@ -33,7 +33,10 @@ def _plain(path: Path) -> Path:
         try:
             with gzip.open(path, "rb") as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out)
-        except (OSError, EOFError) as exc:
+        except EOFError as exc:  # gzip's "ended before the end-of-stream marker": a download cut short
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"'{path}' is truncated: its gzip stream ends early; download it again") from exc
+        except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise DataError(f"'{path}' is not a readable gzip file ({exc}); download it again") from exc
         tmp.replace(dest)
@@ -52,7 +55,9 @@ def read(path: Path) -> np.ndarray:
         dims = np.frombuffer(f.read(4 * head[3]), ">u4")
     dtype, offset = np.dtype(DTYPES[head[2]]), 4 + 4 * head[3]
     need = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
-    if len(dims) != head[3] or plain.stat().st_size != need:
-        raise DataError(f"'{path}' is damaged: its header {tuple(int(d) for d in dims)} needs {need} bytes, the file "
-                        f"has {plain.stat().st_size}; download it again")
+    size = plain.stat().st_size
+    if len(dims) != head[3] or size != need:
+        what = "truncated" if len(dims) != head[3] or size < need else "damaged"
+        raise DataError(f"'{path}' is {what}: its header {tuple(int(d) for d in dims)} needs {need} bytes, the file "
+                        f"has {size}; download it again")
     return np.memmap(plain, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))

@@ -16,6 +16,12 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
 
 
+def output_channels(model: nn.Module) -> int:
+    """Output channels (conv) and features (linear) summed over the weighted layers: what pruning removes."""
+    return sum(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+               for _, m in weighted_layers(model))
+
+
 def protected_layers(model: nn.Module, names: list[str], num_classes: int, *, protect_stem: bool) -> list[nn.Module]:
     """The classifier (any Linear/conv that outputs num_classes), the stem (first conv) and named modules."""
     modules = dict(model.named_modules())

@@ -10,9 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from edgekit import ddp
+from edgekit import ddp, progress
 from edgekit.data import Split
 from edgekit.metrics import accuracy, logits
 
@@ -124,7 +123,7 @@ def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *,
     best_acc, best_state = (accuracy(logits(model, val.x), val.y), copy.deepcopy(model.state_dict())) if lead \
         else (0.0, None)
     masks = [(p, p.detach() != 0) for p in model.parameters() if p.dim() > 1] if keep_zeros else []
-    bar = tqdm(range(epochs), desc=f"{desc:>9}", unit="epoch", leave=False, disable=not lead)
+    bar = progress.epochs(epochs, desc, disable=not lead)
     for _ in bar:
         model.train()
         for xb, yb, share in batches:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from edgekit import cli
 
@@ -48,6 +49,30 @@ def test_targets_list_and_check(tmp_path, capsys):
     bad.write_text("name: x\n")
     code, err = _err(capsys, ["targets", "--check", str(bad)])
     assert code == 2 and "'description' is missing" in err
+
+
+def test_targets_listing_is_an_aligned_table(tmp_path, monkeypatch, capsys):
+    """Every column starts where its heading does, on every row, also with a user's target of a long name."""
+    from edgekit import targets
+
+    raw = yaml.safe_load((targets.TARGETS_DIR / "x86-64.yaml").read_text())
+    (tmp_path / "a-board-with-a-rather-long-name.yaml").write_text(
+        yaml.safe_dump(raw | {"name": "a-board-with-a-rather-long-name", "threads": 12}))
+    monkeypatch.setenv("EDGEKIT_TARGETS", str(tmp_path))
+    assert cli.main(["targets"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    found = targets.available()
+    assert len(rows) == len(found) >= 6
+    starts = [header.index(h) for h in ("name", "arch", "threads", "artifacts", "description")]
+    for row, t in zip(rows, found.values(), strict=True):
+        arts = ", ".join(f"{a.key}@{a.runtime}=={a.runtime_version}" for a in t.artifacts)
+        cells = [t.name, t.arch, None, arts, t.description]
+        for start, cell in zip(starts, cells, strict=True):
+            if cell is not None:
+                assert row[start:].startswith(cell), row
+                assert start == 0 or row[start - 1] == " ", row
+        threads_end = starts[2] + len("threads")  # numbers right-aligned under their heading
+        assert row[:threads_end].endswith(f" {t.threads}"), row
 
 
 def test_config_default_prints_every_section(capsys):

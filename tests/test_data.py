@@ -40,6 +40,45 @@ def test_bad_npz_is_a_clear_error(tmp_path, arrays, needle):
     assert needle in str(err.value)
 
 
+def test_truncated_npz_says_truncated_not_wrong_format(tmp_path):
+    """The first half of a valid numpy.savez file: a zip whose directory (at its end) is missing."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((60, 4), np.float32), y=np.arange(60) % 3)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(path)}}))
+    assert "d.npz' looks truncated or corrupt" in str(err.value) and "numpy.savez" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cut", ["x.npy", "y.npy"])
+def test_truncated_npy_pair_names_the_file(tmp_path, cut):
+    np.save(tmp_path / "x.npy", np.zeros((60, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(60) % 3)
+    (tmp_path / cut).write_bytes((tmp_path / cut).read_bytes()[:-100])
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path)}}))
+    assert f"{cut}' is truncated: its header declares" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+def test_nan_names_the_file_the_rows_and_the_first(tmp_path, monkeypatch, source):
+    """One helper for in-memory and memory-mapped x; chunks smaller than x so the count crosses chunks."""
+    monkeypatch.setattr(data, "NPY_CHUNK", 16)
+    x = np.zeros((60, 2, 3), np.float32)
+    x[7, 1, 2], x[50, 0, 0], x[51, 1, 1] = np.nan, np.inf, -np.inf
+    y = np.arange(60) % 3
+    if source == "npz":
+        np.savez(tmp_path / "d.npz", x=x, y=y)
+        path, named = tmp_path / "d.npz", tmp_path / "d.npz"
+    else:
+        np.save(tmp_path / "x.npy", x), np.save(tmp_path / "y.npy", y)
+        path, named = tmp_path, tmp_path / "x.npy"
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
+    assert str(err.value).startswith(f"'{named}': x holds NaN or infinite values in 3 of 60 rows (the first is row 7)")
+
+
 def test_imagefolder(tmp_path):
     for cls, value in (("cat", 30), ("dog", 220)):
         (tmp_path / cls).mkdir()

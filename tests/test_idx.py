@@ -55,8 +55,15 @@ def test_a_damaged_idx_file_and_a_missing_folder_are_one_line_errors(tmp_path, m
     folder = _mnist_folder(tmp_path / "m", gz=False)
     images = folder / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-7])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte' is truncated: its header .120, 6, 5. needs"):
+        idx.read(images)
+    images.write_bytes(images.read_bytes() + b"\0" * 9)
     with pytest.raises(DataError, match="is damaged: its header .120, 6, 5. needs"):
         idx.read(images)
+    packed = folder / "train-labels-idx1-ubyte.gz"
+    packed.write_bytes(gzip.compress((folder / "train-labels-idx1-ubyte").read_bytes())[:-20])
+    with pytest.raises(DataError, match="labels-idx1-ubyte.gz' is truncated: its gzip stream ends early; download"):
+        idx.read(packed)
     images.write_bytes(b"PK\x03\x04 not idx")
     with pytest.raises(DataError, match="is not an IDX file"):
         idx.read(images)

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from torch import nn
 
-from edgekit import config, metrics, targets
+from edgekit import config, metrics, prunable, targets
 from edgekit.errors import ConfigError, TargetError
 from edgekit.stages import prune
 from edgekit.stages.base import Context
@@ -27,10 +27,13 @@ def _val(ctx: Context, stage: str) -> float:
     return metrics.accuracy(metrics.logits(ctx.load_model(stage), ctx.data.val.x), ctx.data.val.y)
 
 
-def test_guard_undoes_the_round_past_the_tolerance_and_says_so(trained, tmp_path):
+def test_guard_undoes_the_round_past_the_tolerance_and_says_so(trained, tmp_path, capsys):
     """Removing 90 % of the channels without fine-tuning loses far more than one validation sample: the guard
     undoes that round, keeps the model it had (here: the unpruned one) and says which and why."""
     result, ctx = _prune(trained, tmp_path, [], ratio=0.9, steps=2, finetune_epochs=0, max_loss_pp=0.0)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[prune] round")]
+    assert line.startswith(f"[prune] round 1/2: removed {result['rounds'][0]['channels_removed']} channels")
+    assert line.endswith("below the unpruned model; undone: past the accuracy guard")
     kept = result["kept"]
     assert kept["round"] == 0 and kept["of"] == 2 and len(result["rounds"]) == 1
     assert result["rounds"][0]["val_loss_pp"] > kept["max_loss_pp"]
@@ -52,6 +55,21 @@ def test_guard_keeps_every_round_within_a_loose_tolerance(trained, tmp_path):
     assert result["kept"]["round"] == 2 and "the full target was reached" in result["kept"]["reason"]
     assert result["macs"] < 0.6 * ctx.metrics("train")["macs"]
     assert all("val_loss_pp" in r for r in result["rounds"])
+
+
+def test_each_round_records_and_prints_the_channels_it_removed(trained, tmp_path, capsys):
+    result, ctx = _prune(trained, tmp_path, [], ratio=0.5, steps=2, finetune_epochs=0, accuracy_guard=False)
+    first, second = result["rounds"]
+    unpruned = prunable.output_channels(trained.load_model("train"))
+    kept = prunable.output_channels(ctx.load_model("prune"))
+    assert first["channels_unpruned"] == second["channels_unpruned"] == unpruned
+    assert first["channels_removed"] > 0 and second["channels_removed"] > 0
+    assert first["channels_removed"] + second["channels_removed"] == second["channels_removed_total"]
+    assert second["channels_kept"] == kept == unpruned - second["channels_removed_total"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[prune] round")]
+    assert lines == [f"[prune] round {k}/2: removed {r['channels_removed']} channels, kept {r['channels_kept']} of "
+                     f"{unpruned} ({r['channels_removed_total']} removed in all); val accuracy "
+                     f"{r['val_accuracy']:.4f}" for k, r in ((1, first), (2, second))]
 
 
 def test_guard_takes_the_strictest_chosen_target(trained):

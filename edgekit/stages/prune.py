@@ -38,7 +38,7 @@ from edgekit import metrics, tolerance, training
 from edgekit.config import Config, PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.files import write_json
-from edgekit.prunable import L1_FILTER_NORM, protected_layers
+from edgekit.prunable import L1_FILTER_NORM, output_channels, protected_layers
 from edgekit.stages.base import Context, finish_torch_stage
 from edgekit.tolerance import Guard
 
@@ -281,6 +281,16 @@ def _finetune_epochs(total: int, rounds: int) -> list[int]:
     return [total // rounds + (i < total % rounds) for i in range(rounds)]
 
 
+def round_line(record: dict, k: int, n: int, undone: bool = False) -> str:
+    """The console line of one round: the channels it removed, those left, its validation accuracy."""
+    loss = record.get("val_loss_pp")
+    against = "" if loss is None else f", {abs(loss):.2f} pp {'below' if loss > 0 else 'above'} the unpruned model"
+    return (f"[{name}] round {k}/{n}: removed {record['channels_removed']} channels, kept "
+            f"{record['channels_kept']} of {record['channels_unpruned']} ({record['channels_removed_total']} removed "
+            f"in all); val accuracy {record['val_accuracy']:.4f}{against}"
+            + ("; undone: past the accuracy guard" if undone else ""))
+
+
 def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
                     guard: Guard | None = None) -> tuple[nn.Module, list[dict], float, dict]:
     """Prune in rounds with fine-tuning; with a guard, stop at the last round within its tolerance.
@@ -290,10 +300,15 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
     data, t = ctx.data, ctx.cfg.train
     rounds, best_val, stopped = [], guard.baseline if guard else 0.0, None
     pruning = _rounds(ctx, model, plan, p.steps)
+    unpruned = channels = output_channels(model)
     for i, ep in enumerate(_finetune_epochs(p.finetune_epochs, p.steps)):
         before = copy.deepcopy(model) if guard else None
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
         info = next(pruning)
+        now = output_channels(model)
+        info.update(channels_removed=channels - now, channels_kept=now, channels_removed_total=unpruned - now,
+                    channels_unpruned=unpruned)
+        channels = now
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
@@ -303,8 +318,10 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
             rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
             if not guard.within(val):
                 stopped = {"round": i + 1, "of": p.steps, "loss_pp": guard.loss_pp(val)}
+                print(round_line(rounds[-1], i + 1, p.steps, undone=True), flush=True)
                 model = before
                 break
+        print(round_line(rounds[-1], i + 1, p.steps), flush=True)
         best_val = val
     return model, rounds, best_val, _kept_record(rounds, guard, stopped)
 

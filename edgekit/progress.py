@@ -1,0 +1,53 @@
+"""Epoch progress: tqdm's redrawn bar on a terminal, complete lines anywhere else.
+
+In a log file or a pipe (`edgekit build > log.txt 2>&1`) tqdm's carriage returns leave every redraw of the
+bar in the file and put the next stage line on the bar's line; there a line is printed instead every tenth of
+the epochs (and after the last), each ending in a newline.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+from tqdm import tqdm
+
+LINES = 10  # lines per loop at most where the output is not a terminal
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def epochs(total: int, desc: str, *, disable: bool = False, file: TextIO | None = None) -> tqdm | EpochLines:
+    """Iterate over range(total) showing progress on `file` (default: stderr); `set_postfix(**values)` adds the
+    values to what is shown next. `disable` shows nothing (data-parallel workers other than the lead)."""
+    stream = file or sys.stderr
+    if disable or _is_terminal(stream):
+        return tqdm(range(total), desc=f"{desc:>9}", unit="epoch", leave=False, disable=disable, file=stream)
+    return EpochLines(total, desc, stream)
+
+
+class EpochLines:
+    """One complete line after every `ceil(total / LINES)` epochs and after the last: `  finetune: epoch 3/6 ...`."""
+
+    def __init__(self, total: int, desc: str, file: TextIO) -> None:
+        self.total, self.desc, self.file = total, desc, file
+        self.every = max(1, math.ceil(total / LINES))
+        self.postfix: dict[str, object] = {}
+
+    def set_postfix(self, **values: object) -> None:
+        self.postfix = values
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self.total):
+            yield epoch  # the loop body runs (and sets the postfix) before the line below
+            done = epoch + 1
+            if done % self.every == 0 or done == self.total:
+                values = "".join(f" {k}={v}" for k, v in self.postfix.items())
+                print(f"{self.desc:>9}: epoch {done}/{self.total}{values}", file=self.file, flush=True)

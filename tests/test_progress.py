@@ -1,0 +1,44 @@
+"""Training progress: complete lines (no carriage returns) where stderr is a file or pipe, tqdm's bar on a terminal."""
+
+import io
+
+import numpy as np
+import torch
+
+from edgekit import progress, training
+from edgekit.data import Split
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _fit_tiny(monkeypatch, stream: io.StringIO, epochs: int) -> str:
+    monkeypatch.setattr("sys.stderr", stream)
+    rng = np.random.default_rng(0)
+    split = Split(rng.normal(size=(32, 4)).astype(np.float32), np.arange(32) % 2)
+    torch.manual_seed(0)
+    training.fit(torch.nn.Linear(4, 2), split, split, epochs=epochs, lr=0.01, batch_size=16, desc="finetune")
+    return stream.getvalue()
+
+
+def test_fit_writes_whole_lines_to_a_log_file(monkeypatch):
+    out = _fit_tiny(monkeypatch, io.StringIO(), epochs=3)
+    assert "\r" not in out and out.endswith("\n")
+    lines = out.splitlines()
+    assert [line.split(" loss=")[0] for line in lines] == [f" finetune: epoch {k}/3" for k in (1, 2, 3)]
+    assert all("val_acc=" in line and "best=" in line for line in lines)
+
+
+def test_many_epochs_give_about_ten_lines_ending_with_the_last():
+    log = io.StringIO()
+    for _ in progress.epochs(25, "train", file=log):
+        pass
+    lines = log.getvalue().splitlines(keepends=True)
+    assert [line.strip() for line in lines] == [f"train: epoch {k}/25" for k in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+    assert all(line.endswith("\n") for line in lines)
+
+
+def test_a_terminal_keeps_the_redrawn_bar(monkeypatch):
+    assert "\r" in _fit_tiny(monkeypatch, Terminal(), epochs=2)
