@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         points = latency.load(device_results, tgt.name)
     if device is not None:
         device.check(tgt)
+    if ray_address:
+        check_address(ray_address)
     target_arg = str(Path(target).resolve()) if targets.is_path(target) else target
     budgets = pareto.parse_budget(budget, {"latency_ms": tgt.latency_ms, "memory_mb": tgt.memory_mb})
     total = trials if trials is not None else cfg.search.trials
@@ -186,7 +189,7 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
 
     owned = not ray.is_initialized()
     if owned and address:
-        ray.init(address=address, log_to_driver=False, logging_level=level)
+        join(ray, address, level)
     elif owned:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  logging_level=level)
@@ -209,6 +212,37 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     finally:
         if owned:
             ray.shutdown()
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(address: str) -> None:
+    """Before anything is written: a `--ray-address` where nothing answers is a one-line error at once, not a hang
+    in Ray's connection retries (`auto` is Ray's own look-up of a cluster on this machine)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address '{address}' is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                          f"cluster (`ray start --head --port={port}`) or give its head's address") from None
+
+
+def join(ray, address: str, level: int) -> None:
+    """Join the Ray cluster at `--ray-address`; Ray's failure to is one line (its retries' log lines, from C++,
+    are kept off the terminal)."""
+    try:
+        with quiet.silenced():
+            ray.init(address=address, log_to_driver=False, logging_level=level)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:  # what ray.init raises for these
+        text = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"--ray-address {address}: cannot join a Ray cluster there ({type(exc).__name__}: "
+                          f"{text}); check the address, that this machine has the cluster's Ray version and, for "
+                          "a cluster with token auth, its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
 
 
 REPEAT_TRIES = 64  # proposals tried for a recipe not yet built before a repeat is let through
