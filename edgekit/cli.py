@@ -417,7 +417,8 @@ def _add_search(sub) -> None:
                                                                  "(default: trials reuse the stages they share)")
     s.add_argument("--device-results", nargs="+", metavar="FILE_OR_DIR",
                    help="for a target this machine cannot run and no --host: `edgekit run` results files (in their "
-                        "bundle folders) of that target, or folders holding them, to fit the latency estimate to")
+                        "bundle folders) of that target, or folders holding them, to fit the latency and memory "
+                        "estimates to")
     _ssh_options(s, "user@host of the device: time each trial's artifact there (after the trials are built)")
     s.set_defaults(func=_cmd_search)
 

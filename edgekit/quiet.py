@@ -44,13 +44,23 @@ def ray(embedded: bool) -> int:
     """Before `import ray`: no usage report to the internet, Tune's legacy output (silent at verbose=0; the new
     one prints a configuration table and paths whatever the verbosity), and for the Ray that edgekit starts
     itself, token authentication asked for explicitly: Ray's default, made explicit so that Ray does not warn
-    about it (a cluster at --ray-address keeps its own mode). Returns the `logging_level` for `ray.init`."""
+    about it; for a cluster at --ray-address, token mode when this user has a token (as Ray's own `auto` does).
+    Returns the `logging_level` for `ray.init`."""
+    token = embedded or _ray_token_here()
     defaults = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"} | ({"RAY_AUTH_MODE": "token"}
-                                                                           if embedded else {})
+                                                                           if token else {})
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     logging.getLogger("ray").setLevel(logging.ERROR)
     return logging.ERROR
+
+
+def _ray_token_here() -> bool:
+    """A Ray auth token this user has (`ray start` made one, or the environment names one). `ray.init(address=X)`
+    sends none unless RAY_AUTH_MODE=token, and a cluster with token auth (`ray start`'s default once a token
+    exists) then refuses it for 20 s before failing; a cluster without token auth ignores one that is sent."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
 
 
 def _flush() -> None:

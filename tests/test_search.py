@@ -200,7 +200,7 @@ def test_latency_fitted_to_device_results(searched):
     run.time_trials(trials, out, far, said.append, points=points)
     ok = [t for t in trials if t["status"] == "ok"]
     assert all(t["latency_source"] == f"estimated (fitted to {len(points)} device results)" for t in ok)
-    assert all(t["peak_rss_mb"] is None and "onnx_int8 results" in t["estimate"] for t in ok)
+    assert all(t["memory_source"].startswith("estimated (fitted") and "onnx_int8 results" in t["estimate"] for t in ok)
     run.time_trials(trials, out, far, said.append)  # no results: from MACs, and says so
     assert all(t["latency_source"] == "estimated (MACs)" and t["latency_p90_ms"] > 0 for t in ok)
     # a bundle older than `macs` in manifests: the MACs come from its build's report.json
@@ -332,3 +332,99 @@ def test_host_times_each_trial_on_the_device_over_ssh(searched, sshd, pinned):
     said.clear()
     run.time_trials(copy.deepcopy(second["trials"]), out, tgt, said.append, device)  # kept: not timed again
     assert not said
+
+
+# --- the peak-memory estimate of a target this machine cannot run ---------------------------------------------
+
+def test_memory_fitted_to_device_results_and_checked_against_the_budget(searched):
+    import copy
+    import dataclasses
+
+    from edgekit.search import latency, memory
+
+    _, out, target, _, second, said = searched
+    files = _as_device_results(out)
+    tgt = targets.get([target])[0]
+    points = latency.load([str(f) for f in files], tgt.name)
+    for p in points:  # what the runner measured, and the manifest's file size and runtime
+        result = json.loads(Path(p.path).read_text())
+        manifest = json.loads((Path(p.path).parent / "manifest.json").read_text())
+        entry = next(a for a in manifest["artifacts"] if a["name"] == p.artifact)
+        assert p.peak_rss_mb == result["peak_rss_mb"] > 0 and p.runtime == "onnxruntime"
+        assert p.size_bytes == (Path(p.path).parent / entry["file"]).stat().st_size
+    trials = copy.deepcopy(second["trials"])
+    far = dataclasses.replace(tgt, arch="aarch64")
+    run.time_trials(trials, out, far, said.append, points=points)
+    ok = [t for t in trials if t["status"] == "ok" and not t.get("repeat_of")]
+    assert ok and all(t["memory_source"] == f"estimated (fitted to {len(points)} device results)" for t in ok)
+    assert all("onnxruntime results" in t["memory_estimate"] for t in ok)
+    # a least-squares line or a mean offset: the estimates of the measured trials sum to their measured peaks
+    # (rounded to 0.1 MB each)
+    assert sum(t["peak_rss_mb"] for t in ok) == pytest.approx(sum(p.peak_rss_mb for p in points), abs=0.05 * len(ok))
+    # the budget check uses the estimate, and says it is one
+    peaks = sorted(t["peak_rss_mb"] for t in ok)
+    pareto.mark(trials, {"memory_mb": peaks[0] - 0.5})
+    assert all(t["feasible"] is False and not t["budgets_unchecked"] for t in ok)
+    assert all(any(r.startswith("peak RSS") and r.endswith("MB (estimated)") for r in t["infeasible_because"])
+               for t in ok)
+    assert pareto.mark(trials, {"memory_mb": peaks[-1] + 0.5}) is not None and all(t["feasible"] for t in ok)
+    assert memory.fit(points, "litert") is None  # no results of that runtime: the rule
+
+
+def test_memory_rule_without_device_results(searched, tmp_path):
+    import copy
+    import csv
+    import dataclasses
+
+    from edgekit.search import memory
+
+    _, out, target, _, second, said = searched
+    trials = copy.deepcopy(second["trials"])
+    far = dataclasses.replace(targets.get([target])[0], arch="aarch64")
+    run.time_trials(trials, out, far, said.append)
+    ok = [t for t in trials if t["status"] == "ok"]
+    base = memory.BASELINE_MB["onnxruntime"][0]
+    for t in ok:
+        artifact = Path(t["bundle"]) / f"{t['artifact']}.onnx"
+        expected = base + artifact.stat().st_size / memory.MB + memory.largest_activation_bytes(artifact) / memory.MB
+        assert t["memory_source"] == "estimated (rule)" and t["peak_rss_mb"] == round(expected, 1)
+        assert "onnxruntime baseline 56.8 MB (benchmarks/runtime_memory.py" in t["memory_estimate"]
+    result = {**copy.deepcopy(second), "trials": trials, "budgets": {"memory_mb": base - 0.1}}
+    best = pareto.mark(trials, result["budgets"])  # every estimate is over the bare runtime's baseline
+    assert best is None and all("(estimated)" in t["infeasible_because"][0] for t in ok)
+    run.write_outputs(tmp_path, result, {}, str(tmp_path), "x86-64", best)
+    rows = [r for r in csv.DictReader((tmp_path / "trials.csv").open(newline="")) if r["status"] == "ok"]
+    peaks = {t["id"]: t["peak_rss_mb"] for t in ok}
+    assert rows and all(r["memory_source"] == "estimated (rule)" and float(r["peak_rss_mb"]) == peaks[r["id"]]
+                        for r in rows)
+
+
+def _weight(units: int):
+    """W of x[1,4] @ W[4,units] -> relu -> sum: the largest activation is the [1,units] float32 in the middle
+    (4 * units bytes), smaller than W (16 * units bytes), a constant."""
+    import numpy as np
+
+    return np.arange(4 * units, dtype=np.float32).reshape(4, units) / (4 * units)
+
+
+def test_largest_activation_of_onnx_and_tflite(tmp_path):
+    import onnx
+    import tensorflow as tf
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.search import memory
+
+    w = _weight(1000)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceSum", ["r"], ["y"], keepdims=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    assert memory.largest_activation_bytes(tmp_path / "m.onnx") == 4000  # the [1,1000] float32, found by inference
+
+    fn = tf.function(lambda x: tf.reduce_sum(tf.nn.relu(tf.matmul(x, tf.constant(w))), axis=1, keepdims=True),
+                     input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    (tmp_path / "m.tflite").write_bytes(converter.convert())
+    assert memory.largest_activation_bytes(tmp_path / "m.tflite") == 4000

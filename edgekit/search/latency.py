@@ -7,7 +7,8 @@ different MACs, else one ratio p90 / MACs. Without results: MACs over a rough in
 A results file does not hold the MACs of the model it measured; its bundle's manifest does (`macs` of each
 artifact), or for a bundle older than that, the report.json of the build the bundle sits in (DIR/bundles/T/).
 So a results file must stay in its bundle folder, where `edgekit run` writes it (results.json,
-results-HOST.json).
+results-HOST.json). Each point also carries the measured peak RSS, the artifact's file size and runtime, for the
+peak-memory estimate (edgekit.search.memory).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Point:
     macs: int
     p90_ms: float
     path: str
+    peak_rss_mb: float | None = None  # for the peak-memory estimate (edgekit.search.memory)
+    size_bytes: int | None = None  # the artifact file's
+    runtime: str | None = None
 
 
 def _fail(path: Path, what: str) -> ConfigError:
@@ -67,8 +71,8 @@ def _results(path: Path) -> dict:
     return data
 
 
-def macs_of(path: Path, result: dict, artifact: str) -> int:
-    """The MACs of the model an artifact came from: its bundle's manifest, else the bundle's build report."""
+def entry_of(path: Path, result: dict, artifact: str) -> dict:
+    """The artifact's entry in the manifest of the bundle the results file sits in (and measured)."""
     manifest_path = path.parent / "manifest.json"
     if not manifest_path.is_file():
         raise _fail(path, "is not in its bundle folder (no manifest.json beside it), so the MACs of what it "
@@ -80,6 +84,11 @@ def macs_of(path: Path, result: dict, artifact: str) -> int:
     entry = next((a for a in manifest.get("artifacts", []) if a.get("name") == artifact), None)
     if entry is None:
         raise _fail(path, f"measured artifact '{artifact}', which its bundle's manifest does not list")
+    return entry
+
+
+def macs_of(path: Path, result: dict, entry: dict) -> int:
+    """The MACs of the model an artifact came from: its bundle's manifest, else the bundle's build report."""
     if isinstance(entry.get("macs"), int):
         return entry["macs"]
     report_path = path.parent.parent.parent / "report.json"  # DIR/bundles/TARGET/results.json -> DIR/report.json
@@ -109,7 +118,11 @@ def load(paths: list[str], target: str) -> list[Point]:
                 raise _fail(path, f"has no latency_ms.p90 for artifact '{name}'")
             if r.get("valid") is False:  # e.g. throttled while timing: not a number to fit
                 continue
-            points.append(Point(name, macs_of(path, result, name), float(p90), str(path)))
+            entry = entry_of(path, result, name)
+            peak = r.get("peak_rss_mb")
+            points.append(Point(name, macs_of(path, result, entry), float(p90), str(path),
+                                float(peak) if isinstance(peak, (int, float)) else None, entry.get("size_bytes"),
+                                entry.get("runtime") or (r.get("runtime") or {}).get("name")))
     if not points:
         seen = f" (they are for {', '.join(sorted(others))})" if others else ""
         raise ConfigError(f"--device-results: no valid results for target '{target}'{seen}; measure a {target} "

@@ -1,8 +1,8 @@
 """Feasibility against the budgets, the Pareto front and the recommendation.
 
 Objectives: accuracy (higher), p90 latency and primary-artifact size (lower). A trial over any budget it was
-checked against is infeasible, with why; a value not known (peak memory of an estimated trial) is not checked
-and says so. The recommendation is the most accurate feasible trial (then the faster, then the smaller).
+checked against is infeasible, with why (an estimated latency or peak memory says so); a value not known is not
+checked and says so. The recommendation is the most accurate feasible trial (then the faster, then the smaller).
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ def feasibility(trial: dict, budgets: dict) -> tuple[bool | None, list[str], lis
             unchecked.append(key)
         elif value > budget:
             label = names[key].format(v=value, b=budget)
-            over.append(label + (" (estimated)" if key == "latency_ms" and _estimated(trial) else ""))
+            over.append(label + (" (estimated)" if _estimated(trial, key) else ""))
     return not over, over, unchecked
 
 
-def _estimated(trial: dict) -> bool:
-    return str(trial.get("latency_source") or "").startswith("estimated")
+SOURCE_OF = {"latency_ms": "latency_source", "memory_mb": "memory_source"}
+
+
+def _estimated(trial: dict, key: str) -> bool:
+    return key in SOURCE_OF and str(trial.get(SOURCE_OF[key]) or "").startswith("estimated")
 
 
 def _objectives(trial: dict) -> tuple[float, float, float]:
@@ -92,7 +95,7 @@ def parse_budget(text: str | None, defaults: dict) -> dict:
 
 def plot(trials: list[dict], budgets: dict, recommended: dict | None, path) -> None:
     """Accuracy against p90 latency: every finished trial, the front joined, infeasible ones greyed, the
-    recommendation starred, the latency budget as a line; estimated latencies say so."""
+    recommendation starred, the latency budget as a line; estimated latencies and peak memory say so."""
     from edgekit.report_plots import _pyplot
 
     plt = _pyplot()
@@ -124,6 +127,10 @@ def plot(trials: list[dict], budgets: dict, recommended: dict | None, path) -> N
     ax.set_xlabel(f"p90 latency, ms ({', '.join(sources) or 'none'})")
     ax.set_ylabel("accuracy of the shipped artifact, %")
     ax.set_ylim(top=min(100.5, ax.get_ylim()[1]))  # the axis's margin must not suggest accuracy above 100 %
-    ax.legend(fontsize=7)
+    memory = sorted({t["memory_source"] for t in ok if t.get("memory_source")})  # the grey points may be over it
+    note = f"peak RSS {', '.join(memory)}" if memory else None
+    if note and budgets.get("memory_mb"):
+        note += f", budget {budgets['memory_mb']:g} MB"
+    ax.legend(fontsize=7, title=note, title_fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": "edgekit"})
     plt.close(fig)

@@ -3,8 +3,8 @@
 Phase 1 builds the trials, `workers` at a time (one CPU each), never timing anything. Phase 2 measures each
 finished trial's primary artifact with the on-device runner, one at a time, with nothing else running: on the
 device over SSH with `--host`, else here for targets this machine runs; other targets get an estimate labelled
-`estimated (...)` (edgekit.search.latency). Phase 3 marks feasibility and
-the Pareto front and writes trials.json, trials.csv, pareto.png and best.yaml.
+`estimated (...)` (edgekit.search.latency), and so does their peak memory (edgekit.search.memory). Phase 3
+marks feasibility and the Pareto front and writes trials.json, trials.csv, pareto.png and best.yaml.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +23,15 @@ import yaml
 from edgekit import config, quiet, targets
 from edgekit.errors import BuildDirError, ConfigError
 from edgekit.files import write_bytes, write_json
-from edgekit.search import latency, pareto, space, trial
+from edgekit.search import latency, memory, pareto, space, trial
 
 TRIALS_DIR = "trials"
 TRIAL_THREADS = 1  # torch threads of a trial (one CPU each); float sums in training depend on the thread count
 CONFIG_FILE = "config.yaml"
 TIMING_FILE = "timing.json"
 CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pareto", "accuracy", "latency_p50_ms",
-               "latency_p90_ms", "latency_source", "estimate", "peak_rss_mb", "size_bytes", "macs", "cached_stages",
-               "seconds", "sha256")
+               "latency_p90_ms", "latency_source", "estimate", "peak_rss_mb", "memory_source", "memory_estimate",
+               "size_bytes", "macs", "cached_stages", "seconds", "sha256")
 
 
 def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = None, budget: str | None = None,
@@ -48,6 +49,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         points = latency.load(device_results, tgt.name)
     if device is not None:
         device.check(tgt)
+    if ray_address:
+        check_address(ray_address)
     target_arg = str(Path(target).resolve()) if targets.is_path(target) else target
     budgets = pareto.parse_budget(budget, {"latency_ms": tgt.latency_ms, "memory_mb": tgt.memory_mb})
     total = trials if trials is not None else cfg.search.trials
@@ -69,6 +72,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
     time_trials(done, out, tgt, log, device, points)
     for source, how in sorted({(t["latency_source"], t["estimate"]) for t in done if t.get("estimate")}):
         log(f"latency {source}: {how}")
+    for source, how in sorted({(t["memory_source"], t["memory_estimate"]) for t in done if t.get("memory_estimate")}):
+        log(f"peak memory {source}: {how}")
     recommended = pareto.mark(done, budgets)
     result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
               "workers": workers, "ray_address": ray_address, "stage_cache": stage_cache,
@@ -186,7 +191,7 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
 
     owned = not ray.is_initialized()
     if owned and address:
-        ray.init(address=address, log_to_driver=False, logging_level=level)
+        join(ray, address, level)
     elif owned:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  logging_level=level)
@@ -209,6 +214,37 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     finally:
         if owned:
             ray.shutdown()
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(address: str) -> None:
+    """Before anything is written: a `--ray-address` where nothing answers is a one-line error at once, not a hang
+    in Ray's connection retries (`auto` is Ray's own look-up of a cluster on this machine)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address '{address}' is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                          f"cluster (`ray start --head --port={port}`) or give its head's address") from None
+
+
+def join(ray, address: str, level: int) -> None:
+    """Join the Ray cluster at `--ray-address`; Ray's failure to is one line (its retries' log lines, from C++,
+    are kept off the terminal)."""
+    try:
+        with quiet.silenced():
+            ray.init(address=address, log_to_driver=False, logging_level=level)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:  # what ray.init raises for these
+        text = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"--ray-address {address}: cannot join a Ray cluster there ({type(exc).__name__}: "
+                          f"{text}); check the address, that this machine has the cluster's Ray version and, for "
+                          "a cluster with token auth, its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
 
 
 REPEAT_TRIES = 64  # proposals tried for a recipe not yet built before a repeat is let through
@@ -272,8 +308,9 @@ class _Progress:
 
 def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device: Device | None = None,
                 points: list | None = None) -> None:
-    """Each finished trial's p90 latency: measured on the device over SSH (`device`), else here when this machine
-    runs the target, else estimated (fitted to `points` from device results, or from MACs)."""
+    """Each finished trial's p90 latency and peak RSS: measured on the device over SSH (`device`), else here when
+    this machine runs the target, else estimated (fitted to `points` from device results, else from MACs and the
+    runtime's memory rule)."""
     from edgekit.device import measure
 
     for t in trials:
@@ -289,14 +326,24 @@ def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device:
                 else:
                     measure.run_bundle(Path(t["bundle"]), saved, [t["artifact"]], log=lambda _: None)
             result = json.loads(saved.read_text())
+            where = f"measured on {device.conn.host}" if device else "measured here"
             t.update(latency_p50_ms=result["latency_ms"]["p50"], latency_p90_ms=result["latency_ms"]["p90"],
                      peak_rss_mb=result["peak_rss_mb"], measured_accuracy=result.get("accuracy"),
-                     latency_source=f"measured on {device.conn.host}" if device else "measured here",
-                     estimate=None)
+                     latency_source=where, estimate=None, memory_source=where, memory_estimate=None)
         else:
             guess = latency.estimate(t.get("macs"), t["artifact"], tgt.arch, points)
-            t.update(latency_p50_ms=None, latency_p90_ms=guess.p90_ms, peak_rss_mb=None, measured_accuracy=None,
-                     latency_source=guess.source, estimate=guess.how)
+            peak = memory.estimate(*_artifact_file(t), points)
+            t.update(latency_p50_ms=None, latency_p90_ms=guess.p90_ms, peak_rss_mb=peak.peak_rss_mb,
+                     measured_accuracy=None, latency_source=guess.source, estimate=guess.how,
+                     memory_source=peak.source, memory_estimate=peak.how)
+
+
+def _artifact_file(trial: dict) -> tuple[Path, str]:
+    """A built trial's primary artifact file and the runtime the target runs it with (its bundle's manifest)."""
+    bundle = Path(trial["bundle"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["name"] == trial["artifact"])
+    return bundle / entry["file"], entry["runtime"]
 
 
 @dataclass

@@ -258,6 +258,9 @@ def make_objective(ctx: Context, student: nn.Module, teachers: list[nn.Module]) 
     objective = Objective(student, teachers, list(d.losses), temperature=d.temperature, alpha=d.alpha,
                           feature_weight=d.feature_weight, relation_weight=d.relation_weight,
                           pairs=_pairs(d.feature_layers))
+    # the adapters' initial weights: from the seed, not from whatever this process drew before (a build after
+    # another in one process, a search trial, a 1- and a 2-worker run would start them elsewhere)
+    training.seed_everything(ctx.cfg.train.seed)
     prime_adapters(objective, ctx.example_input(8))
     return objective
 
