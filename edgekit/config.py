@@ -139,6 +139,7 @@ class BuildConfig:
     stage_cache: bool = True  # reuse a stage that an earlier build finished with the same inputs (its input key)
 
 
+MAX_CHANNEL_RATIO = 0.9  # no layer loses more of its channels (torch-pruning's max_pruning_ratio in stages/prune)
 NO_EFFECT = ("allow_fidelity_miss", "stage_cache")  # build keys that change how a build goes, not what it makes
 
 
@@ -233,6 +234,11 @@ def _check_ranges(cfg: Config) -> None:
             value = _value(cfg, key)
             raise ConfigError(f"config: '{key}' is out of range (got {value!r}); "
                               "see `edgekit config --default` for sane values")
+    if cfg.prune.method != "magnitude" and cfg.prune.ratio > MAX_CHANNEL_RATIO:  # 0.95 kept more channels than 0.85
+        raise ConfigError(f"config: 'prune.ratio' is {cfg.prune.ratio}, over {MAX_CHANNEL_RATIO}: channel pruning "
+                          f"keeps at least {1 - MAX_CHANNEL_RATIO:.0%} of every layer's channels, and past that limit "
+                          "the pruner's schedule removes fewer, not more; use at most "
+                          f"{MAX_CHANNEL_RATIO}, prune.target_macs, or a smaller model.width")
     if cfg.data.source not in ("digits", "digits32", "fashion-mnist") and not cfg.data.path:
         raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
     if cfg.data.source in ("digits", "digits32") and cfg.data.path:

@@ -23,6 +23,7 @@ def test_default_config_round_trips():
         ({"prune": {"method": "magic"}}, "expected one of 'l1'"),
         ({"train": {"epochs": True}}, "'train.epochs' is True"),
         ({"prune": {"ratio": 1.5}}, "'prune.ratio' is out of range"),
+        ({"prune": {"ratio": 0.95}}, "'prune.ratio' is 0.95, over 0.9: channel pruning keeps at least 10%"),
         ({"data": {"source": "npz"}}, "needs data.path"),
     ],
 )

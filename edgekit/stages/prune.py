@@ -35,7 +35,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgekit import metrics, tolerance, training
-from edgekit.config import Config, PruneConfig
+from edgekit.config import MAX_CHANNEL_RATIO, Config, PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.files import write_json
 from edgekit.prunable import L1_FILTER_NORM, output_channels, protected_layers
@@ -51,7 +51,7 @@ def enabled(cfg: Config) -> bool:
     return cfg.prune.enabled
 
 FINE_STEPS = 60  # increments of a target search; each removes about 1/60 of the maximum ratio
-MAX_LAYER_RATIO = 0.9  # no layer loses more than this fraction of its channels (global ranking can gut one)
+MAX_LAYER_RATIO = MAX_CHANNEL_RATIO  # no layer loses more of its channels (global ranking can gut one)
 GRAD_SAMPLES = 128  # samples whose loss gradient feeds Taylor importance
 
 
