@@ -357,9 +357,11 @@ def time_here(trials: list[dict], out: Path, log) -> None:
     for t in trials:
         first, rounds = runs[t["id"]][0], [x["latency_ms"] for x in runs[t["id"]]]
         median = {k: statistics.median(x[k] for x in rounds) for k in ("p50", "p90")}
+        kept = {"latency_ms": {**first["latency_ms"], **median}, "peak_rss_mb": max(x["peak_rss_mb"]
+                                                                                    for x in runs[t["id"]])}
+        artifacts = {name: {**r, **kept} for name, r in first["artifacts"].items()}  # the one artifact timed
         write_json(out / TRIALS_DIR / t["id"] / TIMING_FILE,
-                   {**first, "latency_ms": {**first["latency_ms"], **median}, "timing_rounds": rounds,
-                    "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[t["id"]])})
+                   {**first, **kept, "artifacts": artifacts, "timing_rounds": rounds})
 
 
 def _artifact_file(trial: dict) -> tuple[Path, str]:
