@@ -63,6 +63,20 @@ def test_trials_ran_in_parallel_and_a_failing_one_is_recorded(searched):
     assert failed[0]["feasible"] is None and not failed[0]["pareto"]
 
 
+def test_trials_timed_here_keep_the_median_of_rotating_rounds(searched):
+    import statistics
+
+    _, out, _, _, second, said = searched
+    timed = [t for t in second["trials"] if t["status"] == "ok"]
+    assert timed
+    for t in timed:
+        saved = json.loads((out / "trials" / t["id"] / run.TIMING_FILE).read_text())
+        rounds = saved["timing_rounds"]
+        assert len(rounds) == run.TIMING_ROUNDS
+        assert t["latency_p90_ms"] == saved["latency_ms"]["p90"] == statistics.median(r["p90"] for r in rounds)
+    assert f"round {run.TIMING_ROUNDS} of {run.TIMING_ROUNDS}" in " ".join(said)
+
+
 def test_resume_skips_finished_trials(searched):
     _, out, _, first, second, said = searched
     assert second["trials_run_now"] == 2 and len(second["trials"]) == 4
