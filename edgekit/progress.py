@@ -2,7 +2,7 @@
 
 In a log file or a pipe (`edgekit build > log.txt 2>&1`) tqdm's carriage returns leave every redraw of the
 bar in the file and put the next stage line on the bar's line; there a line is printed instead every tenth of
-the epochs (and after the last), each ending in a newline.
+the epochs (and after the last), each ending in a newline, on stdout with the stage lines.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def epochs(total: int, desc: str, *, disable: bool = False, file: TextIO | None = None) -> tqdm | EpochLines:
-    """Iterate over range(total) showing progress on `file` (default: stderr); `set_postfix(**values)` adds the
-    values to what is shown next. `disable` shows nothing (data-parallel workers other than the lead)."""
-    stream = file or sys.stderr
-    if disable or _is_terminal(stream):
-        return tqdm(range(total), desc=f"{desc:>9}", unit="epoch", leave=False, disable=disable, file=stream)
-    return EpochLines(total, desc, stream)
+    """Iterate over range(total) showing progress; `set_postfix(**values)` adds the values to what is shown next.
+    `disable` shows nothing (data-parallel workers other than the lead). Where stderr is a terminal, tqdm's bar
+    there; else lines on stdout, beside the stage lines, so that stderr holds nothing but an error's one line.
+    `file`: lines to this stream instead."""
+    if disable or (file is None and _is_terminal(sys.stderr)):
+        return tqdm(range(total), desc=f"{desc:>9}", unit="epoch", leave=False, disable=disable, file=sys.stderr)
+    return EpochLines(total, desc, file or sys.stdout)
 
 
 class EpochLines:

@@ -1,4 +1,5 @@
-"""Training progress: complete lines (no carriage returns) where stderr is a file or pipe, tqdm's bar on a terminal."""
+"""Training progress: complete lines on stdout (no carriage returns) where stderr is a file or pipe, tqdm's bar
+on a terminal."""
 
 import io
 
@@ -15,12 +16,16 @@ class Terminal(io.StringIO):
 
 
 def _fit_tiny(monkeypatch, stream: io.StringIO, epochs: int) -> str:
+    """What a fit shows where stderr is `stream`: on it when it is a terminal, else on stdout (stderr left empty)."""
+    out = stream if stream.isatty() else io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr("sys.stdout", out)
     rng = np.random.default_rng(0)
     split = Split(rng.normal(size=(32, 4)).astype(np.float32), np.arange(32) % 2)
     torch.manual_seed(0)
     training.fit(torch.nn.Linear(4, 2), split, split, epochs=epochs, lr=0.01, batch_size=16, desc="finetune")
-    return stream.getvalue()
+    assert stream.isatty() or stream.getvalue() == ""
+    return out.getvalue()
 
 
 def test_fit_writes_whole_lines_to_a_log_file(monkeypatch):

@@ -69,7 +69,7 @@ def test_float_npy_with_limit_and_bad_files(tmp_path):
     assert np.array_equal(ds.train.x[:3], x[ds.train.x.index[:3]][:, :])  # float32 as stored, no channel added
     x[7, 0, 0] = np.nan
     np.save(tmp_path / "f" / "x.npy", x)
-    with pytest.raises(DataError, match="x.npy holds NaN or infinite values"):
+    with pytest.raises(DataError, match="x.npy': x holds NaN or infinite values in 1 of"):
         data.load_dataset(_cfg(tmp_path / "f"))
     (tmp_path / "f" / "y.npy").unlink()
     with pytest.raises(DataError) as err:
