@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,22 +108,17 @@ def point(t: dict) -> dict:
 
 
 def retime(points: dict[str, dict], rounds: int) -> dict[str, dict]:
-    """p90 and p50 of each point's artifact, timed `rounds` times in rotating order; medians over rounds."""
-    from edgekit.device import measure
+    """p50 and p90 of each point's artifact: the search's own timing (rotating rounds, medians), `rounds` rounds."""
+    from edgekit.search import run
 
-    names = list(points)
-    seen: dict[str, list] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                p = points[n]
-                data = measure.run_bundle(Path(p["bundle"]), Path(tmp) / f"{r}-{n}.json", [p["artifact"]],
-                                          log=lambda _: None)
-                lat = data["latency_ms"]  # the results file leads with the one artifact run
-                seen[n].append((lat["p50"], lat["p90"]))
-    return {n: {"p50_ms": round(statistics.median(v[0] for v in seen[n]), 4),
-                "p90_ms": round(statistics.median(v[1] for v in seen[n]), 4),
-                "p90_ms_rounds": [round(v[1], 4) for v in seen[n]]} for n in names}
+        jobs = [{"id": f"p{i}", "bundle": p["bundle"], "artifact": p["artifact"]}
+                for i, p in enumerate(points.values())]
+        run.time_here(jobs, Path(tmp), lambda _: None, rounds)
+        timed = [json.loads((Path(tmp) / run.TRIALS_DIR / j["id"] / run.TIMING_FILE).read_text()) for j in jobs]
+    return {n: {"p50_ms": round(t["latency_ms"]["p50"], 4), "p90_ms": round(t["latency_ms"]["p90"], 4),
+                "p90_ms_rounds": [round(r["p90"], 4) for r in t["timing_rounds"]]}
+            for n, t in zip(points, timed, strict=True)}
 
 
 def dominates(a: dict, b: dict) -> bool:

@@ -338,8 +338,8 @@ def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device:
                      memory_source=peak.source, memory_estimate=peak.how)
 
 
-def time_here(trials: list[dict], out: Path, log) -> None:
-    """Time each trial's primary artifact TIMING_ROUNDS times, the trials in rotating order (a slow spell of the
+def time_here(trials: list[dict], out: Path, log, rounds: int = TIMING_ROUNDS) -> None:
+    """Time each trial's primary artifact `rounds` times, the trials in rotating order (a slow spell of the
     machine falls on all of them), into its TIMING_FILE: the first round's result with the median p50 / p90 over
     the rounds, the largest peak RSS, and every round's latencies (`timing_rounds`)."""
     import statistics
@@ -349,8 +349,8 @@ def time_here(trials: list[dict], out: Path, log) -> None:
 
     runs: dict[str, list[dict]] = {t["id"]: [] for t in trials}
     with tempfile.TemporaryDirectory(prefix="edgekit-timing-") as tmp:
-        for r in range(TIMING_ROUNDS if trials else 0):
-            log(f"  timing {len(trials)} trial(s) here, round {r + 1} of {TIMING_ROUNDS} ...")
+        for r in range(rounds if trials else 0):
+            log(f"  timing {len(trials)} trial(s) here, round {r + 1} of {rounds} ...")
             for t in trials[r % len(trials):] + trials[:r % len(trials)]:
                 runs[t["id"]].append(measure.run_bundle(Path(t["bundle"]), Path(tmp) / f"{t['id']}-{r}.json",
                                                         [t["artifact"]], log=lambda _: None))
