@@ -73,3 +73,28 @@ def test_auto_without_a_target_runs_qat(trained, tmp_path):
 def test_bad_quantize_settings_are_one_line_errors(section, message):
     with pytest.raises(ConfigError, match=message):
         config.from_dict({"quantize": section})
+
+
+def test_after_qat_the_export_gets_the_weights_as_nncf_quantized_them(trained, tmp_path):
+    """model.pt holds each weight on NNCF's int8 grid (clamped to the range QAT learned, then rounded), not the raw
+    weights: the exporters' quantizers take each channel's range from the weights, so they keep NNCF's grid."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    _, ctx = _quantize(trained, tmp_path, targets.get(["x86-64"]), method="qat")
+    graph = onnx.load(str(ctx.stage_dir("quantize") / quantize.ONNX_FILE)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    state = {f"model.{k}": v.numpy() for k, v in ctx.load_model("quantize").state_dict().items()}
+    weighted = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in state]
+    assert len(weighted) == sum(1 for k, v in state.items() if k.endswith(".weight") and v.ndim > 1)
+    for node in weighted:
+        saved, scale = state[node.input[0]], consts[node.input[1]]
+        assert np.array_equal(saved, consts[node.input[0]]), node.input[0]
+        steps = saved / scale.reshape(-1, *[1] * (saved.ndim - 1))
+        assert np.abs(steps - np.round(steps)).max() < 1e-3, f"{node.input[0]} is off NNCF's grid"

@@ -1,8 +1,8 @@
 """A stage's input key: a hash of everything its result depends on.
 
 The key covers the data (a fingerprint of every split's arrays), the config sections the stage reads, the code
-of a user's model and its checkpoint, the target profiles (for stages that read them), edgekit's and the
-libraries' versions, and the keys of the stages it needs. It is recorded in the stage's metrics.json;
+of a user's model and its checkpoint, the target profiles (for stages that read them), edgekit's version and
+code, the libraries' versions, and the keys of the stages it needs. It is recorded in the stage's metrics.json;
 `--resume` keeps a finished stage only when its recorded key is the key it would have now, so a build never
 mixes a stage made from other data, code or libraries with stages made from these.
 """
@@ -10,6 +10,7 @@ mixes a stage made from other data, code or libraries with stages made from thes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -53,6 +54,17 @@ def data_fingerprint(data) -> str:
         digest = h.hexdigest()
         _FINGERPRINTS[id(data)] = (weakref.ref(data), digest)
     return digest
+
+
+@functools.cache
+def edgekit_code() -> str:
+    """sha256 of edgekit's own Python modules: a stage made by other edgekit code (an upgrade or a checkout that
+    kept the version number) is not reused."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def _file_digest(path: Path) -> str | None:
@@ -127,7 +139,7 @@ def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
     cfg = config.to_dict(config.absolute(ctx.cfg))  # as saved in the build folder, so --resume sees the same
     cfg["build"] = {k: v for k, v in cfg["build"].items() if k not in config.NO_EFFECT}
     return {
-        "edgekit and libraries": _digest([stage.name, __version__, library_versions()]),
+        "edgekit and libraries": _digest([stage.name, __version__, edgekit_code(), library_versions()]),
         "data": data_fingerprint(ctx.data)[:20],
         "model code and checkpoint": _digest(model_fingerprint(ctx.cfg, ctx.data.sample_shape, ctx.data.num_classes)),
         "config": _digest({section: cfg[section] for section in stage.reads if section in cfg}),
