@@ -85,10 +85,12 @@ def float_twin(fp32: Path | bytes) -> bytes:
 
 
 def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings,
-             float_modules: list[str] = (), float_nodes: list[str] = ()) -> tuple[bytes, dict]:
+             float_modules: list[str] = (), float_nodes: list[str] = (),
+             ranges: dict | None = None) -> tuple[bytes, dict]:
     """Quantize an fp32 ONNX; returns the int8 model and what was kept in float and why: the target's first
     conv (by design), `float_modules` (torch module paths the quantize stage kept float: mixed precision) and
-    `float_nodes` (nodes of the float twin kept float by the fidelity repair)."""
+    `float_nodes` (nodes of the float twin kept float by the fidelity repair). `ranges` (float-twin tensor ->
+    (min, max)) replaces the calibrated ranges of those tensors (benchmarks/qat_carry.py)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -104,7 +106,9 @@ def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings,
             activation_type=_qtype(settings.activation_type), weight_type=_qtype(settings.weight_type),
             per_channel=settings.per_channel, reduce_range=settings.reduce_range, nodes_to_exclude=keep,
             calibrate_method=getattr(CalibrationMethod, CALIBRATION[settings.calibration]),
-            extra_options={"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": True})
+            extra_options={"ActivationSymmetric": settings.symmetric_activations, "WeightSymmetric": True,
+                           "TensorQuantOverrides": {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                    for name, (lo, hi) in (ranges or {}).items()}})
         payload = out.read_bytes()
     check_int8(payload)
     return payload, {"settings": asdict(settings), "kept_float": keep}
