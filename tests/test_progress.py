@@ -47,3 +47,14 @@ def test_many_epochs_give_about_ten_lines_ending_with_the_last():
 
 def test_a_terminal_keeps_the_redrawn_bar(monkeypatch):
     assert "\r" in _fit_tiny(monkeypatch, Terminal(), epochs=2)
+
+
+def test_export_progress_lines_go_to_stdout(capsys):
+    """stderr holds only an error's one line: a build that succeeds writes nothing there."""
+    import time
+
+    from edgekit import formats
+
+    formats.progress("onnx_int8", time.perf_counter(), 2048)
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("export: onnx_int8") and "2.0 KB" in out

@@ -442,3 +442,13 @@ def test_largest_activation_of_onnx_and_tflite(tmp_path):
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
     (tmp_path / "m.tflite").write_bytes(converter.convert())
     assert memory.largest_activation_bytes(tmp_path / "m.tflite") == 4000
+
+
+def test_the_default_recipe_is_a_point_of_the_default_space():
+    """base_first has its reference trial with the defaults; a value outside the space is named."""
+    base = config.to_dict(config.from_dict({}))
+    assert space.base_point(space.DEFAULT_SPACE, base) is not None
+    assert space.outside(space.DEFAULT_SPACE, base) == []
+    narrow = {**space.DEFAULT_SPACE, "quantize.method": ["ptq", "qat"]}
+    assert space.base_point(narrow, base) is None
+    assert space.outside(narrow, base) == ["quantize.method auto not in [ptq, qat]"]

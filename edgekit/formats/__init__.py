@@ -13,7 +13,6 @@ This module and the registrations import nothing heavy: exporters import torch, 
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import NotRequired, TypedDict
@@ -208,4 +207,4 @@ def layout(rank: int, *, channels_last: bool) -> str | None:
 
 
 def progress(key: str, t0: float, size: int) -> None:
-    print(f"export: {key:<20} {size / 1024:8.1f} KB  {time.perf_counter() - t0:5.1f} s", file=sys.stderr)
+    print(f"export: {key:<20} {size / 1024:8.1f} KB  {time.perf_counter() - t0:5.1f} s")  # stderr: errors only

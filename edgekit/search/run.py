@@ -198,6 +198,10 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     elif owned:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  logging_level=level)
+    missing = space.outside(search_cfg.space, base)
+    if search_cfg.base_first and missing:
+        log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
+            "trial is sampled; add those values to search.space to have it as the reference trial")
     try:
         algo = _searcher(OptunaSearch, search_cfg.space, finished)(
             metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base),

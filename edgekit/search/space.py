@@ -19,7 +19,7 @@ DEFAULT_SPACE = {
     "prune.ratio": [0.25, 0.5, 0.7],
     "prune.method": ["l1", "taylor"],
     "distill.enabled": [True, False],
-    "quantize.method": ["ptq", "qat"],
+    "quantize.method": ["auto", "ptq", "qat"],  # auto: the default recipe's, so base_first has its point
 }
 FIXED_SECTIONS = ("data", "run", "build", "search")  # a trial varies the recipe, never the data or how it is run
 
@@ -76,16 +76,22 @@ def check(search: SearchConfig, raw: dict, build) -> None:
                                   f"{str(exc).removeprefix('config: ')}") from exc
 
 
+def _value(cfg_dict: dict, key: str) -> object:
+    section, _, name = key.partition(".")
+    return cfg_dict.get(section, {}).get(name)
+
+
+def outside(space: dict, cfg_dict: dict) -> list[str]:
+    """The config's values that are not among their key's choices ('quantize.method auto not in [ptq, qat]')."""
+    return [f"{key} {_value(cfg_dict, key)} not in [{', '.join(map(str, choices))}]"
+            for key, choices in space.items() if _value(cfg_dict, key) not in choices]
+
+
 def base_point(space: dict, cfg_dict: dict) -> dict | None:
     """The config's own value of each key as a choice index, when every one of them is among the choices."""
-    point = {}
-    for key, choices in space.items():
-        section, _, name = key.partition(".")
-        value = cfg_dict.get(section, {}).get(name)
-        if value not in choices:
-            return None
-        point[key] = choices.index(value)
-    return point
+    if outside(space, cfg_dict):
+        return None
+    return {key: choices.index(_value(cfg_dict, key)) for key, choices in space.items()}
 
 
 def overrides_of(space: dict, point: dict) -> dict:
