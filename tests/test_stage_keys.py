@@ -224,3 +224,24 @@ def test_two_builds_at_once_compute_a_shared_stage_once(tmp_path):
     assert sum("[train] running" in line for line in said_b) == 0
     assert any(f"[train] reused from the stage cache: the same inputs as in {tmp_path / 'a'}" in line
                for line in said_b)
+
+
+def test_key_follows_torch_threads_and_not_the_working_folder(tmp_path, monkeypatch):
+    """Training on another thread count gives other weights (search trials train on one thread, and best.yaml's
+    rebuild must not reuse a stage trained on two); where the build is started from does not count."""
+    import torch
+
+    factory = tmp_path / "net.py"
+    factory.write_text("from torch import nn\n\ndef make(num_classes):\n"
+                       "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    ctx = _ctx(tmp_path, model={"factory": f"{factory}:make"})
+    monkeypatch.chdir(tmp_path)  # torch.ops' module says its file is '_ops.py': relative to here, not a file
+    here = keys.inputs(ctx, train, {})
+    monkeypatch.chdir(tmp_path / "..")
+    assert keys.inputs(ctx, train, {}) == here
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert keys.changed(here, keys.inputs(ctx, train, {})) == ["edgekit and libraries"]
+    finally:
+        torch.set_num_threads(threads)

@@ -2,9 +2,9 @@
 
 The key covers the data (a fingerprint of every split's arrays), the config sections the stage reads, the code
 of a user's model and its checkpoint, the target profiles (for stages that read them), edgekit's version and
-code, the libraries' versions, and the keys of the stages it needs. It is recorded in the stage's metrics.json;
-`--resume` keeps a finished stage only when its recorded key is the key it would have now, so a build never
-mixes a stage made from other data, code or libraries with stages made from these.
+code, the libraries' versions and torch's thread count, and the keys of the stages it needs. It is recorded in
+the stage's metrics.json; `--resume` keeps a finished stage only when its recorded key is the key it would have
+now, so a build never mixes a stage made from other data, code or libraries with stages made from these.
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def edgekit_code() -> str:
     return h.hexdigest()
 
 
+def torch_threads() -> int:
+    """The torch thread count this process computes with."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
@@ -107,8 +114,8 @@ def user_code(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
     edgekit_dir = Path(__file__).resolve().parents[1]
     files = set()
     for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        path = Path(path).resolve() if path else None
+        path = getattr(module, "__file__", None)  # torch.ops and torch.classes say '_ops.py': not a file
+        path = Path(path).resolve() if path and Path(path).is_absolute() and Path(path).is_file() else None
         if path and path.is_relative_to(root) and not path.is_relative_to(edgekit_dir) \
                 and not set(LIBRARY_DIRS) & set(path.relative_to(root).parts):
             files.add(path)
@@ -139,7 +146,9 @@ def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
     cfg = config.to_dict(config.absolute(ctx.cfg))  # as saved in the build folder, so --resume sees the same
     cfg["build"] = {k: v for k, v in cfg["build"].items() if k not in config.NO_EFFECT}
     return {
-        "edgekit and libraries": _digest([stage.name, __version__, edgekit_code(), library_versions()]),
+        # torch's thread count: training sums in another order on another count (search trials train on one)
+        "edgekit and libraries": _digest([stage.name, __version__, edgekit_code(), library_versions(),
+                                          torch_threads()]),
         "data": data_fingerprint(ctx.data)[:20],
         "model code and checkpoint": _digest(model_fingerprint(ctx.cfg, ctx.data.sample_shape, ctx.data.num_classes)),
         "config": _digest({section: cfg[section] for section in stage.reads if section in cfg}),
