@@ -80,3 +80,25 @@ def test_wrong_input_shape_is_reported():
 def test_small_cnn_any_rank(shape):
     model = models.build_model(config.from_dict({"model": {"width": 4}}), shape, 5)
     assert model(torch.zeros(3, *shape)).shape == (3, 5)
+
+
+def test_checkpoint_in_a_training_wrapper_loads(factory_file, tmp_path):
+    """{'model': state_dict, 'epoch': 3} and DDP's 'module.' prefix are how people save; both load."""
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make"}})
+    model = models.build_model(cfg, (1, 8, 8), 10)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "a.pt")
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "b.pt")
+    for name in ("a.pt", "b.pt"):
+        cfg2 = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / name)}})
+        assert torch.equal(models.build_model(cfg2, (1, 8, 8), 10)[0].weight, model[0].weight)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_keys(factory_file, tmp_path):
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make"}})
+    state = models.build_model(cfg, (1, 8, 8), 10).state_dict()
+    torch.save({("head." + k if k.startswith("0.") else k): v for k, v in state.items()}, tmp_path / "c.pt")
+    cfg2 = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / "c.pt")}})
+    with pytest.raises(ModelError, match=r"2 of the model's keys missing \(0.bias, 0.weight\); 2 keys the model "
+                                         r"does not have \(head.0.bias, head.0.weight\)") as err:
+        models.build_model(cfg2, (1, 8, 8), 10)
+    assert "\n" not in str(err.value)

@@ -59,3 +59,14 @@ def test_nncf_quantize_exports_qdq_onnx_that_onnxruntime_runs(tmp_path):
     out = sess.run(None, {"input": ds.test.x[:16]})[0]
     ref = metrics.logits(qmodel, ds.test.x[:16])
     assert metrics.fidelity(ref, out)["top1_agreement"] >= 0.9
+
+
+def test_train_with_no_epochs_and_no_checkpoint_says_the_weights_are_the_factorys(tmp_path, capsys):
+    from edgekit import config, data
+    from edgekit.stages import train
+    from edgekit.stages.base import Context
+    from tests.conftest import tiny
+
+    cfg = config.from_dict(tiny(data={"limit": 120}, train={"epochs": 0}))
+    train.run(Context(cfg, data.load_dataset(cfg), tmp_path, []))
+    assert "train.epochs is 0 and model.checkpoint is not set" in capsys.readouterr().out

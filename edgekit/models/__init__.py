@@ -84,13 +84,40 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); save a state_dict") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = _unwrapped(state)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"checkpoint '{path}' does not fit the model: {first}") from exc
+        raise ModelError(f"checkpoint '{path}' does not fit the model: {_misfit(model, state, exc)}") from exc
+
+
+CHECKPOINT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {'model': state_dict, 'epoch': 3}
+
+
+def _unwrapped(state: object) -> object:
+    """The state_dict inside a training checkpoint's usual wrapper, without DistributedDataParallel's 'module.'."""
+    if isinstance(state, dict):
+        inner = next((state[k] for k in CHECKPOINT_WRAPPERS if isinstance(state.get(k), dict)), None)
+        state = inner if inner is not None else state
+        if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _misfit(model: nn.Module, state: object, exc: BaseException) -> str:
+    """Which keys are missing or unexpected, or which shape does not match: one line."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state_dict; save model.state_dict()"
+    want, got = set(model.state_dict()), set(state)
+    missing, extra = sorted(want - got), sorted(map(str, got - want))
+    if missing or extra:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        parts = [f"{len(missing)} of the model's keys missing ({some(missing)})" if missing else "",
+                 f"{len(extra)} keys the model does not have ({some(extra)})" if extra else ""]
+        return "; ".join(p for p in parts if p) + "; save model.state_dict() of this architecture"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)
 
 
 def build_named(name: str, sample_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
