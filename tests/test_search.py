@@ -452,3 +452,24 @@ def test_the_default_recipe_is_a_point_of_the_default_space():
     narrow = {**space.DEFAULT_SPACE, "quantize.method": ["ptq", "qat"]}
     assert space.base_point(narrow, base) is None
     assert space.outside(narrow, base) == ["quantize.method auto not in [ptq, qat]"]
+
+
+def test_trials_with_the_same_bytes_are_timed_once_and_share_it(tmp_path, monkeypatch):
+    """Timing noise must not put one copy of an artifact on the front and another off it."""
+    from edgekit.device import measure
+
+    timed = []
+
+    def fake_run(bundle, path, names, log):  # the grouping is under test here; real timing: the test above
+        timed.append(bundle.name)
+        ms = {"p50": len(timed) * 0.1, "p90": len(timed) * 0.2}
+        return {"latency_ms": ms, "peak_rss_mb": 50.0, "artifacts": {names[0]: {"latency_ms": ms}}}
+
+    monkeypatch.setattr(measure, "run_bundle", fake_run)
+    trials = [{"id": i, "bundle": str(tmp_path / i), "artifact": "onnx_int8", "sha256": sha}
+              for i, sha in (("a", "s1"), ("b", "s2"), ("c", "s1"))]
+    run.time_here(trials, tmp_path, log=lambda _: None)
+    assert sorted(timed) == sorted(["a", "b"] * run.TIMING_ROUNDS)
+    saved = {i: json.loads((tmp_path / "trials" / i / run.TIMING_FILE).read_text()) for i in "abc"}
+    assert saved["c"]["latency_ms"] == saved["a"]["latency_ms"] and saved["c"]["same_bytes_as"] == "a"
+    assert "same_bytes_as" not in saved["a"] and saved["b"]["latency_ms"] != saved["a"]["latency_ms"]

@@ -345,27 +345,35 @@ def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device:
 def time_here(trials: list[dict], out: Path, log, rounds: int = TIMING_ROUNDS) -> None:
     """Time each trial's primary artifact `rounds` times, the trials in rotating order (a slow spell of the
     machine falls on all of them), into its TIMING_FILE: the first round's result with the median p50 / p90 over
-    the rounds, the largest peak RSS, and every round's latencies (`timing_rounds`)."""
+    the rounds, the largest peak RSS, and every round's latencies (`timing_rounds`). Trials whose artifacts are
+    the same bytes are timed once and share the result (`same_bytes_as`): timing noise must not rank one copy
+    above another."""
     import statistics
     import tempfile
 
     from edgekit.device import measure
 
-    runs: dict[str, list[dict]] = {t["id"]: [] for t in trials}
+    groups: dict[tuple, list[dict]] = {}
+    for t in trials:
+        groups.setdefault((t.get("sha256") or t["id"], t["artifact"]), []).append(t)
+    timed = [members[0] for members in groups.values()]
+    runs: dict[str, list[dict]] = {t["id"]: [] for t in timed}
     with tempfile.TemporaryDirectory(prefix="edgekit-timing-") as tmp:
-        for r in range(rounds if trials else 0):
-            log(f"  timing {len(trials)} trial(s) here, round {r + 1} of {rounds} ...")
-            for t in trials[r % len(trials):] + trials[:r % len(trials)]:
+        for r in range(rounds if timed else 0):
+            log(f"  timing {len(timed)} trial(s) here, round {r + 1} of {rounds} ...")
+            for t in timed[r % len(timed):] + timed[:r % len(timed)]:
                 runs[t["id"]].append(measure.run_bundle(Path(t["bundle"]), Path(tmp) / f"{t['id']}-{r}.json",
                                                         [t["artifact"]], log=lambda _: None))
-    for t in trials:
-        first, rounds = runs[t["id"]][0], [x["latency_ms"] for x in runs[t["id"]]]
-        median = {k: statistics.median(x[k] for x in rounds) for k in ("p50", "p90")}
-        kept = {"latency_ms": {**first["latency_ms"], **median}, "peak_rss_mb": max(x["peak_rss_mb"]
-                                                                                    for x in runs[t["id"]])}
+    for first_trial, *copies in groups.values():
+        got = runs[first_trial["id"]]
+        first, latencies = got[0], [x["latency_ms"] for x in got]
+        median = {k: statistics.median(x[k] for x in latencies) for k in ("p50", "p90")}
+        kept = {"latency_ms": {**first["latency_ms"], **median}, "peak_rss_mb": max(x["peak_rss_mb"] for x in got)}
         artifacts = {name: {**r, **kept} for name, r in first["artifacts"].items()}  # the one artifact timed
-        write_json(out / TRIALS_DIR / t["id"] / TIMING_FILE,
-                   {**first, **kept, "artifacts": artifacts, "timing_rounds": rounds})
+        record = {**first, **kept, "artifacts": artifacts, "timing_rounds": latencies}
+        write_json(out / TRIALS_DIR / first_trial["id"] / TIMING_FILE, record)
+        for t in copies:
+            write_json(out / TRIALS_DIR / t["id"] / TIMING_FILE, {**record, "same_bytes_as": first_trial["id"]})
 
 
 def _artifact_file(trial: dict) -> tuple[Path, str]:
