@@ -16,34 +16,66 @@ import numpy as np
 from edgekit import quiet
 from edgekit.runner.runner import Artifact, latency_stats
 
+# onnxruntime's intra-op workers spin for about 40 ms after a run (onnxruntime 1.23 at 2 threads on this 2-core
+# Xeon: 38 ms of CPU in the 50 ms after the last run), LiteRT's for under a millisecond. Alternating single runs
+# at more than one thread therefore times each artifact against the others' spinning threads: LiteRT int8 took
+# 0.018 / 0.025 ms (p50 / p90) alone and 0.021-0.028 / 0.16-0.18 ms alternating with two onnxruntime sessions.
+# So at more than one thread every artifact runs a block of consecutive inferences (as it would deployed), after
+# SETTLE_S of sleep (the spin is a count, longer on a slower CPU; watching the process's CPU time does not tell
+# spinning from yielding on a loaded machine) and REWARM untimed runs. A block lasts about BLOCK_S for the slowest
+# artifact, and every artifact gets the same number of runs per block, so sample i of each lies in one round.
+SETTLE_S = 0.1
+BLOCK_S = 0.03
+REWARM = 2
+MIN_BLOCK_ROUNDS = 8
+
 
 def alternate(artifacts: dict[str, Artifact], x: np.ndarray, *, warmup: int, min_rounds: int, min_s: float,
-              max_s: float) -> dict[str, list[float]]:
-    """One timed single-sample inference per artifact per round, rotating the order; samples in ms."""
+              max_s: float, blocks: bool = False) -> dict[str, list[float]]:
+    """Rounds of timed single-sample inferences, the artifacts' order rotating each round; samples in ms.
+
+    Without `blocks`, one inference per artifact per round (right at one thread, where no runtime keeps worker
+    threads spinning). With `blocks`, a block per artifact per round, as above; at least `min_rounds` samples
+    and MIN_BLOCK_ROUNDS rounds."""
+    clock = time.perf_counter
     feeds = {name: a.encode(x[:1])[0] for name, a in artifacts.items()}
-    for _ in range(warmup):
-        for name, a in artifacts.items():
+    slowest = 0.0
+    for name, a in artifacts.items():
+        warm = []
+        for _ in range(max(warmup, 1)):
+            t0 = clock()
             a.run(feeds[name])
+            warm.append(clock() - t0)
+        slowest = max(slowest, float(np.median(warm)))
+    size = max(1, int(BLOCK_S / max(slowest, 1e-6))) if blocks else 1
+    rewarm, least_rounds = (REWARM, MIN_BLOCK_ROUNDS) if blocks else (0, 1)
     names, samples = list(artifacts), {name: [] for name in artifacts}
-    start, rounds, clock = time.perf_counter(), 0, time.perf_counter
+    start, rounds = clock(), 0
     while True:
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
-            t0 = clock()
-            artifacts[name].run(feeds[name])
-            samples[name].append((clock() - t0) * 1000.0)
+            run, feed, out = artifacts[name].run, feeds[name], samples[name]
+            if blocks:
+                time.sleep(SETTLE_S)
+            for _ in range(rewarm):
+                run(feed)
+            for _ in range(size):
+                t0 = clock()
+                run(feed)
+                out.append((clock() - t0) * 1000.0)
         rounds += 1
         elapsed = clock() - start
-        if (rounds >= min_rounds and elapsed >= min_s) or elapsed >= max_s:
+        if (rounds * size >= min_rounds and rounds >= least_rounds and elapsed >= min_s) or elapsed >= max_s:
             return samples
 
 
 def measure(folder: Path, entries: list[dict], x: np.ndarray, threads: int, run_cfg) -> dict[str, list[float]]:
-    """Latency samples (ms) of every entry (manifest artifact records, files in `folder`) timed alternately."""
+    """Latency samples (ms) of every entry (manifest artifact records, files in `folder`) timed alternately, in
+    blocks at more than one thread."""
     with quiet.silenced():  # LiteRT announces its XNNPACK delegate on stderr
         arts = {e["name"]: Artifact(folder / e["file"], e, threads) for e in entries}
     return alternate(arts, x, warmup=run_cfg.warmup_runs, min_rounds=run_cfg.min_runs,
-                     min_s=run_cfg.min_seconds, max_s=run_cfg.max_seconds)
+                     min_s=run_cfg.min_seconds, max_s=run_cfg.max_seconds, blocks=threads != 1)
 
 
 # A faster artifact must win on p50 and on p90 (the headline) by more than MIN_GAIN at the upper end of the
@@ -149,7 +181,9 @@ def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, 
                 key=lambda r: r["p50_ms"])
     ci = intervals(boot, pick["artifact"], rival["artifact"])
     if len(unbeaten) == 1:
-        return pick, f"faster beyond noise: {_versus(pick, rival, ci)}"
+        clear = [q for q, (_, hi) in ci.items() if hi < 1 - MIN_GAIN]  # the quantile(s) that decided
+        head = f"faster beyond noise on {' and '.join(clear)}" if clear else "the only one no other beats beyond noise"
+        return pick, f"{head}: {_versus(pick, rival, ci)}"
     kind = "no clear winner, p50 and p90 disagree" if _split(ci) else "tie within noise"
     why = "smaller file" if pick["size_bytes"] < rival["size_bytes"] else "equal size, int8"
     return pick, f"{kind} ({_versus(pick, rival, ci)}): {why}"

@@ -1,5 +1,8 @@
 """Pick what pays: a faster artifact only when it wins beyond the run's noise; one summary row, one measurement."""
 
+import time
+from pathlib import Path
+
 import numpy as np
 
 from edgekit import recommend, report
@@ -43,7 +46,7 @@ def test_clearly_faster_artifact_wins_even_when_larger():
     rows = _rows(samples, {"onnx_fp32": 76_000, "tflite_int8": 25_000})
     pick, reason = recommend.choose(rows, samples, 1.0)
     assert pick["artifact"] == "onnx_fp32"
-    assert reason.startswith("faster beyond noise: p50 0.50x") and "tflite_int8" in reason
+    assert reason.startswith("faster beyond noise on p50 and p90: p50 0.50x") and "tflite_int8" in reason
 
 
 def test_p50_win_with_a_much_worse_p90_is_not_faster():
@@ -67,7 +70,7 @@ def test_clearly_lower_p90_with_a_p50_lost_in_noise_wins():
     assert ci["p50"][0] < 1 < ci["p50"][1] and ci["p90"][1] < 0.95  # the case: p50 lost in noise, p90 clear
     rows = _rows(samples, {"onnx_fp32": 140_000, "tflite_int8": 42_000})
     pick, reason = recommend.choose(rows, samples, 1.0)
-    assert pick["artifact"] == "onnx_fp32" and reason.startswith("faster beyond noise")
+    assert pick["artifact"] == "onnx_fp32" and reason.startswith("faster beyond noise on p90:")  # not on p50
 
 
 def test_inaccurate_artifact_is_never_picked():
@@ -116,3 +119,51 @@ def test_summary_row_columns_come_from_one_measurement():
     # without a side-by-side run, the ratio is taken from the same runs as the p50 columns it sits beside
     cols = _columns(report.summary_table(_report({"onnx_int8": (0.035, 0.04), "onnx_fp32": (0.070, 0.08)}, None)))
     assert cols["onnx_int8"] == (0.035, 0.04, "0.50") and cols["onnx_fp32"][2] == "-"
+
+
+class _Logged:
+    """An artifact that logs its runs (and sleeps, via the patched time.sleep) into one shared list."""
+
+    def __init__(self, name: str, log: list, seconds: float) -> None:
+        self.name, self.log, self.seconds = name, log, seconds
+
+    def encode(self, x):
+        return [x]
+
+    def run(self, feed) -> None:
+        self.log.append(self.name)
+        time.sleep(self.seconds)
+
+
+def test_at_two_threads_each_artifact_is_timed_in_blocks_after_the_others_went_quiet(monkeypatch):
+    # onnxruntime's workers spin ~40 ms after a run: one-inference alternation timed LiteRT against them
+    log: list = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(recommend.time, "sleep",
+                        lambda s: log.append("settle") if s == recommend.SETTLE_S else real_sleep(s))
+    arts = {"a": _Logged("a", log, 0.001), "b": _Logged("b", log, 0.002)}
+    samples = recommend.alternate(arts, np.zeros((1, 4)), warmup=1, min_rounds=10, min_s=0.0, max_s=30.0,
+                                  blocks=True)
+    timed = log[2:]  # after the one warm-up run each
+    blocks = "".join("|" if e == "settle" else e for e in timed).split("|")[1:]
+    size = len(blocks[0]) - recommend.REWARM  # about BLOCK_S of the slowest artifact, the same for both
+    assert 1 < size <= recommend.BLOCK_S / 0.002
+    assert len(samples["a"]) == len(samples["b"]) == recommend.MIN_BLOCK_ROUNDS * size
+    assert len(blocks) == 2 * recommend.MIN_BLOCK_ROUNDS
+    for i, block in enumerate(blocks):  # every block: one artifact only, REWARM untimed runs then the timed ones
+        assert len(set(block)) == 1 and len(block) == recommend.REWARM + size
+        assert block[0] == ("ab" if (i // 2) % 2 == 0 else "ba")[i % 2]  # the order rotates each round
+    # at one thread no runtime spins: one inference each per round, no settling
+    log.clear()
+    samples = recommend.alternate(arts, np.zeros((1, 4)), warmup=1, min_rounds=10, min_s=0.0, max_s=30.0)
+    assert "settle" not in log and log[2:22] == list("abba" * 5) and len(samples["a"]) == 10
+
+
+def test_measure_uses_blocks_above_one_thread(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(recommend, "Artifact", lambda path, entry, threads: entry["name"])
+    monkeypatch.setattr(recommend, "alternate", lambda arts, x, **kw: seen.setdefault(len(seen), kw["blocks"]))
+    from edgekit import config
+    for threads in (1, 2, 4):
+        recommend.measure(Path("."), [{"name": "a", "file": "a.onnx"}], np.zeros((1, 4)), threads, config.Config().run)
+    assert seen == {0: False, 1: True, 2: True}
