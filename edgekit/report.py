@@ -154,12 +154,36 @@ def summary_table(report: dict) -> str:
 
 
 def prune_lines(stages: list[dict]) -> list[str]:
-    """Which pruning round the build kept and why (the prune stage's accuracy guard)."""
-    kept = next((s.get("kept") for s in stages if s["name"] == "prune"), None)
+    """Which pruning round the build kept and why (the prune stage's accuracy guard), and the rounds that removed
+    no channel (not fine-tuned)."""
+    stage = next((s for s in stages if s["name"] == "prune"), {})
+    kept = stage.get("kept")
     if not kept:
         return []
-    return [f"pruning kept round {kept['round']} of {kept['of']} ({kept['macs_kept']:.0%} of the MACs): "
-            f"{kept['reason']}"]
+    n = kept["of"]
+    what = f"round {kept['round']} of {n}" if kept["round"] else f"the unpruned model, no round of {n}"
+    idle = [str(k) for k, r in enumerate(stage.get("rounds") or [], 1) if r.get("nothing_removed")]
+    many = len(idle) > 1
+    none = (f"; round{'s' if many else ''} {', '.join(idle)} removed no channels and {'were' if many else 'was'} "
+            "not fine-tuned") if idle else ""
+    return [f"pruning kept {what} ({kept['macs_kept']:.0%} of the MACs): {kept['reason']}{none}"]
+
+
+def model_line(config: dict) -> str:
+    """What built the model: the user's factory (model.name, the built-in model, is then unused) or the zoo."""
+    m = config.get("model") or {}
+    built = f"factory {m['factory']}" if m.get("factory") else \
+        f"built-in {m.get('name')} (width {m.get('width')}, width_mult {m.get('width_mult'):g})"
+    return built + (f", checkpoint {m['checkpoint']}" if m.get("checkpoint") else "")
+
+
+def shown_config(config: dict) -> dict:
+    """The config as a report shows it: without model.name when a factory builds the model (it names a built-in
+    model the build did not use)."""
+    m = config.get("model") or {}
+    if not m.get("factory"):
+        return config
+    return {**config, "model": {k: v for k, v in m.items() if k != "name"}}
 
 
 def _latency(row: dict) -> tuple[dict | None, str | None]:

@@ -176,10 +176,11 @@ def build_view(source: Source) -> dict:
     rep = source.report
     view = {"label": source.label, "path": str(source.path), "runs": _run_rows(source),
             "fidelity": _fidelity(source), "sensitivity": _sensitivity(source.sensitivity), "stages": [],
-            "targets": [], "config_yaml": None, "versions": {}}
+            "targets": [], "config_yaml": None, "versions": {}, "model": None}
     if rep:
         view.update(stages=_stage_rows(rep, source.path), targets=_targets(rep, source.budgets),
-                    config_yaml=yaml.safe_dump(rep["config"], sort_keys=False),
+                    model=report.model_line(rep["config"]),
+                    config_yaml=yaml.safe_dump(report.shown_config(rep["config"]), sort_keys=False),
                     versions={"edgekit": rep.get("edgekit_version"), **(rep.get("versions") or {})},
                     over_budget=rep.get("over_budget", []), cached_stages=rep.get("cached_stages") or {})
     return view

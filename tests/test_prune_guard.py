@@ -7,7 +7,7 @@ import pytest
 import yaml
 from torch import nn
 
-from edgekit import config, metrics, prunable, targets
+from edgekit import config, metrics, prunable, report, targets
 from edgekit.errors import ConfigError, TargetError
 from edgekit.stages import prune
 from edgekit.stages.base import Context
@@ -37,7 +37,13 @@ def test_guard_undoes_the_round_past_the_tolerance_and_says_so(trained, tmp_path
     kept = result["kept"]
     assert kept["round"] == 0 and kept["of"] == 2 and len(result["rounds"]) == 1
     assert result["rounds"][0]["val_loss_pp"] > kept["max_loss_pp"]
-    assert "round 1 of 2 lost" in kept["reason"] and "prune.max_loss_pp" in kept["reason"]
+    loss, samples = result["rounds"][0]["val_loss_pp"], len(ctx.data.val.y)
+    assert kept["reason"] == (  # each thing once: the limit and where it came from are not said twice
+        f"round 1 lost {loss:.2f} pp of validation accuracy against the unpruned model, more than the "
+        f"{kept['max_loss_pp']:.3g} pp allowed (prune.max_loss_pp: 0 pp, raised to one of the {samples} "
+        "validation samples), and was undone")
+    (summary,) = report.prune_lines([result])
+    assert summary == f"pruning kept the unpruned model, no round of 2 (100% of the MACs): {kept['reason']}"
     assert result["macs"] == ctx.metrics("train")["macs"] and kept["macs_kept"] == 1.0
     assert _val(ctx, "prune") == pytest.approx(kept["unpruned_val_accuracy"]) == pytest.approx(kept["val_accuracy"])
 
@@ -45,14 +51,19 @@ def test_guard_undoes_the_round_past_the_tolerance_and_says_so(trained, tmp_path
 def test_without_the_guard_the_same_recipe_prunes_to_the_target(trained, tmp_path):
     result, ctx = _prune(trained, tmp_path, [], ratio=0.9, steps=2, finetune_epochs=0, max_loss_pp=0.0,
                          accuracy_guard=False)
-    assert result["kept"]["round"] == 2 and "guard off" in result["kept"]["reason"]
+    assert result["kept"]["round"] == 2 and result["kept"]["reason"].startswith("the full target, accuracy guard off")
     assert result["macs"] < 0.3 * ctx.metrics("train")["macs"]
     assert _val(ctx, "prune") == pytest.approx(result["val_accuracy"])
 
 
 def test_guard_keeps_every_round_within_a_loose_tolerance(trained, tmp_path):
     result, ctx = _prune(trained, tmp_path, [], ratio=0.5, steps=2, finetune_epochs=2, max_loss_pp=100.0)
-    assert result["kept"]["round"] == 2 and "the full target was reached" in result["kept"]["reason"]
+    kept = result["kept"]
+    assert kept["round"] == 2 and kept["reason"] == ("the full target, every round within the 100 pp allowed "
+                                                     "(prune.max_loss_pp) of the unpruned model's validation "
+                                                     f"accuracy {kept['unpruned_val_accuracy']:.4f}")
+    (summary,) = report.prune_lines([result])
+    assert summary == f"pruning kept round 2 of 2 ({kept['macs_kept']:.0%} of the MACs): {kept['reason']}"
     assert result["macs"] < 0.6 * ctx.metrics("train")["macs"]
     assert all("val_loss_pp" in r for r in result["rounds"])
 
@@ -70,6 +81,42 @@ def test_each_round_records_and_prints_the_channels_it_removed(trained, tmp_path
     assert lines == [f"[prune] round {k}/2: removed {r['channels_removed']} channels, kept {r['channels_kept']} of "
                      f"{unpruned} ({r['channels_removed_total']} removed in all); val accuracy "
                      f"{r['val_accuracy']:.4f}" for k, r in ((1, first), (2, second))]
+
+
+def test_a_round_that_removes_no_channel_is_not_fine_tuned_and_later_rounds_reach_the_target(trained, tmp_path,
+                                                                                              capsys):
+    """MACs target 0.5 in 4 rounds with round_to 8 (x86-64): the first round's 8-channel steps already pass the
+    second round's share, so that round removes nothing. It is not fine-tuned and says so; the third round prunes
+    again and the target is reached."""
+    result, ctx = _prune(trained, tmp_path, targets.get(["x86-64"]), target_macs=0.5, steps=4, finetune_epochs=4,
+                         accuracy_guard=False)
+    rounds = result["rounds"]
+    idle = [k for k, r in enumerate(rounds, 1) if r["channels_removed"] == 0]
+    assert idle and any(r["channels_removed"] > 0 for r in rounds[idle[0]:]), rounds  # pruning went on after it
+    assert result["macs_kept"] <= 0.5
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[prune] round")]
+    for k, r in enumerate(rounds, 1):
+        if k in idle:
+            assert r["finetune_epochs"] == 0 and r["val_accuracy"] == r["val_accuracy_before_finetune"]
+            assert r["nothing_removed"].startswith("already at ") and "under this round's" in r["nothing_removed"]
+            assert lines[k - 1].startswith(f"[prune] round {k}/4: removed no channels ({r['nothing_removed']}), "
+                                           f"kept {r['channels_kept']} of ")
+            assert "; not fine-tuned, nothing to recover; val accuracy" in lines[k - 1]
+        else:
+            assert r["finetune_epochs"] == 1 and "nothing_removed" not in r
+    (summary,) = report.prune_lines([result])
+    assert summary.endswith(f"; round{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} removed no channels "
+                            f"and {'were' if len(idle) > 1 else 'was'} not fine-tuned")
+
+
+def test_a_ratio_round_that_rounding_leaves_unchanged_is_not_fine_tuned(trained, tmp_path):
+    """Ratio 0.2 in 4 rounds of round_to 8: the first round already removes a multiple of 8 per layer, the next
+    rounds' shares round to the same counts."""
+    result, _ = _prune(trained, tmp_path, targets.get(["x86-64"]), ratio=0.2, steps=4, finetune_epochs=4,
+                       accuracy_guard=False)
+    idle = [r for r in result["rounds"] if r["channels_removed"] == 0]
+    assert idle and all(r["finetune_epochs"] == 0 for r in idle)
+    assert all(r["nothing_removed"] == "every layer's count rounded to a multiple of 8 stayed the same" for r in idle)
 
 
 def test_guard_takes_the_strictest_chosen_target(trained):
@@ -134,12 +181,10 @@ def test_target_round_to_is_validated(tmp_path, value):
 
 
 def test_console_says_which_round_pruning_kept_and_why():
-    from edgekit import report
-
-    kept = {"round": 1, "of": 4, "macs_kept": 0.71, "reason": "round 2 of 4 lost 1.50 pp ... kept round 1"}
+    kept = {"round": 1, "of": 4, "macs_kept": 0.71, "reason": "round 2 lost 1.50 pp ..., and was undone"}
     stage = {"name": "prune", "accuracy": 0.8, "params": 1, "macs": 1, "size_bytes": 1, "kept": kept}
     table = report.summary_table({"stages": [stage], "artifacts": [], "bundles": []})
-    assert "pruning kept round 1 of 4 (71% of the MACs): round 2 of 4 lost 1.50 pp ... kept round 1" in table
+    assert "pruning kept round 1 of 4 (71% of the MACs): round 2 lost 1.50 pp ..., and was undone\n" in table
     assert "pruning kept" not in report.summary_table({"stages": [], "artifacts": [], "bundles": []})
 
 

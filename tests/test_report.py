@@ -307,3 +307,19 @@ def test_the_page_says_what_came_from_the_caches(e2e_build, tmp_path):
     cells = re.findall(r'<td class="check">([^<]*)</td>', page)
     assert len(cells) == len(saved["artifacts"]) and "cached: passed 2026-12-01T10:00" in cells[0]
     assert all(c.startswith("ok (") for c in cells)
+
+
+@pytest.mark.parametrize("model", [{"factory": "nets/mine.py:build", "checkpoint": "mine.pt"}, {"name": "resnet8"}])
+def test_the_page_names_the_model_that_was_built(tmp_path, model):
+    """A factory's build shows the factory, not model.name (the unused built-in default); a zoo build its name."""
+    from edgekit import config
+
+    cfg = config.to_dict(config.from_dict({"model": model}))
+    (tmp_path / "report.json").write_text(json.dumps({"config": cfg, "stages": [], "artifacts": [], "bundles": []}))
+    page = report_html.render([tmp_path])
+    shown = re.search(r'<p class="model">Model: <code>([^<]*)</code></p>', page).group(1)
+    if "factory" in model:
+        assert shown == "factory nets/mine.py:build, checkpoint mine.pt"
+        assert "small_cnn" not in page and "nets/mine.py:build" in page  # nor in the config shown
+    else:
+        assert shown == "built-in resnet8 (width 32, width_mult 1)" and "name: resnet8" in page

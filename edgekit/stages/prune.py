@@ -10,8 +10,10 @@ Methods (a registry; `prune.method`):
 Targets: `target_macs` / `target_params` (fraction of the unpruned model to keep at most) are met by calling
 torch-pruning's `step()` in small increments until the count is under the target (torch-pruning has no
 MACs target of its own); otherwise `ratio` of the channels of every prunable layer is removed. `steps: N`
-spreads the target over N rounds with fine-tuning between them. Residual, depthwise and concatenation
-couplings are pruned as one group, so the pruned model still runs and exports.
+spreads the target over N rounds with fine-tuning between them; a round that removes no channel (rounding to
+`round_to` kept every count, or an earlier round already passed this round's share) is not fine-tuned, and the
+later rounds still prune on to the full target. Residual, depthwise and concatenation couplings are pruned as
+one group, so the pruned model still runs and exports.
 
 Accuracy guard (`accuracy_guard`, on by default): after each round's fine-tuning the validation accuracy is
 compared with the unpruned model's; the first round that loses more than `max_loss_pp` (default: the
@@ -259,22 +261,26 @@ def round_to_for(p: PruneConfig, targets: list) -> tuple[int | None, str]:
         f": least common multiple {value}" if len(set(wanted.values())) > 1 else "")
 
 
+def _limit(guard: Guard) -> str:
+    """The loss the guard allows and where it comes from, e.g. 'the 1 pp allowed (prune.max_loss_pp)'."""
+    raised = "" if guard.limit_pp <= guard.max_loss_pp else \
+        f": {guard.max_loss_pp:g} pp, raised to one of the {guard.val_samples} validation samples"
+    return f"the {guard.limit_pp:.3g} pp allowed ({guard.source}{raised})"
+
+
 def _kept_record(rounds: list[dict], guard: Guard | None, stopped: dict | None) -> dict:
-    """Which round's model the stage keeps and why (metrics, report and console say it)."""
+    """Which round's model the stage keeps and why. The reason says each thing once and never repeats what
+    `round` / `of` say: report.prune_lines prints 'pruning kept round k of n (...): reason'."""
     n = len(rounds)
     if guard is None:
-        return {"round": n, "of": n, "reason": "accuracy guard off (prune.accuracy_guard: false, or no target "
-                                               "tolerance to judge against): the full target was pruned"}
-    within = f"within {guard.limit_pp:.3g} pp ({guard.source})"
+        return {"round": n, "of": n, "reason": "the full target, accuracy guard off (prune.accuracy_guard: false, "
+                                               "or no target tolerance to judge against)"}
     if stopped is None:
-        return {"round": n, "of": n, "reason": f"the full target was reached {within} of the unpruned model's "
-                                               f"validation accuracy {guard.baseline:.4f}"}
-    k = stopped["round"] - 1
-    what = f"round {k}" if k else "the unpruned model (no round)"
-    return {"round": k, "of": stopped["of"],
-            "reason": f"round {stopped['round']} of {stopped['of']} lost {stopped['loss_pp']:.2f} pp of validation "
-                      f"accuracy against the unpruned model, more than {guard.limit_pp:.3g} pp ({guard.source}); "
-                      f"kept {what}, the last {within}"}
+        return {"round": n, "of": n, "reason": f"the full target, every round within {_limit(guard)} of the "
+                                               f"unpruned model's validation accuracy {guard.baseline:.4f}"}
+    return {"round": stopped["round"] - 1, "of": stopped["of"],
+            "reason": f"round {stopped['round']} lost {stopped['loss_pp']:.2f} pp of validation accuracy against "
+                      f"the unpruned model, more than {_limit(guard)}, and was undone"}
 
 
 def _finetune_epochs(total: int, rounds: int) -> list[int]:
@@ -285,10 +291,23 @@ def round_line(record: dict, k: int, n: int, undone: bool = False) -> str:
     """The console line of one round: the channels it removed, those left, its validation accuracy."""
     loss = record.get("val_loss_pp")
     against = "" if loss is None else f", {abs(loss):.2f} pp {'below' if loss > 0 else 'above'} the unpruned model"
-    return (f"[{name}] round {k}/{n}: removed {record['channels_removed']} channels, kept "
-            f"{record['channels_kept']} of {record['channels_unpruned']} ({record['channels_removed_total']} removed "
-            f"in all); val accuracy {record['val_accuracy']:.4f}{against}"
+    nothing = record.get("nothing_removed")
+    removed = f"removed no channels ({nothing})" if nothing else f"removed {record['channels_removed']} channels"
+    return (f"[{name}] round {k}/{n}: {removed}, kept {record['channels_kept']} of {record['channels_unpruned']} "
+            f"({record['channels_removed_total']} removed in all); "
+            + ("not fine-tuned, nothing to recover; " if nothing else "")
+            + f"val accuracy {record['val_accuracy']:.4f}{against}"
             + ("; undone: past the accuracy guard" if undone else ""))
+
+
+def _why_nothing(info: dict, plan: Plan) -> str:
+    """Why a round removed no channel: its target was already met, or rounding kept every layer's count."""
+    if info.get("pruner_steps") == 0:
+        what = {"macs": "MACs", "params": "parameters"}[info["measure"]]
+        return f"already at {info['reached']:.0%} of the unpruned {what}, under this round's {info['target']:.0%}"
+    if plan.round_to and plan.round_to > 1:
+        return f"every layer's count rounded to a multiple of {plan.round_to} stayed the same"
+    return "the pruner found none to remove at this round's ratio"
 
 
 def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
@@ -308,11 +327,15 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         now = output_channels(model)
         info.update(channels_removed=channels - now, channels_kept=now, channels_removed_total=unpruned - now,
                     channels_unpruned=unpruned)
-        channels = now
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
-        val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
-                           seed=t.seed, desc="finetune", workers=t.workers)
+        if now == channels:  # the model is unchanged: nothing to fine-tune; later rounds still prune on to the target
+            info["nothing_removed"] = _why_nothing(info, plan)
+            ep, val = 0, info["val_accuracy_before_finetune"]
+        else:
+            val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
+                               seed=t.seed, desc="finetune", workers=t.workers)
+        channels = now
         rounds.append({**info, "finetune_epochs": ep, "val_accuracy": val})
         if guard is not None:
             rounds[-1]["val_loss_pp"] = guard.loss_pp(val)
