@@ -320,6 +320,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
     rounds, best_val, stopped = [], guard.baseline if guard else 0.0, None
     pruning = _rounds(ctx, model, plan, p.steps)
     unpruned = channels = output_channels(model)
+    owed = 0
     for i, ep in enumerate(_finetune_epochs(p.finetune_epochs, p.steps)):
         before = copy.deepcopy(model) if guard else None
         training.seed_everything(t.seed)  # random importance (and Taylor's batch) repeat under train.seed
@@ -331,8 +332,9 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         if now == channels:  # the model is unchanged: nothing to fine-tune; later rounds still prune on to the target
             info["nothing_removed"] = _why_nothing(info, plan)
-            ep, val = 0, info["val_accuracy_before_finetune"]
-        else:
+            owed, ep, val = owed + ep, 0, info["val_accuracy_before_finetune"]
+        else:  # the epochs of skipped rounds go to the next cut, which is larger by theirs
+            ep, owed = ep + owed, 0
             val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
                                seed=t.seed, desc="finetune", workers=t.workers)
         channels = now
