@@ -1,8 +1,9 @@
 """Pick what pays: time a target's candidate artifacts side by side and recommend the fastest accurate one.
 
 Candidates run with the runtime the target uses (the bundle runner's own `Artifact`) at the target's thread
-count, alternating one inference each per round so that machine noise hits them all alike. Only targets
-whose architecture matches this machine are measured; the others get no recommendation, and say so.
+count, alternating (one inference each per round at one thread, a block each at more) so that machine noise
+hits them all alike. Only targets whose architecture matches this machine are measured; the others get no
+recommendation, and say so.
 """
 
 from __future__ import annotations

@@ -134,8 +134,8 @@ def summary_table(report: dict) -> str:
                      f"{_fmt(_ratio(r, report['artifacts']), '.2f'):>9} {_fmt(fused, 's'):>7} "
                      f"{budget_cell(r.get('budget')):>6}")
     lines.append("p50, p90, int8/fp32: one side-by-side run per target (artifacts timed alternately at the "
-                 "target's threads; else the runner's runs); int8/fp32 = p50 / p50 of the same-format fp32 row, "
-                 "else the fastest fp32 row; * recommended")
+                 "target's threads, in blocks above one; else the runner's runs); int8/fp32 = p50 / p50 of the "
+                 "same-format fp32 row, else the fastest fp32 row; * recommended")
     lines.append("fused: int8 ops / float ops left unfused in onnxruntime's optimized graph; budget: the target's "
                  "latency_ms (against p90) and memory_mb (against the runner's peak RSS), - where not measured here")
     for line in report.get("over_budget", []):
