@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -52,6 +53,7 @@ def repeat(folder: Path, runs: int, threads: int) -> dict:
     ways = ["runner", "single", "blocks"]
     got: dict[str, dict[str, list]] = {w: {e["name"]: [] for e in entries} for w in ways}
     picks: dict[str, list[str]] = {"single": [], "blocks": []}
+    load_before = [round(v, 2) for v in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(runs):
             for way in ways[i % 3:] + ways[:i % 3]:
@@ -72,13 +74,15 @@ def repeat(folder: Path, runs: int, threads: int) -> dict:
     med = {w: {n: [statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals)]
                for n, vals in by.items()} for w, by in got.items()}
     return {"bundle": str(folder), "target": target.name, "threads": threads, "runs": runs,
-            "environment": environment(), "median_p50_p90_ms": med, "every_run": got, "picks": picks}
+            "load_before_after": [load_before, [round(v, 2) for v in os.getloadavg()]], "environment": environment(),
+            "median_p50_p90_ms": med, "every_run": got, "picks": picks}
 
 
 def report(result: dict, command: str) -> str:
     env, med = result["environment"], result["median_p50_p90_ms"]
     lines = [f"# Side-by-side timing against the runner — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{env['cpu']}, {env['cores']} cores", "",
+             f"{env['cpu']}, {env['cores']} cores, load (1/5/15 min) {result['load_before_after'][0]} before and "
+             f"{result['load_before_after'][1]} after", "",
              f"`{command}`; target {result['target']} at {result['threads']} threads, {result['runs']} repetitions "
              "(the ways' order rotating); medians over the repetitions. runner = the bundle's runner, one artifact "
              "per process (what `edgekit run` reports); single = one inference per artifact per round in one "
