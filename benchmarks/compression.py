@@ -43,7 +43,7 @@ SIZE_GOAL = 12.0
 
 def make_cfg(task: str, model: dict, seed: int = 0, **sections: dict) -> config.Config:
     e_train, e_tune = EPOCHS
-    raw = {"data": {"source": task, "copies": 2}, "model": model,
+    raw = {"data": {"source": task, **({"copies": 2} if task == "digits32" else {})}, "model": model,
            "train": {"epochs": e_train, "lr": 3e-3, "seed": seed},
            "prune": {"target_macs": 0.5, "finetune_epochs": e_tune, "sparsity_epochs": 3, "sparsity_strength": 1e-3},
            "distill": {"epochs": e_tune}, "quantize": {"qat_epochs": 2, "subset_size": 128}}

@@ -16,6 +16,14 @@ from edgekit.errors import ConfigError
 from edgekit.search.space import SearchConfig
 from edgekit.search.space import check as check_search
 
+# keys only some sources read: those sources, the value they take when it is not set (null for the other sources,
+# which refuse it) and what it does
+SOURCE_KEYS = {
+    "image_size": (("imagefolder",), 32, "only imagefolder resizes images; the other sources keep their samples' size"),
+    "grayscale": (("imagefolder",), False, "only imagefolder converts images; the other sources keep their channels"),
+    "copies": (("digits32",), 3, "only digits32 makes augmented copies"),
+}
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -23,15 +31,20 @@ class DataConfig:
     source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist", "npy"] = "digits"
     path: str | None = None  # .npz file, ImageFolder root, folder of IDX files or of x.npy + y.npy (npy: memory-
     #                          mapped, the training split read batch by batch), relative to the config file
-    image_size: int = 32  # imagefolder: images are resized to image_size x image_size
-    grayscale: bool = False  # imagefolder: one channel instead of three
+    image_size: int | None = None  # imagefolder: images are resized to image_size x image_size (32)
+    grayscale: bool | None = None  # imagefolder: one channel instead of three (false)
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     calib_samples: int = 256  # taken from the train split, for int8 calibration
     limit: int | None = None  # use only this many samples (quick runs, tests)
-    copies: int = 3  # digits32: augmented copies of each digit
+    copies: int | None = None  # digits32: augmented copies of each digit (3)
     seed: int = 0
     workers: int = 0  # npy / idx / fashion-mnist: DataLoader processes reading training batches (0: in process)
+
+    def __post_init__(self) -> None:
+        for key, (sources, default, _) in SOURCE_KEYS.items():  # a source's own keys get its defaults
+            if self.source in sources and getattr(self, key) is None:
+                object.__setattr__(self, key, default)
 
 
 @dataclass(frozen=True)
@@ -224,7 +237,6 @@ def _check_ranges(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size > 0),
         ("train.workers", cfg.train.workers >= 1),
         ("data.calib_samples", cfg.data.calib_samples > 0),
-        ("data.copies", cfg.data.copies > 0),
         ("data.workers", cfg.data.workers >= 0),
         ("run.min_runs", cfg.run.min_runs > 0),
         *_counts_and_rates(cfg),
@@ -241,6 +253,10 @@ def _check_ranges(cfg: Config) -> None:
                           f"{MAX_CHANNEL_RATIO}, prune.target_macs, or a smaller model.width")
     if cfg.data.source not in ("digits", "digits32", "fashion-mnist") and not cfg.data.path:
         raise ConfigError(f"config: data.source '{cfg.data.source}' needs data.path (a file or folder)")
+    for key, (sources, _, does) in SOURCE_KEYS.items():
+        if cfg.data.source not in sources and _value(cfg, f"data.{key}") is not None:
+            raise ConfigError(f"config: data.{key} is set but data.source '{cfg.data.source}' ignores it: {does}; "
+                              f"remove data.{key}")
     if cfg.data.source in ("digits", "digits32") and cfg.data.path:
         raise ConfigError(f"config: data.path is set but data.source '{cfg.data.source}' is built in and would "
                           "ignore it; set data.source to npz or imagefolder, or remove data.path")
@@ -253,12 +269,13 @@ def _check_ranges(cfg: Config) -> None:
 
 def _counts_and_rates(cfg: Config) -> list[tuple[str, bool]]:
     """Epochs, counts and learning rates: a negative epoch count would ship untrained weights."""
-    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "data.image_size", "model.width",
-                "export.opset", "run.max_seconds"]
+    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "model.width", "export.opset",
+                "run.max_seconds"]
     non_negative = ["train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs",
                     "quantize.qat_epochs", "train.weight_decay", "distill.feature_weight", "distill.relation_weight",
                     "run.warmup_runs", "run.min_seconds"]
-    optional_positive = ["data.limit", "prune.round_to", "quantize.mixed_precision_tolerance"]
+    optional_positive = ["data.limit", "data.image_size", "data.copies", "prune.round_to",
+                         "quantize.mixed_precision_tolerance"]
     return ([(k, _value(cfg, k) > 0) for k in positive] + [(k, _value(cfg, k) >= 0) for k in non_negative]
             + [(k, _value(cfg, k) is None or _value(cfg, k) > 0) for k in optional_positive]
             + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds)])
@@ -362,7 +379,7 @@ def choices(hint: object) -> tuple:
 
 def default_yaml() -> str:
     """The default config; a key with a closed set of choices is followed by them, build.targets by the known
-    target profiles."""
+    target profiles, a key only some sources read by those sources."""
     lines, defaults = [], Config()
     for section, values in to_dict(defaults).items():
         hints = typing.get_type_hints(type(getattr(defaults, section)))
@@ -372,5 +389,8 @@ def default_yaml() -> str:
             listed = choices(hints[key]) if top else ()
             if (section, key) == ("build", "targets") and line.startswith("  targets"):
                 listed = tuple(targets.available())
+            if section == "data" and top and key in SOURCE_KEYS:  # null here: the demo's source does not read it
+                sources, default, _ = SOURCE_KEYS[key]
+                listed = (f"{' and '.join(sources)} only ({str(default).lower()} when not set)",)
             lines.append(f"{line}  # {' | '.join(map(str, listed))}" if listed else line)
     return "\n".join(lines) + "\n"

@@ -183,8 +183,9 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
             labels = [str(v) for v in f["labels"]] if "labels" in f else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"'{path}' is not a readable .npz file ({_one_line(exc)}); save it with numpy.savez") from exc
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-        raise DataError(f"'{path}': x has shape {x.shape} and y {y.shape}; need x (N, ...) and y (N,) with equal N > 0")
+    if x.ndim < 2 or y.ndim != 1:
+        raise DataError(f"'{path}': x has shape {x.shape} and y {y.shape}; need x (N, ...) and y (N,)")
+    _same_length(path, ("x", len(x)), ("y", len(y)))
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"'{path}': y must hold non-negative integer class ids, got dtype {y.dtype}")
     n_classes = int(y.max()) + 1
@@ -199,7 +200,8 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
         raise DataError(f"image folder '{root}' not found; set data.path to a folder with one subfolder per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise DataError(f"'{root}' has {len(classes)} class folders; an ImageFolder needs at least two")
+        raise DataError(_other_source(root) or
+                        f"'{root}' has {len(classes)} class folders; an ImageFolder needs at least two")
     xs, ys = [], []
     for class_id, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
@@ -211,6 +213,19 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
     mode = "grayscale" if grayscale else "RGB"
     return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {size}x{size}, pixel / 255, CHW"
+
+
+def _other_source(root: Path) -> str | None:
+    """The error for a folder read as an ImageFolder that holds the files of another source."""
+    npy = sorted(p.name for p in root.glob("*.npy"))
+    if npy:
+        more = f" and {len(npy) - 3} more" if len(npy) > 3 else ""
+        return (f"'{root}' holds .npy files ({', '.join(npy[:3])}{more}), not one subfolder of images per class; "
+                "set data.source: npy to read x.npy (samples) and y.npy (labels) from it")
+    if any(root.glob("*-idx[13]-ubyte*")):
+        return (f"'{root}' holds IDX files, not one subfolder of images per class; set data.source: idx "
+                "(or fashion-mnist) to read them")
+    return None
 
 
 def _image(file: Path, size: int, grayscale: bool) -> np.ndarray:
@@ -294,17 +309,25 @@ def _idx_sets(folder: Path, hint: str) -> tuple[tuple, tuple | None]:
     def find(stem: str) -> Path | None:
         return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
 
-    files = {k: find(f"{k}-idx{3 if 'images' in k else 1}-ubyte")
-             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    names = {k: f"{k}-idx{3 if 'images' in k else 1}-ubyte" for k in ("train-images", "train-labels",
+                                                                      "t10k-images", "t10k-labels")}
+    files = {k: find(name) for k, name in names.items()}
     if not folder.is_dir() or files["train-images"] is None or files["train-labels"] is None:
         raise DataError(f"no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] in '{folder}'; {hint}")
-    sets = [(idx.read(files[f"{s}-images"]), idx.read(files[f"{s}-labels"])) if files[f"{s}-images"] else None
-            for s in ("train", "t10k")]
-    for pair in filter(None, sets):
-        if pair[0].ndim != 3 or pair[1].ndim != 1 or len(pair[0]) != len(pair[1]):
-            raise DataError(f"'{folder}': images {pair[0].shape} and labels {pair[1].shape} do not pair up; "
-                            "need images (N, H, W) and labels (N,)")
-    return sets[0], sets[1]
+    if (files["t10k-images"] is None) != (files["t10k-labels"] is None):  # half a test set
+        have, lack = sorted(("t10k-images", "t10k-labels"), key=lambda k: files[k] is None)
+        raise DataError(f"'{folder}' has {files[have].name} but no {names[lack]}[.gz]; add it, or remove "
+                        f"{files[have].name} to carve the test split from the training files")
+    sets = []
+    for s in ("train", "t10k") if files["t10k-images"] else ("train",):
+        images, labels = idx.read(files[f"{s}-images"]), idx.read(files[f"{s}-labels"])
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"'{folder}': {files[f'{s}-images'].name} is {images.shape} and "
+                            f"{files[f'{s}-labels'].name} {labels.shape}; need images (N, H, W) and labels (N,)")
+        _same_length(folder, (files[f"{s}-images"].name, len(images)), (files[f"{s}-labels"].name, len(labels)),
+                     unit="images")
+        sets.append((images, labels))
+    return sets[0], sets[1] if len(sets) > 1 else None
 
 
 def _idx_dataset(cfg: Config) -> Dataset:
@@ -346,20 +369,38 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if not all(f.is_file() for f in files):
         raise DataError(f"'{folder}' needs x.npy (samples, float32 or uint8 images) and y.npy (labels); "
                         "write them with numpy.save")
-    try:
-        for file in files:
-            _check_npy_length(file)
-        x, y = np.load(files[0], mmap_mode="r", allow_pickle=False), np.load(files[1], allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"'{folder}': x.npy / y.npy are not readable .npy files ({_one_line(exc)})") from exc
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(y) or x.dtype not in (np.float32, np.uint8):
-        raise DataError(f"'{folder}': x.npy is {x.dtype} {x.shape} and y.npy {y.shape}; need float32 or uint8 "
-                        "x (N, ...) and y (N,) with equal N > 0")
+    x, y = _open_npy(files[0], mmap_mode="r"), _open_npy(files[1], mmap_mode=None)
+    if x.ndim < 2 or x.dtype not in (np.float32, np.uint8):
+        raise DataError(f"'{files[0]}' is {x.dtype} {x.shape}; it needs float32 samples or uint8 images (N, ...)")
+    if y.ndim != 1:
+        raise DataError(f"'{files[1]}' has shape {y.shape}; it needs one class id per sample, shape (N,)")
+    _same_length(folder, ("x.npy", len(x)), ("y.npy", len(y)))
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"'{folder}': y.npy must hold non-negative integer class ids, got dtype {y.dtype}")
     if x.dtype == np.float32:
         _check_finite(x, f"'{folder / 'x.npy'}'")
     return x, y.astype(np.int64)
+
+
+def _open_npy(file: Path, mmap_mode: str | None) -> np.ndarray:
+    """One .npy file; an empty, damaged or unreadable one is named with what is wrong with it."""
+    if file.stat().st_size == 0:
+        raise DataError(f"'{file}' is empty (0 bytes); write it again with numpy.save")
+    try:
+        _check_npy_length(file)
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"'{file}' is not a readable .npy file ({_one_line(exc)}); write it again with "
+                        "numpy.save") from exc
+
+
+def _same_length(where: Path, samples: tuple[str, int], labels: tuple[str, int], unit: str = "samples") -> None:
+    """Samples and labels pair up one to one, and there are some: both counts when they do not."""
+    if samples[1] != labels[1]:
+        raise DataError(f"'{where}': {samples[0]} has {samples[1]} {unit}, {labels[0]} has {labels[1]} labels; "
+                        "give one label per sample, in the same order")
+    if not samples[1]:
+        raise DataError(f"'{where}': {samples[0]} and {labels[0]} hold no samples")
 
 
 def _npy_dataset(cfg: Config) -> Dataset:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgekit.errors import first_line
+
 BACKEND = "gloo"  # edgekit trains on the CPU (fit never moves a model to a device), where NCCL cannot run
 THREADS_PER_WORKER = 1  # see above: more hangs in OpenMP once the parent has trained
 # a collective that waits longer than this for a peer fails (its process ends, the build stops) instead of
@@ -146,7 +148,7 @@ def _worker(loop: Callable[[Group], float], model: nn.Module, extra_params: list
             partial.rename(folder / RESULT_FILE)  # whole or absent
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - any failure is reported to the parent, which stops the rest
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(exc.__traceback__)]
         (folder / f"error-{rank}.json").write_text(json.dumps({
             "summary": f"{type(exc).__name__}: {first}", "frames": frames,

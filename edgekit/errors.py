@@ -1,5 +1,9 @@
 """Errors a user can act on. Only the CLI turns them into an exit code."""
 
+import re
+
+SENTENCE_END = re.compile(r"[.!?;](?=\s)")  # a dot inside a URL or a file name is not followed by a space
+
 
 class EdgekitError(Exception):
     """A problem the user can fix; the message says what is wrong and what to do."""
@@ -76,3 +80,17 @@ class CommandFailed(RemoteError):
     def __init__(self, message: str, detail: str) -> None:
         super().__init__(message)
         self.detail = detail
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The start of a library's message for a one-line error: its first line, and when that is longer than
+    `limit`, cut at the last sentence end (else the last space) within it, never inside a word or a URL; without
+    the final full stop."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    if len(line) <= limit:
+        return line.rstrip(" .;")  # the caller goes on after a ';'
+    ends = [m.end() for m in SENTENCE_END.finditer(line, 0, limit)]
+    if ends:
+        return line[:ends[-1]].rstrip(" .;")
+    space = line.rfind(" ", 0, limit)
+    return line[:space if space > 0 else limit].rstrip(" .;") + " ..."

@@ -47,17 +47,23 @@ def read(path: Path) -> np.ndarray:
     """The array an IDX file holds, memory-mapped (nothing is read until used)."""
     if not path.is_file():
         raise DataError(f"IDX file '{path}' not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"'{path}' is empty (0 bytes); download it again")
     plain = _plain(path)
+    size = plain.stat().st_size
     with open(plain, "rb") as f:
         head = f.read(4)
         if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in DTYPES or head[3] == 0:
             raise DataError(f"'{path}' is not an IDX file (its first bytes are {head.hex() or 'missing'})")
-        dims = np.frombuffer(f.read(4 * head[3]), ">u4")
+        raw = f.read(4 * head[3])
+    if len(raw) < 4 * head[3]:
+        raise DataError(f"'{path}' is truncated: it ends inside its header ({size} bytes, the header of a "
+                        f"{head[3]}-D array alone takes {4 + 4 * head[3]}); download it again")
+    dims = np.frombuffer(raw, ">u4")
     dtype, offset = np.dtype(DTYPES[head[2]]), 4 + 4 * head[3]
     need = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
-    size = plain.stat().st_size
-    if len(dims) != head[3] or size != need:
-        what = "truncated" if len(dims) != head[3] or size < need else "damaged"
+    if size != need:
+        what = "truncated" if size < need else "damaged"
         raise DataError(f"'{path}' is {what}: its header {tuple(int(d) for d in dims)} needs {need} bytes, the file "
                         f"has {size}; download it again")
     return np.memmap(plain, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))

@@ -22,8 +22,9 @@ from pathlib import Path
 from edgekit import config, ddp, models, onnx_int8, prunable, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
-from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed
+from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
 from edgekit.files import write_bytes, write_json
+from edgekit.formats import onnx
 from edgekit.stages import (
     ORDER,
     bundle,
@@ -146,7 +147,7 @@ def run_guarded(stage, ctx: Context) -> dict:
             raise  # a full disk or read-only folder: the build says what to do
         log_file = ctx.stage_dir(stage.name) / "error.log"
         log_file.write_text("".join(traceback.format_exception(exc)))
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc)
         raise StageFailed(
             f"stage {stage.name} failed in {failing_library(exc)}: {type(exc).__name__}: {first}; traceback in "
             f"{log_file}; fix what it names and continue with `edgekit build --resume {ctx.out}`, or report it "
@@ -189,6 +190,8 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     _check_int8_overrides(cfg, chosen)
     data = load_dataset(cfg)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
+    what = f"model.factory '{cfg.model.factory}'" if cfg.model.factory else f"model.name '{cfg.model.name}'"
+    onnx.check_exportable(model, data.calib.x[:1], cfg.export.opset, what)  # once per build; 0.05-1 s
     if prune.enabled(cfg):
         prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
     if distill.enabled(cfg):

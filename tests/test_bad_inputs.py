@@ -125,6 +125,19 @@ def saved_build(root: Path, cfg: str = "train: {epochs: 1}\n") -> None:
 
 
 BUILD = ["build", "c.yaml", "--out", "out"]
+POOL_NET = """import torch
+from torch import nn
+
+
+class Pool(nn.Module):  # the same pooling as a functional call: no layer to name
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, (3, 3))
+
+
+def make(num_classes, in_channels):  # the digits' 8x8 pooled to 3x3: torch.onnx exports divisors only
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.AdaptiveAvgPool2d((3, 3)), nn.Flatten(),
+                         nn.Linear(36, num_classes))
+"""
 TARGET_OK = yaml.safe_load((Path(__file__).parents[1] / "targets" / "x86-64.yaml").read_text())
 
 
@@ -187,10 +200,10 @@ DATA_CASES = [
      BUILD, "it needs 'x' (float32) and 'y'"),
     ("npz-unequal-n", {"c.yaml": "data: {path: d.npz}\n",
                        "d.npz": lambda p: npz(p, x=np.zeros((40, 2), np.float32), y=np.zeros(30, int))},
-     BUILD, "with equal N > 0"),
+     BUILD, "d.npz': x has 40 samples, y has 30 labels"),
     ("npz-empty", {"c.yaml": "data: {path: d.npz}\n",
                    "d.npz": lambda p: npz(p, x=np.zeros((0, 2), np.float32), y=np.zeros(0, int))},
-     BUILD, "with equal N > 0"),
+     BUILD, "d.npz': x and y hold no samples"),
     ("npz-float-labels", {"c.yaml": "data: {path: d.npz}\n",
                           "d.npz": lambda p: npz(p, x=np.zeros((40, 2), np.float32), y=np.full(40, 0.5))},
      BUILD, "integer class ids"),
@@ -225,6 +238,13 @@ DATA_CASES = [
      BUILD, "the dataset gives 20 samples"),
     ("imagefolder-missing", {"c.yaml": "data: {source: imagefolder, path: imgs}\n"}, BUILD,
      "image folder"),
+    ("npy-folder-without-source", {"c.yaml": "data: {path: d}\n", "d/x.npy": npy_bytes(np.zeros((40, 2), np.float32)),
+                                   "d/y.npy": npy_bytes(np.arange(40) % 2)}, BUILD,
+     "d' holds .npy files (x.npy, y.npy), not one subfolder of images per class; set data.source: npy"),
+    ("idx-folder-without-source", {"c.yaml": "data: {path: d}\n", "d/train-images-idx3-ubyte.gz": b"x"}, BUILD,
+     "d' holds IDX files, not one subfolder of images per class; set data.source: idx"),
+    ("image-size-for-fashion-mnist", {"c.yaml": "data: {source: fashion-mnist, image_size: 64}\n"}, BUILD,
+     "data.image_size is set but data.source 'fashion-mnist' ignores it: only imagefolder resizes images"),
     ("imagefolder-one-class", {"c.yaml": "data: {path: imgs}\n", "imgs": lambda p: images(p, classes=("cat",))},
      BUILD, "has 1 class folders; an ImageFolder needs at least two"),
     ("imagefolder-empty-class", {"c.yaml": "data: {path: imgs}\n",
@@ -256,6 +276,15 @@ MODEL_CASES = [
      "prune.ignore names 'head', which is not a module of the model; valid:"),
     ("feature-layers-malformed", {"c.yaml": "distill: {losses: [feature], feature_layers: [conv1]}\n"}, BUILD,
      "distill.feature_layers entry 'conv1' must look like teacher_module:student_module"),
+    # refused before training (the folder stays as it was), torch's reason cut at its sentence, not in its URL
+    ("model-not-exportable", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": POOL_NET}, BUILD,
+     "model.factory 'net.py:make' cannot be exported to ONNX (torch.onnx, opset 17), which every artifact starts "
+     "from: Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are not factor of input "
+     "size; layer '1' (AdaptiveAvgPool2d) pools 8x8 to 3x3: use an output size that divides 8x8, or "
+     "nn.AdaptiveAvgPool2d(1)"),
+    ("model-not-exportable-functional", {"c.yaml": "model: {factory: 'net.py:make'}\n",
+                                         "net.py": POOL_NET.replace("nn.AdaptiveAvgPool2d((3, 3))", "Pool()")},
+     BUILD, "input size; rewrite that part of the model with ops torch.onnx exports (or try another export.opset)"),
 ]
 
 OUT_CASES = [
@@ -495,7 +524,7 @@ def test_source_follows_from_the_path(tmp_path):
 # --- a few through a real process: nothing but the one line reaches the terminal -----------------------------
 
 SUBPROCESS_CASES = [c for c in CASES if c[0] in ("run-manifest-list", "memory-lots", "npz-huge-shape",
-                                                  "compare-csv-folder")]
+                                                  "compare-csv-folder", "model-not-exportable")]
 
 
 @pytest.mark.parametrize(("files", "argv", "needle"), [c[1:] for c in SUBPROCESS_CASES],
@@ -512,6 +541,31 @@ def test_bad_input_in_a_process(tmp_path, files, argv, needle):
 
 
 # --- faults while writing and in the runtime ------------------------------------------------------------------
+
+TORCH_ONNX_ERROR = ("Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are not factor of "
+                    "input size. Please feel free to request support or submit a pull request on PyTorch GitHub: "
+                    "https://github.com/pytorch/pytorch/issues  [Caused by the value '25 defined in (%25 : Long(2, "
+                    "strides=[1], device=cpu) = onnx::Constant[value= 5  5 [ CPULongType{2} ]]()\n)' (type 'Tensor')")
+
+
+def test_a_library_error_is_cut_at_a_sentence_not_inside_a_url(tmp_path):
+    """A stage's one line holds the start of the library's message up to a sentence end, not 200 characters that
+    stop in the middle of a URL."""
+    from types import SimpleNamespace
+
+    from edgekit.errors import StageFailed, first_line
+
+    def run(ctx):
+        raise RuntimeError(TORCH_ONNX_ERROR)
+
+    ctx = SimpleNamespace(stage_dir=lambda name: tmp_path, out=tmp_path)
+    with pytest.raises(StageFailed) as err:
+        pipeline.run_guarded(SimpleNamespace(name="quantize", run=run), ctx)
+    assert ("RuntimeError: Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are not factor "
+            "of input size; traceback in") in str(err.value)
+    assert "https" not in str(err.value) and "\n" not in str(err.value)
+    long_url = RuntimeError("see https://example.com/" + "a" * 300)  # no sentence end: cut at the last space
+    assert first_line(long_url) == "see ..."
 
 def test_full_disk_in_a_stage_says_free_space_and_resume(tmp_path, monkeypatch, capsys, mounted):
     full = mounted("size=16k")

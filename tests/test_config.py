@@ -25,6 +25,12 @@ def test_default_config_round_trips():
         ({"prune": {"ratio": 1.5}}, "'prune.ratio' is out of range"),
         ({"prune": {"ratio": 0.95}}, "'prune.ratio' is 0.95, over 0.9: channel pruning keeps at least 10%"),
         ({"data": {"source": "npz"}}, "needs data.path"),
+        ({"data": {"source": "fashion-mnist", "image_size": 64}}, "config: data.image_size is set but data.source "
+         "'fashion-mnist' ignores it: only imagefolder resizes images; the other sources keep their samples' size; "
+         "remove data.image_size"),
+        ({"data": {"source": "digits", "image_size": 16}}, "data.source 'digits' ignores it"),
+        ({"data": {"source": "npy", "path": "d", "grayscale": True}}, "only imagefolder converts images"),
+        ({"data": {"source": "digits", "copies": 2}}, "only digits32 makes augmented copies"),
     ],
 )
 def test_bad_config_names_key_and_valid_choices(raw, needle):
@@ -32,6 +38,18 @@ def test_bad_config_names_key_and_valid_choices(raw, needle):
         config.from_dict(raw)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("source", ["digits", "digits32", "fashion-mnist", "imagefolder", "npy"])
+def test_source_keys_shown_as_the_source_reads_them(source):
+    """A key the source reads shows its value (the default when not set), one it ignores null; either way the
+    dumped config (a build folder's config.yaml, which --resume loads) loads back to the same config."""
+    cfg = config.from_dict({"data": {"source": source, **({"path": "d"} if source in ("imagefolder", "npy") else {})}})
+    shown = yaml.safe_load(config.dump(cfg))["data"]
+    assert (shown["image_size"], shown["grayscale"]) == ((32, False) if source == "imagefolder" else (None, None))
+    assert shown["copies"] == (3 if source == "digits32" else None)
+    assert config.from_dict(yaml.safe_load(config.dump(cfg))) == cfg
+    assert "  image_size: null  # imagefolder only (32 when not set)\n" in config.default_yaml()
 
 
 def test_int_accepted_for_float_and_paths_resolved(tmp_path):

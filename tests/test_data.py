@@ -28,7 +28,7 @@ def test_npz_any_sample_shape(tmp_path, shape):
     ("arrays", "needle"),
     [
         ({"x": np.zeros((4, 2), np.float32)}, "it needs 'x' (float32) and 'y'"),
-        ({"x": np.zeros((4, 2), np.float32), "y": np.zeros(3, int)}, "equal N"),
+        ({"x": np.zeros((4, 2), np.float32), "y": np.zeros(3, int)}, "x has 4 samples, y has 3 labels"),
         ({"x": np.zeros((4, 2), np.float32), "y": np.full(4, 0.5)}, "integer class ids"),
         ({"x": np.full((40, 2), np.nan, np.float32), "y": np.zeros(40, int)}, "NaN"),
     ],
@@ -59,6 +59,35 @@ def test_truncated_npy_pair_names_the_file(tmp_path, cut):
     with pytest.raises(DataError) as err:
         data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path)}}))
     assert f"{cut}' is truncated: its header declares" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("y.npy", b"", "y.npy' is empty (0 bytes); write it again with numpy.save"),
+    ("x.npy", b"", "x.npy' is empty (0 bytes)"),
+    ("y.npy", b"labels,0,1,2\n", "y.npy' is not a readable .npy file (the magic string is not correct"),
+    ("y.npy", np.arange(999) % 3, "x.npy has 1000 samples, y.npy has 999 labels"),
+    ("y.npy", np.zeros((1000, 2), np.int64), "y.npy' has shape (1000, 2); it needs one class id per sample"),
+])
+def test_bad_npy_file_is_named_with_what_is_wrong(tmp_path, name, content, needle):
+    np.save(tmp_path / "x.npy", np.zeros((1000, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(1000) % 3)
+    if isinstance(content, bytes):
+        (tmp_path / name).write_bytes(content)
+    else:
+        np.save(tmp_path / name, content)
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path)}}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_npy_folder_read_as_an_imagefolder_says_set_source_npy(tmp_path):
+    """A folder path without data.source is an ImageFolder; one of .npy files says which source reads it."""
+    np.save(tmp_path / "x.npy", np.zeros((60, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.arange(60) % 3)
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"path": str(tmp_path)}}))
+    assert str(err.value) == (f"'{tmp_path}' holds .npy files (x.npy, y.npy), not one subfolder of images per "
+                              "class; set data.source: npy to read x.npy (samples) and y.npy (labels) from it")
 
 
 @pytest.mark.parametrize("source", ["npz", "npy"])

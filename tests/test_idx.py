@@ -72,6 +72,34 @@ def test_a_damaged_idx_file_and_a_missing_folder_are_one_line_errors(tmp_path, m
         data.load_dataset(cfg)
 
 
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("train-labels-idx1-ubyte", b"", "train-labels-idx1-ubyte' is empty (0 bytes); download it again"),
+    ("train-labels-idx1-ubyte.gz", b"", "train-labels-idx1-ubyte.gz' is empty (0 bytes)"),
+    ("train-labels-idx1-ubyte", bytes([0, 0, 8, 1, 0, 0]),
+     "train-labels-idx1-ubyte' is truncated: it ends inside its header (6 bytes"),
+    ("train-labels-idx1-ubyte", np.arange(119) % 3,
+     "train-images-idx3-ubyte has 120 images, train-labels-idx1-ubyte has 119 labels"),
+    ("t10k-labels-idx1-ubyte", np.arange(41) % 3,
+     "t10k-images-idx3-ubyte has 40 images, t10k-labels-idx1-ubyte has 41"),
+    ("t10k-labels-idx1-ubyte", None,
+     "has t10k-images-idx3-ubyte but no t10k-labels-idx1-ubyte[.gz]; add it, or remove"),
+])
+def test_a_bad_idx_file_in_a_folder_is_named(tmp_path, monkeypatch, name, content, needle):
+    """An empty file, one cut inside its header, a pair of unequal length, half a test pair: one line naming it."""
+    monkeypatch.setattr(idx, "CACHE", tmp_path / "cache")
+    folder = _mnist_folder(tmp_path / "m", gz=False)
+    path = folder / name
+    if content is None or name.endswith(".gz"):  # the .gz in place of the plain file, which would be read first
+        (folder / name.removesuffix(".gz")).unlink()
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        _write_idx(path, content.astype(np.uint8))
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": "idx", "path": str(folder)}}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
 def test_fashion_mnist_from_the_debian_package():
     """A small slice of the real thing: 28x28 grey images, its ten class names, its own test set."""
     ds = data.load_dataset(config.from_dict({"data": {"source": "fashion-mnist", "limit": 600}}))

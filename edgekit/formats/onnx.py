@@ -10,6 +10,7 @@ int4 is untried here.
 
 from __future__ import annotations
 
+import io
 import time
 import warnings
 from collections import Counter
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit import formats
-from edgekit.errors import EdgekitError
+from edgekit import formats, quiet
+from edgekit.errors import EdgekitError, ModelError, first_line
 from edgekit.files import write_bytes
 from edgekit.onnx_int4 import MIN_ONNXRUNTIME
 
@@ -50,15 +51,57 @@ def export(job: formats.ExportJob, specs: list) -> list[tuple[dict, bytes]]:
     return built
 
 
-def torch_to_onnx(model, example: np.ndarray, path: Path, opset: int, *, dynamic_batch: bool) -> Path:
+def torch_to_onnx(model, example: np.ndarray, path: Path | io.BytesIO, opset: int, *,
+                  dynamic_batch: bool) -> Path | io.BytesIO:
     import torch
 
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (torch.from_numpy(np.ascontiguousarray(example)),), str(path), dynamo=False,
+        torch.onnx.export(model, (torch.from_numpy(np.ascontiguousarray(example)),),
+                          path if isinstance(path, io.BytesIO) else str(path), dynamo=False,
                           opset_version=opset, input_names=["input"], output_names=["logits"], dynamic_axes=axes)
     return path
+
+
+def check_exportable(model, example: np.ndarray, opset: int, what: str) -> None:
+    """Export the (untrained) model once, into memory, as the export stage will: an op torch.onnx cannot export
+    stops the build before it trains, in one line, rather than at quantize or export."""
+    try:
+        with quiet.silenced():  # torch.onnx prints the whole graph when it fails
+            torch_to_onnx(model, example, io.BytesIO(), opset, dynamic_batch=True)
+    except Exception as exc:  # torch.onnx raises its own types (SymbolicValueError, UnsupportedOperatorError...)
+        fix = _pool_misfit(model, example) or ("rewrite that part of the model with ops torch.onnx exports "
+                                               "(or try another export.opset)")
+        raise ModelError(f"{what} cannot be exported to ONNX (torch.onnx, opset {opset}), which every artifact "
+                         f"starts from: {first_line(exc)}; {fix}") from exc
+
+
+def _pool_misfit(model, example: np.ndarray) -> str | None:
+    """The adaptive pooling layer whose output size does not divide its input size, what torch.onnx cannot
+    export, with the sizes; None when no layer module is one (a functional call, or another op)."""
+    import torch
+
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module, args, out) -> None:
+            size_in, size_out = tuple(args[0].shape[2:]), tuple(out.shape[2:])
+            if not found and any(i % o for i, o in zip(size_in, size_out, strict=False)):
+                dims = ["x".join(map(str, s)) for s in (size_in, size_out)]
+                found.append(f"layer '{name}' ({type(module).__name__}) pools {dims[0]} to {dims[1]}: use an "
+                             f"output size that divides {dims[0]}, or nn.{type(module).__name__}(1)")
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if type(m).__name__.startswith("Adaptive") and "Pool" in type(m).__name__]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(np.ascontiguousarray(example)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 def _to_fp16(fp32: Path) -> bytes:
@@ -125,7 +168,7 @@ def check_against_torch(path: Path, model, x: np.ndarray) -> None:
         got = session(path, "the fp32 ONNX export").run(None, {"input": x})[0]
     except Exception as exc:  # onnxruntime's own exception types
         raise EdgekitError(f"the fp32 ONNX export cannot run a batch of {len(x)} "
-                           f"({str(exc).strip().splitlines()[0][:200]}); the model must not fix the batch size "
+                           f"({first_line(exc)}); the model must not fix the batch size "
                            "(write x.flatten(1), not x.view(1, -1))") from exc
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
