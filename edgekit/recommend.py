@@ -17,18 +17,22 @@ import numpy as np
 from edgekit import quiet
 from edgekit.runner.runner import Artifact, latency_stats
 
-# onnxruntime's intra-op workers spin for about 40 ms after a run (onnxruntime 1.23 at 2 threads on this 2-core
-# Xeon: 38 ms of CPU in the 50 ms after the last run), LiteRT's for under a millisecond. Alternating single runs
-# at more than one thread therefore times each artifact against the others' spinning threads: LiteRT int8 took
-# 0.018 / 0.025 ms (p50 / p90) alone and 0.021-0.028 / 0.16-0.18 ms alternating with two onnxruntime sessions.
-# So at more than one thread every artifact runs a block of consecutive inferences (as it would deployed), after
-# SETTLE_S of sleep (the spin is a count, longer on a slower CPU; watching the process's CPU time does not tell
-# spinning from yielding on a loaded machine) and REWARM untimed runs. A block lasts about BLOCK_S for the slowest
-# artifact, and every artifact gets the same number of runs per block, so sample i of each lies in one round.
-SETTLE_S = 0.1
-BLOCK_S = 0.03
+# onnxruntime's intra-op workers spin for about 40 ms after a run (onnxruntime 1.23 at 2 threads on a 2-core AMD
+# EPYC with AVX2: 38 ms of CPU in the 50 ms after the last run), LiteRT's for under a millisecond. Alternating
+# single runs at more than one thread therefore time each artifact against the others' spinning threads: LiteRT
+# int8 took 0.018 / 0.025 ms (p50 / p90) alone and 0.021-0.028 / 0.16-0.18 ms alternating with two onnxruntime
+# sessions. So at more than one thread every artifact runs a block of consecutive inferences (as it would
+# deployed), after SETTLE_S of sleep (the spin is a count, longer on a slower CPU; watching the process's CPU time
+# does not tell spinning from yielding on a loaded machine) and REWARM untimed runs. A block lasts about BLOCK_S
+# for the slowest artifact, and every artifact gets the same number of runs per block, so sample i of each lies
+# in one round.
+SETTLE_S = 0.06
+BLOCK_S = 0.02
 REWARM = 2
-MIN_BLOCK_ROUNDS = 8
+MIN_BLOCK_ROUNDS = 20  # the p90 of a bimodal runtime swings from round to round: its interval needs rounds
+METHOD = "alternating single-sample runs, one per artifact per round"
+BLOCK_METHOD = (f"alternating blocks of consecutive single-sample runs (about {BLOCK_S * 1000:.0f} ms of the slowest "
+                f"artifact, each after {SETTLE_S * 1000:.0f} ms of sleep), one block per artifact per round")
 
 
 def alternate(artifacts: dict[str, Artifact], x: np.ndarray, *, warmup: int, min_rounds: int, min_s: float,
@@ -87,8 +91,9 @@ CONFIDENCE = 0.95
 RESAMPLES = 300
 BLOCKS = 50
 RULE = (f"faster = p50 or p90 lower by more than {MIN_GAIN:.0%} over the whole {CONFIDENCE:.0%} interval and the "
-        "other not higher over its whole interval (block bootstrap over the alternating rounds); otherwise a tie, "
-        "and the smaller file wins, then int8")
+        "other not higher over its whole interval (block bootstrap over the alternating rounds); of several not "
+        f"slower, one whose p90 is higher by more than {MIN_GAIN:.0%} over its whole interval drops out (p90 is the "
+        "headline); otherwise a tie, and the smaller file wins, then int8")
 
 
 def bootstrap(samples: dict, *, resamples: int = RESAMPLES, blocks: int = BLOCKS, seed: int = 0) -> dict:
@@ -168,7 +173,8 @@ def _split(ci: dict) -> bool:
 
 def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, str]:
     """Among artifacts within the target's accuracy tolerance of the best fp32 one, those no other one beats
-    (`beats`); one left is the pick, several are a tie settled by RULE."""
+    (`beats`); of several, those whose p90 (the headline, what budgets are checked on) no other's is clearly
+    below. One left is the pick, several are a tie settled by RULE."""
     fp32 = [r for r in rows if r["precision"] == "fp32"]
     best = max(r["accuracy"] for r in (fp32 or rows))
     eligible = [r for r in rows if r["accuracy"] >= best - tolerance_pp / 100 - 1e-12]
@@ -177,14 +183,25 @@ def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, 
     boot = bootstrap({r["artifact"]: samples[r["artifact"]] for r in eligible})
     unbeaten = [r for r in eligible if not any(
         beats(intervals(boot, o["artifact"], r["artifact"])) for o in eligible if o is not r)]
-    pick = unbeaten[0] if len(unbeaten) == 1 else _by_rule(unbeaten)
-    rival = min((r for r in (unbeaten if len(unbeaten) > 1 else eligible) if r is not pick),
-                key=lambda r: r["p50_ms"])
-    ci = intervals(boot, pick["artifact"], rival["artifact"])
     if len(unbeaten) == 1:
+        pick = unbeaten[0]
+        rival = min((r for r in eligible if r is not pick), key=lambda r: r["p50_ms"])
+        ci = intervals(boot, pick["artifact"], rival["artifact"])
         clear = [q for q, (_, hi) in ci.items() if hi < 1 - MIN_GAIN]  # the quantile(s) that decided
         head = f"faster beyond noise on {' and '.join(clear)}" if clear else "the only one no other beats beyond noise"
         return pick, f"{head}: {_versus(pick, rival, ci)}"
+    # a trade-off (one p50 clearly lower, its p90 clearly higher) goes to the lower p90
+    headline = [r for r in unbeaten if not any(
+        intervals(boot, r["artifact"], o["artifact"])["p90"][0] > 1 + MIN_GAIN for o in unbeaten if o is not r)]
+    if len(headline) == 1:
+        pick = headline[0]
+        rival = min((r for r in unbeaten if r is not pick), key=lambda r: r["p50_ms"])
+        ci = intervals(boot, pick["artifact"], rival["artifact"])
+        return pick, f"p50 and p90 disagree, the lower p90 wins ({_versus(pick, rival, ci)})"
+    pool = headline or unbeaten
+    pick = _by_rule(pool)
+    rival = min((r for r in pool if r is not pick), key=lambda r: r["p50_ms"])
+    ci = intervals(boot, pick["artifact"], rival["artifact"])
     kind = "no clear winner, p50 and p90 disagree" if _split(ci) else "tie within noise"
     why = "smaller file" if pick["size_bytes"] < rival["size_bytes"] else "equal size, int8"
     return pick, f"{kind} ({_versus(pick, rival, ci)}): {why}"
@@ -202,5 +219,5 @@ def recommend(folder: Path, entries: list[dict], target, x: np.ndarray, run_cfg)
     rows = candidates(entries, timing, bootstrap(samples))
     pick, reason = choose(rows, samples, target.accuracy_tolerance_pp)
     return {"artifact": pick["artifact"], "reason": reason, "rule": RULE, "measured": True, "host": host,
-            "threads": target.threads, "method": "alternating single-sample runs, one per artifact per round",
+            "threads": target.threads, "method": METHOD if target.threads == 1 else BLOCK_METHOD,
             "candidates": rows}
