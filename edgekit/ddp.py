@@ -48,6 +48,11 @@ def record(desc: str, workers: int, **extra: object) -> None:
     _LOOPS.append({"loop": desc, "workers": workers, "backend": backend, **extra})
 
 
+def note(**extra: object) -> None:
+    """Add to the record of the loop that just ran (edgekit.training.fit: the starting weights were kept)."""
+    _LOOPS[-1].update(extra)
+
+
 def loops_run() -> int:
     return len(_LOOPS)
 
@@ -98,10 +103,10 @@ class _RemoteTraceback(Exception):
         return self.args[0]
 
 
-def train(loop: Callable[[Group], float], model: nn.Module, extra_params: list[nn.Parameter], workers: int,
-          desc: str) -> float:
-    """Run `loop` (edgekit.training's, returning the best validation accuracy) in `workers` forked processes;
-    load process 0's weights into `model` and `extra_params`; return its best validation accuracy."""
+def train(loop: Callable[[Group], dict], model: nn.Module, extra_params: list[nn.Parameter], workers: int,
+          desc: str) -> dict:
+    """Run `loop` (edgekit.training's, returning its outcome: the best validation accuracy...) in `workers`
+    forked processes; load process 0's weights into `model` and `extra_params`; return its outcome."""
     import multiprocessing
 
     import torch._dynamo  # noqa: F401 - DDP's constructor imports it (seconds): once here, not in every worker
@@ -125,10 +130,10 @@ def train(loop: Callable[[Group], float], model: nn.Module, extra_params: list[n
             param.copy_(value)
     record(desc, workers, world_size=result["world_size"], pids=[p.pid for p in procs],
            threads_per_worker=THREADS_PER_WORKER)
-    return result["best"]
+    return result["outcome"]
 
 
-def _worker(loop: Callable[[Group], float], model: nn.Module, extra_params: list[nn.Parameter], rank: int,
+def _worker(loop: Callable[[Group], dict], model: nn.Module, extra_params: list[nn.Parameter], rank: int,
             world: int, folder: Path) -> None:
     try:
         import torch.distributed as dist
@@ -140,10 +145,10 @@ def _worker(loop: Callable[[Group], float], model: nn.Module, extra_params: list
         _use_loopback()
         dist.init_process_group(BACKEND, init_method=f"file://{folder / 'rendezvous'}", rank=rank,
                                 world_size=world, timeout=TIMEOUT)
-        best = loop(Group(rank, world))
+        outcome = loop(Group(rank, world))
         if rank == 0:
             partial = folder / f"{RESULT_FILE}.partial"
-            torch.save({"best": best, "state": model.state_dict(), "extra": [p.detach() for p in extra_params],
+            torch.save({"outcome": outcome, "state": model.state_dict(), "extra": [p.detach() for p in extra_params],
                         "world_size": dist.get_world_size()}, partial)
             partial.rename(folder / RESULT_FILE)  # whole or absent
         dist.destroy_process_group()

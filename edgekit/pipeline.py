@@ -75,6 +75,10 @@ def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -
     result = run_guarded(module, ctx)
     if ddp.loops_since(loops):  # how it trained: train.workers, gloo or in-process, the workers' pids
         result["training"] = ddp.loops_since(loops)
+        kept = [loop["warning"] if loop["loop"] == name else f"{loop['loop']}: {loop['warning']}"
+                for loop in result["training"] if loop.get("warning")]
+        if kept:  # a loop that kept its starting weights (edgekit.training.fit): the report shows it
+            result["warnings"] = result.get("warnings", []) + kept
     result.update(key=keys.key_of(parts), inputs=parts, seconds=round(time.perf_counter() - t0, 2))
     write_json(ctx.stage_dir(name) / METRICS_FILE, result)
     return result
@@ -93,6 +97,7 @@ def run_stages(ctx: Context, log=print) -> list[StageRecord]:
             record = ctx.metrics(module.name)
             if record.get("key") == keys.key_of(parts) and not ran:
                 log(f"[{module.name}] finished earlier, kept (resume)")
+                say_warnings(record, log)
                 done.append(record)
                 upstream[module.name] = record["key"]
                 continue
@@ -132,7 +137,14 @@ def _from_cache(ctx: Context, name: str, key: str, log) -> StageRecord | None:
     write_json(ctx.stage_dir(name) / METRICS_FILE, record)
     log(f"[{name}] reused from the stage cache: the same inputs as in {record['cached_from']} "
         "(build.stage_cache: false builds it again)")
+    say_warnings(record, log)
     return record
+
+
+def say_warnings(record: StageRecord, log) -> None:
+    """A kept or reused stage's recorded warnings, as its run printed them (a reused model is no better)."""
+    for line in record.get("warnings", []):
+        log(f"[{record['name']}] warning: {line}")
 
 
 def run_guarded(stage, ctx: Context) -> dict:

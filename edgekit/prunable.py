@@ -18,8 +18,13 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def output_channels(model: nn.Module) -> int:
     """Output channels (conv) and features (linear) summed over the weighted layers: what pruning removes."""
-    return sum(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
-               for _, m in weighted_layers(model))
+    return sum(layer_channels(model).values())
+
+
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels (conv) or features (linear) of each weighted layer, by module name."""
+    return {n: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            for n, m in weighted_layers(model)}
 
 
 def protected_layers(model: nn.Module, names: list[str], num_classes: int, *, protect_stem: bool) -> list[nn.Module]:

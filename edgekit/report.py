@@ -77,6 +77,8 @@ def build_report(cfg: Config, stage_metrics: list[dict], targets: list, runs: di
         "runs": {t: {k: v for k, v in r.items() if k != "artifacts"} for t, r in runs.items()},
         "over_budget": [f"{r['target']}/{r['name']}: {'; '.join(r['budget']['over'])}"
                         for r in rows if r["budget"]["ok"] is False],
+        # each stage's warnings (a float model near chance, a loop that kept its starting weights)
+        "warnings": [f"{m['name']}: {line}" for m in stage_metrics for line in m.get("warnings", [])],
         "over_tolerance": [f"{r['target']}/{r['name']}: {r['vs_unpruned_fp32']['pp']:+.1f} pp against the unpruned "
                            f"fp32 model, the target allows {r['vs_unpruned_fp32']['tolerance_pp']:g} pp"
                            for r in rows if not r["vs_unpruned_fp32"]["ok"]],
@@ -142,6 +144,8 @@ def summary_table(report: dict) -> str:
         lines.append(f"OVER BUDGET {line}")
     for line in report.get("over_tolerance", []):
         lines.append(f"ACCURACY LOSS OVER TOLERANCE {line}")
+    for line in report.get("warnings", []):
+        lines.append(f"WARNING {line}")
     losses = [r["vs_unpruned_fp32"]["pp"] for r in report["artifacts"] if r.get("vs_unpruned_fp32")]
     if losses:
         lines.append(f"against the unpruned fp32 model (train, test accuracy "

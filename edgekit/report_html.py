@@ -182,7 +182,8 @@ def build_view(source: Source) -> dict:
                     model=report.model_line(rep["config"]),
                     config_yaml=yaml.safe_dump(report.shown_config(rep["config"]), sort_keys=False),
                     versions={"edgekit": rep.get("edgekit_version"), **(rep.get("versions") or {})},
-                    over_budget=rep.get("over_budget", []), cached_stages=rep.get("cached_stages") or {})
+                    over_budget=rep.get("over_budget", []), warnings=rep.get("warnings", []),
+                    cached_stages=rep.get("cached_stages") or {})
     return view
 
 

@@ -62,11 +62,18 @@ def _crowding(points: list[dict], log_x: bool) -> dict:
 
 def tradeoff(points: list[dict], xlabel: str, title: str, *, log_x: bool = False) -> str:
     """Accuracy (y) against a cost (x), one marker per point, the Pareto front joined and ringed."""
+    return to_svg(tradeoff_figure(points, xlabel, title, log_x=log_x))
+
+
+def tradeoff_figure(points: list[dict], xlabel: str, title: str, *, log_x: bool = False):
+    """The figure of `tradeoff`. Each label points into the plot (left of a point in the right half, below a point
+    in the upper half), so none runs off an edge; the legend sits outside the axes, over no point."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     xs = [p["x"] for p in points if p["x"] and p["x"] > 0]
     log_x = bool(log_x and xs and len(xs) == len(points) and max(xs) / min(xs) > 20)  # log only across decades
     crowd = _crowding(points, log_x)
+    where = _fractions(points, log_x)
     for p in points:
         marker, colour, filled = KIND_STYLE[p["kind"]]
         if p["kind"] != "invalid" and p.get("series"):  # one colour per build when there are several
@@ -74,21 +81,35 @@ def tradeoff(points: list[dict], xlabel: str, title: str, *, log_x: bool = False
         (line,) = ax.plot([p["x"]], [p["y"]], marker=marker, markersize=7, linestyle="none", color=colour,
                           markerfacecolor=colour if filled else "none")
         line.set_gid(p["id"])
-        ax.annotate(p["short"], (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4 - 10 * crowd[p["id"]]),
-                    fontsize=7)
+        right, upper = where[p["id"]]
+        step = 4 + 10 * crowd[p["id"]]  # crowded labels move further into the plot, away from their neighbours'
+        ax.annotate(p["short"], (p["x"], p["y"]), textcoords="offset points", fontsize=7,
+                    xytext=(-5 if right else 5, -step if upper else step), ha="right" if right else "left",
+                    va="top" if upper else "bottom")
     front = sorted((p for p in points if p["id"] in set(pareto_front(points))), key=lambda p: p["x"])
     if front:
         (line,) = ax.plot([p["x"] for p in front], [p["y"] for p in front], drawstyle="steps-post", color="#d62728",
                           linewidth=1.2, marker="o", markersize=12, markerfacecolor="none", label="Pareto front")
         line.set_gid("pareto-front")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    ax.margins(x=0.08, y=0.12)  # room for the rings and the labels at the edges
     if log_x:
         _log_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    return to_svg(fig)
+    return fig
+
+
+def _fractions(points: list[dict], log_x: bool) -> dict:
+    """Per point: whether it lies in the right half of the x range and in the upper half of the y range."""
+    def x_of(p: dict) -> float:
+        return float(np.log10(p["x"])) if log_x else p["x"]
+
+    xs, ys = [x_of(p) for p in points] or [0.0], [p["y"] for p in points] or [0.0]
+    mid_x, mid_y = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+    return {p["id"]: (x_of(p) > mid_x, p["y"] > mid_y) for p in points}
 
 
 def _log_axis(ax) -> None:

@@ -26,6 +26,11 @@ class Guard:
         return self.loss_pp(val_accuracy) <= self.limit_pp + 1e-9
 
 
+def lost(loss_pp: float) -> str:
+    """'lost 0.56 pp', or 'gained 0.56 pp' when the step raised the accuracy (a negative loss)."""
+    return f"lost {loss_pp:.2f} pp" if loss_pp >= 0 else f"gained {-loss_pp:.2f} pp"
+
+
 def guard_for(explicit: float | None, key: str, targets: list, baseline: float, val_samples: int) -> Guard | None:
     """`explicit` (the config key `key`) when set, else the strictest chosen target's accuracy_tolerance_pp;
     None when there is neither."""

@@ -104,16 +104,24 @@ def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, b
                              weight_decay=weight_decay, seed=seed, loss_fn=loss_fn, desc=desc, keep_best=keep_best,
                              extra_params=list(extra_params or []), keep_zeros=keep_zeros)
     if workers > 1:
-        return ddp.train(loop, model, list(extra_params or []), workers, desc)
-    ddp.record(desc, workers=1)
-    return loop(None)
+        outcome = ddp.train(loop, model, list(extra_params or []), workers, desc)
+    else:
+        ddp.record(desc, workers=1)
+        outcome = loop(None)
+    if outcome["kept_start"]:  # the stage's output is its input: say so, and the stage's metrics record it
+        note = (f"no epoch beat the starting model's validation accuracy {outcome['start']:.3f}; "
+                "kept the starting weights")
+        print(f"[{desc}] {note}", flush=True)
+        ddp.note(start_val_accuracy=outcome["start"], kept_start_weights=True, warning=note)
+    return outcome["best"]
 
 
 def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *, epochs: int, lr: float,
          batch_size: int, weight_decay: float, seed: int, loss_fn: LossFn, desc: str, keep_best: bool,
-         extra_params: list[nn.Parameter], keep_zeros: bool) -> float:
+         extra_params: list[nn.Parameter], keep_zeros: bool) -> dict:
     """The loop, in this process (group None) or in one data-parallel worker; the lead (the only process, or
-    worker 0) validates, keeps the best epoch and shows progress."""
+    worker 0) validates, keeps the best epoch and shows progress. Returns the best and the starting validation
+    accuracy, and whether no epoch beat the start (the starting weights kept)."""
     seed_everything(seed)
     net = model if group is None else group.wrap(model)
     opt = torch.optim.Adam(list(model.parameters()) + extra_params, lr=lr, weight_decay=weight_decay)
@@ -122,6 +130,7 @@ def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *,
     lead = group is None or group.rank == 0
     best_acc, best_state = (accuracy(logits(model, val.x), val.y), copy.deepcopy(model.state_dict())) if lead \
         else (0.0, None)
+    start, improved = best_acc, False
     masks = [(p, p.detach() != 0) for p in model.parameters() if p.dim() > 1] if keep_zeros else []
     bar = progress.epochs(epochs, desc, disable=not lead)
     for _ in bar:
@@ -141,8 +150,8 @@ def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *,
             continue
         acc = accuracy(logits(model, val.x), val.y)
         if acc > best_acc or not keep_best:
-            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+            best_acc, best_state, improved = acc, copy.deepcopy(model.state_dict()), True
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}", best=f"{best_acc:.3f}")
     if lead:
         model.load_state_dict(best_state)
-    return best_acc
+    return {"best": best_acc, "start": start, "kept_start": lead and epochs > 0 and not improved}

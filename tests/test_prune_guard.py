@@ -77,6 +77,10 @@ def test_each_round_records_and_prints_the_channels_it_removed(trained, tmp_path
     assert first["channels_removed"] > 0 and second["channels_removed"] > 0
     assert first["channels_removed"] + second["channels_removed"] == second["channels_removed_total"]
     assert second["channels_kept"] == kept == unpruned - second["channels_removed_total"]
+    # per layer (a user checking residual coupling): each layer's output channels after the round
+    assert second["channels"] == prunable.layer_channels(ctx.load_model("prune"))
+    assert sum(first["channels"].values()) == first["channels_kept"]
+    assert first["channels"].keys() == second["channels"].keys() and first["channels"] != second["channels"]
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[prune] round")]
     assert lines == [f"[prune] round {k}/2: removed {r['channels_removed']} channels, kept {r['channels_kept']} of "
                      f"{unpruned} ({r['channels_removed_total']} removed in all); val accuracy "

@@ -39,6 +39,30 @@ def test_pareto_front_keeps_what_nothing_beats():
     assert report_plots.pareto_front(points) == ["fast", "slow-good"]
 
 
+@pytest.mark.parametrize("log_x", [False, True])
+def test_the_tradeoff_legend_covers_no_point_and_every_label_stays_inside_the_plot(log_x):
+    """The trial's accuracy-vs-size plot: fp32 points in the lower right, once under the legend box, their labels
+    cut at the right edge; int8 points at the top left."""
+    sizes = {"onnx_int8": 24.0, "tflite_int8": 26.0, "onnx_fp32": 96.0 * (10 if log_x else 1),
+             "tflite_fp32": 98.0 * (10 if log_x else 1)}
+    acc = {"onnx_int8": 0.67, "tflite_int8": 0.66, "onnx_fp32": 0.133, "tflite_fp32": 0.14}
+    points = [{"id": f"{t}/{a}", "short": f"{t}/{a}", "x": sizes[a] + i, "y": acc[a], "kind": "local"}
+              for i, t in enumerate(("x86-64", "rpi4-aarch64")) for a in sizes]
+    fig = report_plots.tradeoff_figure(points, "file size, KB", "accuracy vs size", log_x=log_x)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    for p in points:
+        x, y = ax.transData.transform((p["x"], p["y"]))
+        assert not legend.padded(7).contains(x, y), f"the legend covers {p['id']}"  # 7: a marker's radius
+    inside = ax.get_window_extent()
+    for text in ax.texts:
+        box = text.get_window_extent()
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+            f"label {text.get_text()} runs off the plot"
+    report_plots._pyplot().close(fig)
+
+
 def test_phase_prints_around_a_silenced_phase(tmp_path, capfd):
     log = tmp_path / "stage.log"
     with quiet.phase("quantize", "calibrating (NNCF minmax, 64 samples)", "calibrated"), quiet.silenced(log):

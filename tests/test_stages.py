@@ -7,6 +7,7 @@ import torch
 
 from edgekit import config, data, metrics, models
 from edgekit.stages import distill, prune, quantize
+from edgekit.stages.base import Context
 from tests.conftest import tiny
 
 
@@ -70,3 +71,82 @@ def test_train_with_no_epochs_and_no_checkpoint_says_the_weights_are_the_factory
     cfg = config.from_dict(tiny(data={"limit": 120}, train={"epochs": 0}))
     train.run(Context(cfg, data.load_dataset(cfg), tmp_path, []))
     assert "train.epochs is 0 and model.checkpoint is not set" in capsys.readouterr().out
+
+
+def test_a_model_near_chance_is_warned_about_in_the_console_metrics_and_report(tmp_path, monkeypatch):
+    """An untrained model (train.epochs 0, ~0.1 on 10 digit classes) is near chance: one warning line, in the
+    stage's metrics and report.json/summary/page; a resumed or cached train stage says it again."""
+    import json
+
+    from edgekit import pipeline, report, report_html
+    from edgekit.stages import train
+
+    monkeypatch.setattr(pipeline, "STAGES", [train])  # the train stage alone, through the pipeline
+    monkeypatch.setenv("EDGEKIT_STAGE_CACHE", str(tmp_path / "cache"))
+    cfg = config.from_dict(tiny(train={"epochs": 0}, build={"stage_cache": True}))  # 75 val samples: 0.053
+    ds = data.load_dataset(cfg)
+    logs: list[str] = []
+    (record,) = pipeline.run_stages(Context(cfg, ds, tmp_path / "a", []), logs.append)
+    val = record["val_accuracy"]
+    assert val < 0.15
+    line = (f"validation accuracy {val:.3f} is near chance (0.100 for 10 classes): the later stages compress a model "
+            "that has not learned; train longer (train.epochs), raise train.lr, or check the labels")
+    assert record["warnings"] == [line]
+    assert json.loads((tmp_path / "a" / "stages" / "train" / "metrics.json").read_text())["warnings"] == [line]
+    for out in ("a", "b"):  # resumed, then reused from the stage cache in another build
+        logs.clear()
+        pipeline.run_stages(Context(cfg, ds, tmp_path / out, []), logs.append)
+        assert f"[train] warning: {line}" in logs, logs
+    rep = report.build_report(cfg, [record, {"name": "verify", "artifacts": []}, {"name": "bundle", "bundles": []}],
+                              [], {}, ("train",))
+    assert rep["warnings"] == [f"train: {line}"]
+    assert f"WARNING train: {line}" in report.summary_table(rep)
+    (tmp_path / "a" / "report.json").write_text(json.dumps(rep))
+    assert f"WARNING train: {line}" in report_html.render([tmp_path / "a"])
+
+
+def test_the_near_chance_rule_spares_a_model_that_learned():
+    from edgekit.stages.train import near_chance
+
+    assert near_chance(0.133, 10) and near_chance(0.55, 2) and near_chance(0.0014, 1000)
+    assert not near_chance(0.16, 10) and not near_chance(0.61, 2) and not near_chance(0.45, 3)
+
+
+def _fit_no_batchnorm(ds, loss, workers: int) -> tuple[float, list[dict]]:
+    from torch import nn
+
+    from edgekit import ddp, training
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    start = ddp.loops_run()
+    best = training.fit(net, ds.train, ds.val, epochs=2, lr=0.01, batch_size=32, loss_fn=loss, desc="distill",
+                        workers=workers)
+    return best, ddp.loops_since(start)
+
+
+def test_a_fit_where_no_epoch_beats_the_start_says_it_kept_the_starting_weights(tmp_path, capsys):
+    """A loss without gradient leaves every epoch at the start's accuracy: one line, recorded in the loop's
+    record (which the pipeline puts into the stage's metrics.json `training` and `warnings`)."""
+    from edgekit import pipeline
+    from edgekit.stages import train
+
+    cfg = config.from_dict(tiny(data={"limit": 200}))
+    ds = data.load_dataset(cfg)
+    for workers in (1, 2):
+        best, (loop,) = _fit_no_batchnorm(ds, lambda out, y, x: 0 * out.sum(), workers)
+        line = f"no epoch beat the starting model's validation accuracy {best:.3f}; kept the starting weights"
+        assert f"[distill] {line}" in capsys.readouterr().out
+        assert loop["kept_start_weights"] and loop["start_val_accuracy"] == best and loop["warning"] == line
+    best, (loop,) = _fit_no_batchnorm(ds, lambda out, y, x: torch.nn.functional.cross_entropy(out, y), 1)
+    assert "kept_start_weights" not in loop and "no epoch beat" not in capsys.readouterr().out
+    # through a stage: a model without BatchNorm (whose running statistics would move) that lr 1e-12 cannot change
+    (tmp_path / "linear.py").write_text("import math\nfrom torch import nn\n\n\ndef build(num_classes, input_shape):\n"
+                                        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), "
+                                        "num_classes))\n")
+    cfg = config.from_dict(tiny(data={"limit": 200}, model={"factory": f"{tmp_path / 'linear.py'}:build"},
+                                train={"epochs": 1, "lr": 1e-12}))
+    record = pipeline.run_stage(Context(cfg, ds, tmp_path, []), train.name)
+    assert record["training"][0]["kept_start_weights"]
+    assert f"no epoch beat the starting model's validation accuracy {record['val_accuracy']:.3f}; kept the " \
+           "starting weights" in record["warnings"]

@@ -41,6 +41,7 @@ class StageRecord(TypedDict):
     inputs: dict[str, str]  # a digest per kind of input: which changed, when the key did
     seconds: float
     cached_from: NotRequired[str]  # the build that made it, when it came from the stage cache
+    warnings: NotRequired[list[str]]  # what the report repeats (a model near chance, starting weights kept)
 
 
 class Stage(Protocol):

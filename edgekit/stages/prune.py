@@ -40,7 +40,7 @@ from edgekit import metrics, tolerance, training
 from edgekit.config import MAX_CHANNEL_RATIO, Config, PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.files import write_json
-from edgekit.prunable import L1_FILTER_NORM, output_channels, protected_layers
+from edgekit.prunable import L1_FILTER_NORM, layer_channels, output_channels, protected_layers
 from edgekit.stages.base import Context, finish_torch_stage
 from edgekit.tolerance import Guard
 
@@ -279,7 +279,7 @@ def _kept_record(rounds: list[dict], guard: Guard | None, stopped: dict | None) 
         return {"round": n, "of": n, "reason": f"the full target, every round within {_limit(guard)} of the "
                                                f"unpruned model's validation accuracy {guard.baseline:.4f}"}
     return {"round": stopped["round"] - 1, "of": stopped["of"],
-            "reason": f"round {stopped['round']} lost {stopped['loss_pp']:.2f} pp of validation accuracy against "
+            "reason": f"round {stopped['round']} {tolerance.lost(stopped['loss_pp'])} of validation accuracy against "
                       f"the unpruned model, more than {_limit(guard)}, and was undone"}
 
 
@@ -327,7 +327,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         info = next(pruning)
         now = output_channels(model)
         info.update(channels_removed=channels - now, channels_kept=now, channels_removed_total=unpruned - now,
-                    channels_unpruned=unpruned)
+                    channels_unpruned=unpruned, channels=layer_channels(model))
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
         if now == channels:  # the model is unchanged: nothing to fine-tune; later rounds still prune on to the target

@@ -307,7 +307,7 @@ def qat_decision(ctx: Context, source: str, qmodel: torch.nn.Module) -> dict:
               "limit_pp": guard.limit_pp if guard else None}
     if guard is None:
         return {**record, "ran": True, "why": "quantize.method auto: no target tolerance to judge PTQ against; QAT"}
-    loss = f"PTQ lost {guard.loss_pp(ptq_val):.2f} pp of validation accuracy against the float model"
+    loss = f"PTQ {tolerance.lost(guard.loss_pp(ptq_val))} of validation accuracy against the float model"
     limit = f"{guard.limit_pp:.3g} pp ({guard.source})"
     if guard.within(ptq_val):
         return {**record, "ran": False, "why": f"{loss}, within {limit}: QAT skipped (quantize.method auto)"}
