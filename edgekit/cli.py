@@ -32,11 +32,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if args.out and Path(args.out).resolve() != out.resolve():
             raise BuildDirError(f"--out '{args.out}' and --resume '{out}' name different folders; "
                                 "--resume continues a build in its own folder, so drop --out")
-        saved = out / "config.yaml"
-        if not saved.is_file():
-            raise BuildDirError(f"'{out}' has no config.yaml from an earlier build; nothing to resume "
-                                "(pass the --out folder of an interrupted build)")
-        cfg = config.load(args.config or saved, log=print)
+        pipeline.check_resumable(out)
+        cfg = config.load(args.config or out / pipeline.CONFIG_FILE, log=print)
     else:
         cfg = config.load(args.config, log=print)
         out = Path(args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}")

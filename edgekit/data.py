@@ -186,13 +186,14 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     if x.ndim < 2 or y.ndim != 1:
         raise DataError(f"'{path}': x has shape {x.shape} and y {y.shape}; need x (N, ...) and y (N,)")
     _same_length(path, ("x", len(x)), ("y", len(y)))
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise DataError(f"'{path}': y must hold non-negative integer class ids, got dtype {y.dtype}")
+    y = _class_ids(y, f"'{path}': y")
     n_classes = int(y.max()) + 1
     labels = labels or [str(c) for c in range(n_classes)]
     if len(labels) < n_classes:
         raise DataError(f"'{path}': {len(labels)} labels for {n_classes} classes; give one label per class")
-    return x.astype(np.float32), y.astype(np.int64), labels, "as stored in the .npz"
+    scale, how = _scaling(x, f"'{path}'")
+    x = Rows(x, np.arange(len(x)), **scale)[:]  # float32, uint8 images divided by 255, as x.npy's rows are
+    return x, y, labels, f"{how} in the .npz, shape {x.shape[1:]}"
 
 
 def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
@@ -211,6 +212,11 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
             ys.append(class_id)
     if not xs:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
+    used = set(ys)
+    empty = [name for class_id, name in enumerate(classes) if class_id not in used]
+    if empty:  # a class folder without images: a class no sample has
+        raise DataError(f"class folder '{root / empty[0]}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                        "add images of that class or remove the folder")
     mode = "grayscale" if grayscale else "RGB"
     return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {size}x{size}, pixel / 255, CHW"
 
@@ -244,9 +250,27 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _class_ids(y: np.ndarray, what: str) -> np.ndarray:
+    """y as int64 class ids; a non-integer dtype or a negative id is named (the value, how many rows, the first)."""
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{what} must hold non-negative integer class ids, got dtype {y.dtype}")
+    negative = np.asarray(y < 0)
+    if negative.any():
+        first = int(np.argmax(negative))
+        raise DataError(f"{what} holds negative class ids in {int(negative.sum())} of {len(y)} rows (the first is "
+                        f"row {first}: {y[first]}); class ids run 0..K-1: renumber the labels "
+                        "(numpy.unique(y, return_inverse=True))")
+    return np.asarray(y, np.int64)
+
+
 def _check_classes(y: np.ndarray, labels: list[str], where: str) -> None:
-    """Class ids 0..K-1, each with samples, K >= 2: a gap would build a model with classes nobody has."""
+    """Class ids 0..K-1 (K: the number of labels), each with samples, K >= 2: a gap would build a model with
+    classes nobody has."""
     present = np.unique(y)
+    if len(present) and present[-1] >= len(labels):
+        raise DataError(f"{where}: a sample has class id {present[-1]} but there are {len(labels)} classes (ids "
+                        f"0..{len(labels) - 1}: {', '.join(labels[:3])}{', ...' if len(labels) > 3 else ''}); "
+                        "fix the labels or give one label name per class")
     if len(present) < 2:
         raise DataError(f"{where}: every sample is of class {labels[int(present[0])] if len(present) else '-'}; "
                         "a classifier needs samples of at least two classes")
@@ -254,9 +278,27 @@ def _check_classes(y: np.ndarray, labels: list[str], where: str) -> None:
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(labels[i] for i in missing[:5]) + more
-        raise DataError(f"{where}: {len(present)} classes are used but the class ids run to {len(labels) - 1}; "
-                        f"no sample has class {shown}; renumber the labels 0..{len(present) - 1} "
+        below = present[present < missing[0]]
+        jump = f"the class ids jump from {below[-1]} to {present[present > missing[0]][0]}: " if (
+            len(below) and missing[0] < present[-1]) else ""
+        raise DataError(f"{where}: {jump}no sample has class {shown}; {len(present)} classes are used but the class "
+                        f"ids run to {len(labels) - 1}; renumber the labels 0..{len(present) - 1} "
                         "(numpy.unique(y, return_inverse=True)) or drop the unused labels")
+
+
+def _check_train_classes(ds: Dataset, where: str, cfg: DataConfig) -> None:
+    """Every class in the training split, once the splits are made: a model cannot learn a class it never sees
+    (a class with one sample can land in the test split). Every source's dataset passes through here."""
+    in_train = np.bincount(ds.train.y, minlength=ds.num_classes)
+    lacking = np.flatnonzero(in_train == 0)
+    if not len(lacking):
+        return
+    n = int(np.count_nonzero(ds.val.y == lacking[0]) + np.count_nonzero(ds.test.y == lacking[0]))
+    kept = f" of the {cfg.limit} data.limit keeps" if cfg.limit else ""
+    more = f" (and {len(lacking) - 1} more classes)" if len(lacking) > 1 else ""
+    raise DataError(f"{where}: class {ds.labels[lacking[0]]} has {n} sample{'s' * (n != 1)}{kept}, none in the "
+                    f"training split{more}: a model cannot learn a class it never sees; add samples of that class"
+                    f"{', raise data.limit' if cfg.limit else ''} or drop them and renumber the labels")
 
 
 def _check_split_sizes(sizes: dict[str, int], cfg: DataConfig) -> None:
@@ -326,7 +368,7 @@ def _idx_sets(folder: Path, hint: str) -> tuple[tuple, tuple | None]:
                             f"{files[f'{s}-labels'].name} {labels.shape}; need images (N, H, W) and labels (N,)")
         _same_length(folder, (files[f"{s}-images"].name, len(images)), (files[f"{s}-labels"].name, len(labels)),
                      unit="images")
-        sets.append((images, labels))
+        sets.append((images, _class_ids(labels, f"'{files[f'{s}-labels']}'")))
     return sets[0], sets[1] if len(sets) > 1 else None
 
 
@@ -337,8 +379,9 @@ def _idx_dataset(cfg: Config) -> Dataset:
     hint = (f"install Debian's package (apt-get install {FASHION_MNIST_PACKAGE}) or set data.path to a folder with "
             "Fashion-MNIST's four IDX files") if fashion else "set data.path to a folder of MNIST-format IDX files"
     train, test = _idx_sets(folder, hint)
-    labels = FASHION_MNIST_LABELS if fashion else [str(c) for c in range(int(train[1].max()) + 1)]
-    _check_classes(np.asarray(train[1]), labels, f"'{folder}'")
+    y = np.concatenate([s[1] for s in (train, test) if s is not None])  # a class only in t10k: not in training
+    labels = FASHION_MNIST_LABELS if fashion else [str(c) for c in range(int(y.max()) + 1)]
+    _check_classes(y, labels, f"'{folder}'")
     prep = f"pixel / 255, shape (1, {train[0].shape[1]}, {train[0].shape[2]})"
     if test is None:  # no t10k files: one pool, split like any other source
         x = np.asarray(train[0], np.float32)[:, None] / 255.0
@@ -375,11 +418,10 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if y.ndim != 1:
         raise DataError(f"'{files[1]}' has shape {y.shape}; it needs one class id per sample, shape (N,)")
     _same_length(folder, ("x.npy", len(x)), ("y.npy", len(y)))
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise DataError(f"'{folder}': y.npy must hold non-negative integer class ids, got dtype {y.dtype}")
+    y = _class_ids(y, f"'{files[1]}'")
     if x.dtype == np.float32:
-        _check_finite(x, f"'{folder / 'x.npy'}'")
-    return x, y.astype(np.int64)
+        _check_finite(x, f"'{files[0]}'")
+    return x, y
 
 
 def _open_npy(file: Path, mmap_mode: str | None) -> np.ndarray:
@@ -411,7 +453,7 @@ def _npy_dataset(cfg: Config) -> Dataset:
     x, y = _npy_arrays(folder)
     labels = [str(c) for c in range(int(y.max()) + 1)]
     _check_classes(y, labels, f"'{folder}'")
-    scale = {"divide_by": 255.0, "add_channel": x.ndim == 3} if x.dtype == np.uint8 else {}
+    scale, how = _scaling(x, f"'{folder / 'x.npy'}'")
     order = np.random.default_rng(d.seed).permutation(len(x))[: d.limit]
     n_test, n_val = max(1, int(len(order) * d.test_fraction)), max(1, int(len(order) * d.val_fraction))
     _check_split_sizes({"train": len(order) - n_test - n_val, "validation": n_val, "test": n_test}, d)
@@ -421,17 +463,37 @@ def _npy_dataset(cfg: Config) -> Dataset:
         rows = Rows(x, i, workers=d.workers, **scale)
         return Split(rows if lazy else rows[:], y[i])
 
-    prep = ("pixel / 255, " if scale else "as stored, ") + f"shape {split(order[:1]).x.shape[1:]}"
     return Dataset(split(fit, lazy=True), split(val), split(test), split(fit[: d.calib_samples]), labels,
-                   prep + "; training split memory-mapped from x.npy")
+                   f"{how}, shape {split(order[:1]).x.shape[1:]}; training split memory-mapped from x.npy")
+
+
+def _scaling(x: np.ndarray, where: str) -> tuple[dict, str]:
+    """The one rule for user arrays (x.npy, a .npz's x): uint8 images are divided by 255 and (N, H, W) gets a
+    channel axis, other dtypes are used as stored; returns Rows' keyword arguments and the preprocessing said.
+    Channels-last images (N, H, W, 1 or 3) are refused: they would be read as H channels."""
+    if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+        raise DataError(f"{where}: x has shape {x.shape}, channels last; samples are (C, H, W): save "
+                        "x.transpose(0, 3, 1, 2)")
+    if x.dtype == np.uint8:
+        return {"divide_by": 255.0, "add_channel": x.ndim == 3}, "pixel / 255"
+    return {}, "as stored"
 
 
 def load_dataset(cfg: Config) -> Dataset:
-    d, groups = cfg.data, None
+    d = cfg.data
     if d.source in ("idx", "fashion-mnist"):
-        return _idx_dataset(cfg)
-    if d.source == "npy":
-        return _npy_dataset(cfg)
+        ds = _idx_dataset(cfg)
+    elif d.source == "npy":
+        ds = _npy_dataset(cfg)
+    else:
+        ds = _memory_dataset(cfg)
+    _check_train_classes(ds, f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}", d)
+    return ds
+
+
+def _memory_dataset(cfg: Config) -> Dataset:
+    """The sources read whole into memory: the built-in digits, a .npz, an ImageFolder."""
+    d, groups = cfg.data, None
     if d.source == "digits":
         x, y, labels, prep = _digits()
     elif d.source == "digits32":

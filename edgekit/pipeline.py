@@ -232,13 +232,23 @@ def check_out(cfg: Config, out: Path, resume: bool) -> None:
     if not resume:
         _check_empty(out)
         return
-    if not (out / CONFIG_FILE).is_file():
-        raise BuildDirError(f"'{out}' has no {CONFIG_FILE} from an earlier build; nothing to resume")
+    check_resumable(out)
     changed = changed_sections(cfg, out)
     if changed:
         raise BuildDirError(f"--resume: the config differs from the one '{out}' was built with in "
                             f"{', '.join(changed)}; resume with the same config (omit CONFIG to use "
                             f"{out / CONFIG_FILE}) or build into a new --out")
+
+
+def check_resumable(out: Path) -> None:
+    """--resume needs the folder of an earlier build: one that is missing, a file or without its config is named."""
+    again = "pass the --out folder of an interrupted build"
+    if not out.exists():
+        raise BuildDirError(f"--resume '{out}': the folder does not exist; {again}")
+    if not out.is_dir():
+        raise BuildDirError(f"--resume '{out}' is a file, not a build folder; {again}")
+    if not (out / CONFIG_FILE).is_file():
+        raise BuildDirError(f"'{out}' has no {CONFIG_FILE} from an earlier build; nothing to resume ({again})")
 
 
 def changed_sections(cfg: Config, out: Path) -> list[str]:

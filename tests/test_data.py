@@ -122,3 +122,124 @@ def test_imagefolder(tmp_path):
 def test_missing_data_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "x.npz")}}))
+
+
+# --- classes: each one with samples in the training split -------------------------------------------------
+
+
+def _seed_putting_last_in_test(n: int, test_fraction: float = 0.2) -> int:
+    """A data.seed whose split puts sample n - 1 in the test split (every source shuffles the same way)."""
+    return next(s for s in range(100) if n - 1 in np.random.default_rng(s).permutation(n)[: int(n * test_fraction)])
+
+
+def _write_source(root, source: str, x: np.ndarray, y: np.ndarray):
+    """x (N, 8, 8) uint8 and y as the files of `source`; the path to set as data.path."""
+    from tests.test_idx import _write_idx
+
+    if source == "npz":
+        np.savez(root / "d.npz", x=x[:, None], y=y)
+        return root / "d.npz"
+    if source == "npy":
+        np.save(root / "x.npy", x), np.save(root / "y.npy", y)
+        return root
+    if source == "idx":
+        _write_idx(root / "train-images-idx3-ubyte", x)
+        _write_idx(root / "train-labels-idx1-ubyte", y.astype(np.uint8))
+        return root
+    for i, (img, c) in enumerate(zip(x, y, strict=True)):  # imagefolder: class folders sort as their ids
+        (root / f"c{c:02d}").mkdir(exist_ok=True)
+        Image.fromarray(img).save(root / f"c{c:02d}" / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("source", ["npz", "npy", "idx", "imagefolder"])
+def test_a_class_with_one_sample_in_the_test_split_is_refused(tmp_path, source):
+    """Labels 0..9 plus one stray 10: a class the training split never sees, whichever source reads it."""
+    n = 101
+    y = np.r_[np.arange(n - 1) % 10, 10]
+    x = np.random.default_rng(0).integers(0, 255, (n, 8, 8)).astype(np.uint8)
+    path = _write_source(tmp_path, source, x, y)
+    seed = _seed_putting_last_in_test(n)
+    cfg = {"source": source, "path": str(path), "seed": seed, **({"image_size": 8} if source == "imagefolder" else {})}
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": cfg}))
+    name = "c10" if source == "imagefolder" else "10"
+    assert str(err.value) == (f"'{path}': class {name} has 1 sample, none in the training split: a model cannot "
+                              "learn a class it never sees; add samples of that class or drop them and renumber "
+                              "the labels")
+
+
+def test_a_class_only_in_the_idx_test_files_is_refused(tmp_path, monkeypatch):
+    """With t10k files, a class only they hold is named, not built into a model that never trained on it."""
+    from tests.test_idx import _mnist_folder, _write_idx
+
+    monkeypatch.setattr(data.idx, "CACHE", tmp_path / "cache")
+    folder = _mnist_folder(tmp_path / "m", gz=False)
+    _write_idx(folder / "t10k-labels-idx1-ubyte", np.r_[np.arange(39) % 3, 3].astype(np.uint8))
+    with pytest.raises(DataError, match="m': class 3 has 1 sample, none in the training split"):
+        data.load_dataset(config.from_dict({"data": {"source": "idx", "path": str(folder)}}))
+
+
+def test_a_small_dataset_with_every_class_in_training_still_loads(tmp_path):
+    """Few samples per class are fine as long as each class reaches the training split."""
+    n = 101
+    np.savez(tmp_path / "d.npz", x=np.zeros((n, 4), np.float32), y=np.r_[np.arange(n - 1) % 10, 10])
+    seed = next(s for s in range(100) if n - 1 in np.random.default_rng(s).permutation(n)[int(n * 0.35):])
+    ds = data.load_dataset(config.from_dict({"data": {"path": str(tmp_path / "d.npz"), "seed": seed}}))
+    assert ds.num_classes == 11 and 10 in ds.train.y
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+def test_negative_label_names_the_value_and_the_first_row(tmp_path, source):
+    y = np.arange(600) % 3
+    y[[3, 400]] = -1
+    path = _write_source(tmp_path, source, np.zeros((600, 8, 8), np.uint8), y)
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
+    named = path if source == "npz" else path / "y.npy"
+    assert str(err.value).startswith(f"'{named}'{': y' if source == 'npz' else ''} holds negative class ids in 2 of "
+                                     "600 rows (the first is row 3: -1)")
+
+
+def test_uint8_npz_is_scaled_as_npy_is(tmp_path):
+    """One rule for uint8 images: divided by 255, (N, H, W) given a channel axis, in .npz and x.npy alike."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (90, 6, 5)).astype(np.uint8), np.arange(90) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    (tmp_path / "n").mkdir()
+    np.save(tmp_path / "n" / "x.npy", x), np.save(tmp_path / "n" / "y.npy", y)
+    a = data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "d.npz")}}))
+    b = data.load_dataset(config.from_dict({"data": {"source": "npy", "path": str(tmp_path / "n")}}))
+    assert a.sample_shape == b.sample_shape == (1, 6, 5) and a.test.x.max() <= 1.0
+    np.testing.assert_array_equal(a.test.x, b.test.x)
+    np.testing.assert_array_equal(a.train.x, np.asarray(b.train.x))
+    assert a.preprocessing == "pixel / 255 in the .npz, shape (1, 6, 5)"
+    assert b.preprocessing.startswith("pixel / 255, shape (1, 6, 5)")
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+@pytest.mark.parametrize("shape", [(60, 8, 8, 3), (60, 28, 28, 1)])
+def test_channels_last_images_are_refused_with_the_transpose(tmp_path, source, shape):
+    x, y = np.zeros(shape, np.float32), np.arange(60) % 3
+    if source == "npz":
+        np.savez(tmp_path / "d.npz", x=x, y=y)
+        path, named = tmp_path / "d.npz", tmp_path / "d.npz"
+    else:
+        np.save(tmp_path / "x.npy", x), np.save(tmp_path / "y.npy", y)
+        path, named = tmp_path, tmp_path / "x.npy"
+    with pytest.raises(DataError) as err:
+        data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
+    assert str(err.value) == (f"'{named}': x has shape {shape}, channels last; samples are (C, H, W): save "
+                              "x.transpose(0, 3, 1, 2)")
+
+
+def test_a_class_id_past_the_declared_labels_is_refused(tmp_path, monkeypatch):
+    """fashion-mnist declares its 10 class names: an id 10 in the files at data.path is named, not trained."""
+    from tests.test_idx import _write_idx
+
+    monkeypatch.setattr(data.idx, "CACHE", tmp_path / "cache")
+    y = (np.arange(110) % 11).astype(np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((110, 6, 5), np.uint8))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", y)
+    with pytest.raises(DataError, match=r"a sample has class id 10 but there are 10 classes \(ids 0..9: T-shirt/top"):
+        data.load_dataset(config.from_dict({"data": {"source": "fashion-mnist", "path": str(tmp_path)}}))
