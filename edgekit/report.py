@@ -145,7 +145,7 @@ def summary_table(report: dict) -> str:
     for line in report.get("over_tolerance", []):
         lines.append(f"ACCURACY LOSS OVER TOLERANCE {line}")
     for line in report.get("warnings", []):
-        lines.append(f"WARNING {line}")
+        lines.append(f"warning: {line}")  # not WARNING: the e2e test keeps library WARNING lines out
     losses = [r["vs_unpruned_fp32"]["pp"] for r in report["artifacts"] if r.get("vs_unpruned_fp32")]
     if losses:
         lines.append(f"against the unpruned fp32 model (train, test accuracy "
