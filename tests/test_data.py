@@ -90,13 +90,8 @@ def test_npy_folder_read_as_an_imagefolder_says_set_source_npy(tmp_path):
                               "class; set data.source: npy to read x.npy (samples) and y.npy (labels) from it")
 
 
-@pytest.mark.parametrize("source", ["npz", "npy"])
-def test_nan_names_the_file_the_rows_and_the_first(tmp_path, monkeypatch, source):
-    """One helper for in-memory and memory-mapped x; chunks smaller than x so the count crosses chunks."""
-    monkeypatch.setattr(data, "NPY_CHUNK", 16)
-    x = np.zeros((60, 2, 3), np.float32)
-    x[7, 1, 2], x[50, 0, 0], x[51, 1, 1] = np.nan, np.inf, -np.inf
-    y = np.arange(60) % 3
+def _refusal(tmp_path, source: str, x: np.ndarray, y: np.ndarray) -> tuple[str, object]:
+    """The load error of x, y saved as d.npz or as x.npy + y.npy, and the file it must name."""
     if source == "npz":
         np.savez(tmp_path / "d.npz", x=x, y=y)
         path, named = tmp_path / "d.npz", tmp_path / "d.npz"
@@ -105,7 +100,18 @@ def test_nan_names_the_file_the_rows_and_the_first(tmp_path, monkeypatch, source
         path, named = tmp_path, tmp_path / "x.npy"
     with pytest.raises(DataError) as err:
         data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
-    assert str(err.value).startswith(f"'{named}': x holds NaN or infinite values in 3 of 60 rows (the first is row 7)")
+    return str(err.value), named
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+def test_nan_names_the_file_the_rows_and_the_first(tmp_path, monkeypatch, source):
+    """One helper for in-memory and memory-mapped x; chunks smaller than x so the count crosses chunks."""
+    monkeypatch.setattr(data, "NPY_CHUNK", 16)
+    x = np.zeros((60, 2, 3), np.float32)
+    x[7, 1, 2], x[50, 0, 0], x[51, 1, 1] = np.nan, np.inf, -np.inf
+    y = np.arange(60) % 3
+    err, named = _refusal(tmp_path, source, x, y)
+    assert err.startswith(f"'{named}': x holds NaN or infinite values in 3 of 60 rows (the first is row 7)")
 
 
 def test_imagefolder(tmp_path):
@@ -221,15 +227,8 @@ def test_uint8_npz_is_scaled_as_npy_is(tmp_path):
 @pytest.mark.parametrize("shape", [(60, 8, 8, 3), (60, 28, 28, 1)])
 def test_channels_last_images_are_refused_with_the_transpose(tmp_path, source, shape):
     x, y = np.zeros(shape, np.float32), np.arange(60) % 3
-    if source == "npz":
-        np.savez(tmp_path / "d.npz", x=x, y=y)
-        path, named = tmp_path / "d.npz", tmp_path / "d.npz"
-    else:
-        np.save(tmp_path / "x.npy", x), np.save(tmp_path / "y.npy", y)
-        path, named = tmp_path, tmp_path / "x.npy"
-    with pytest.raises(DataError) as err:
-        data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
-    assert str(err.value) == (f"'{named}': x has shape {shape}, channels last; samples are (C, H, W): save "
+    err, named = _refusal(tmp_path, source, x, y)
+    assert err == (f"'{named}': x has shape {shape}, channels last; samples are (C, H, W): save "
                               "x.transpose(0, 3, 1, 2)")
 
 
