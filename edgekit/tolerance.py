@@ -40,4 +40,4 @@ def guard_for(explicit: float | None, key: str, targets: list, baseline: float, 
         return None
     strictest = min(targets, key=lambda t: t.accuracy_tolerance_pp)
     return Guard(baseline, strictest.accuracy_tolerance_pp,
-                 f"accuracy_tolerance_pp of target {strictest.name} (the strictest chosen)", val_samples)
+                 f"accuracy_tolerance_pp of target {strictest.name}, the strictest chosen", val_samples)
