@@ -95,10 +95,14 @@ def _pool_misfit(model, example: np.ndarray) -> str | None:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
                if type(m).__name__.startswith("Adaptive") and "Pool" in type(m).__name__]
-    try:
+    training = model.training
+    try:  # eval: a one-sample batch through BatchNorm1d, and no update of the running statistics
         with torch.no_grad():
-            model(torch.from_numpy(np.ascontiguousarray(example)))
+            model.eval()(torch.from_numpy(np.ascontiguousarray(example)))
+    except Exception:  # only a hint for the export error the caller is raising: never a second failure
+        pass
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return found[0] if found else None
