@@ -231,7 +231,9 @@ def ray_session(workers: int, address: str | None):
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
                 workers: int, log, stage_cache: bool = True, cost: str = "macs") -> None:
-    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`)."""
+    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`). The
+    sampler's seed moves on with each finished trial: a round (or --resume) does not replay the random draws of
+    the one before, which would all be repeats."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -241,7 +243,7 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
             "trial is sampled; add those values to search.space to have it as the reference trial")
     algo = _searcher(OptunaSearch, search_cfg.space, finished, cost)(
         metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost),
-        study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed))
+        study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
     done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
     fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
                               trials_dir=str((out / TRIALS_DIR).resolve()),
