@@ -312,6 +312,23 @@ def _check_split_sizes(sizes: dict[str, int], cfg: DataConfig) -> None:
                     "use more data or a larger data.limit")
 
 
+def split_gaps(ds: Dataset) -> list[str]:
+    """Classes the validation or test split has no sample of (the training split has every class:
+    _check_train_classes). Warnings, not refusals: a small data.limit for a quick look often leaves one out."""
+    out = []
+    for split, what, key, sees in ((ds.val, "validation", "val_fraction", "the accuracy that guards pruning and "
+                                    "repairs int8 does"), (ds.test, "test", "test_fraction", "the test accuracy "
+                                                           "and the fidelity check do")):
+        missing = np.flatnonzero(np.bincount(split.y, minlength=ds.num_classes) == 0)
+        if len(missing):
+            names = ", ".join(ds.labels[i] for i in missing[:5]) + (f" and {len(missing) - 5} more" if
+                                                                     len(missing) > 5 else "")
+            out.append(f"the {what} split ({len(split.y)} samples) has no sample of class{'es' * (len(missing) > 1)} "
+                       f"{names}: {sees} not see {'them' if len(missing) > 1 else 'it'}; raise data.{key} or add "
+                       "samples")
+    return out
+
+
 def _split(x: np.ndarray, y: np.ndarray, cfg: DataConfig,
            groups: np.ndarray | None = None) -> tuple[Split, Split, Split, Split]:
     order = np.random.default_rng(cfg.seed).permutation(len(x))
@@ -410,16 +427,16 @@ def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """x.npy memory-mapped (never read whole) and y.npy, checked against each other."""
     files = [folder / "x.npy", folder / "y.npy"]
     if not all(f.is_file() for f in files):
-        raise DataError(f"'{folder}' needs x.npy (samples, float32 or uint8 images) and y.npy (labels); "
+        raise DataError(f"'{folder}' needs x.npy (samples, float or uint8 images) and y.npy (labels); "
                         "write them with numpy.save")
     x, y = _open_npy(files[0], mmap_mode="r"), _open_npy(files[1], mmap_mode=None)
-    if x.ndim < 2 or x.dtype not in (np.float32, np.uint8):
-        raise DataError(f"'{files[0]}' is {x.dtype} {x.shape}; it needs float32 samples or uint8 images (N, ...)")
+    if x.ndim < 2:
+        raise DataError(f"'{files[0]}' has shape {x.shape}; it needs samples (N, ...) or uint8 images (N, H, W)")
     if y.ndim != 1:
         raise DataError(f"'{files[1]}' has shape {y.shape}; it needs one class id per sample, shape (N,)")
     _same_length(folder, ("x.npy", len(x)), ("y.npy", len(y)))
     y = _class_ids(y, f"'{files[1]}'")
-    if x.dtype == np.float32:
+    if np.issubdtype(x.dtype, np.floating):  # the dtype itself is judged by _scaling
         _check_finite(x, f"'{files[0]}'")
     return x, y
 
@@ -468,15 +485,29 @@ def _npy_dataset(cfg: Config) -> Dataset:
 
 
 def _scaling(x: np.ndarray, where: str) -> tuple[dict, str]:
-    """The one rule for user arrays (x.npy, a .npz's x): uint8 images are divided by 255 and (N, H, W) gets a
-    channel axis, other dtypes are used as stored; returns Rows' keyword arguments and the preprocessing said.
-    Channels-last images (N, H, W, 1 or 3) are refused: they would be read as H channels."""
-    if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+    """The one rule for user arrays (x.npy, a .npz's x): float samples are used as stored (as float32), uint8
+    images are divided by 255 and (N, H, W) gets a channel axis; returns Rows' keyword arguments and the
+    preprocessing said. Other dtypes are refused (0..65535 or -1..1 integers: no scale fits them all), and so are
+    channels-last images, which would be read as H channels."""
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: x is {x.dtype} {x.shape}; samples are float (used as stored) or uint8 images "
+                        "(divided by 255): save x.astype(numpy.float32), scaled as the model should see it")
+    if _channels_last(x.shape):
         raise DataError(f"{where}: x has shape {x.shape}, channels last; samples are (C, H, W): save "
                         "x.transpose(0, 3, 1, 2)")
     if x.dtype == np.uint8:
         return {"divide_by": 255.0, "add_channel": x.ndim == 3}, "pixel / 255"
     return {}, "as stored"
+
+
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    """(N, H, W, C) images: a last axis of 1 (a (C, H, 1) sample is no image), or of 3 or 4 (RGB, RGBA) after a
+    square or an at least 16 x 16 H x W. (N, C, H, 3) with a non-square, small C x H stays channels-first (say 8
+    sensors x 12 steps x 3 axes), and so does anything with 1, 3 or 4 in the channel place."""
+    if len(shape) != 4 or shape[1] in (1, 3, 4):
+        return False
+    h, w, c = shape[1:]
+    return c == 1 or (c in (3, 4) and (h == w or min(h, w) >= 16))
 
 
 def load_dataset(cfg: Config) -> Dataset:

@@ -159,7 +159,7 @@ def summary_table(report: dict) -> str:
 
 def prune_lines(stages: list[dict]) -> list[str]:
     """Which pruning round the build kept and why (the prune stage's accuracy guard), and the rounds that removed
-    no channel (not fine-tuned)."""
+    no channel (their fine-tuning epochs went to a cut model)."""
     stage = next((s for s in stages if s["name"] == "prune"), {})
     kept = stage.get("kept")
     if not kept:
@@ -168,8 +168,8 @@ def prune_lines(stages: list[dict]) -> list[str]:
     what = f"round {kept['round']} of {n}" if kept["round"] else f"the unpruned model, no round of {n}"
     idle = [str(k) for k, r in enumerate(stage.get("rounds") or [], 1) if r.get("nothing_removed")]
     many = len(idle) > 1
-    none = (f"; round{'s' if many else ''} {', '.join(idle)} removed no channels and {'were' if many else 'was'} "
-            "not fine-tuned") if idle else ""
+    none = (f"; round{'s' if many else ''} {', '.join(idle)} removed no channels (the fine-tuning epochs went to "
+            "the next cut, or after the last round to the last cut)") if idle else ""
     return [f"pruning kept {what} ({kept['macs_kept']:.0%} of the MACs): {kept['reason']}{none}"]
 
 

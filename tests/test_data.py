@@ -90,14 +90,23 @@ def test_npy_folder_read_as_an_imagefolder_says_set_source_npy(tmp_path):
                               "class; set data.source: npy to read x.npy (samples) and y.npy (labels) from it")
 
 
-def _refusal(tmp_path, source: str, x: np.ndarray, y: np.ndarray) -> tuple[str, object]:
-    """The load error of x, y saved as d.npz or as x.npy + y.npy, and the file it must name."""
+def _save(tmp_path, source: str, x: np.ndarray, y: np.ndarray) -> tuple[object, object]:
+    """x, y saved as d.npz or as x.npy + y.npy: data.path, and the file a refusal of x must name."""
     if source == "npz":
         np.savez(tmp_path / "d.npz", x=x, y=y)
-        path, named = tmp_path / "d.npz", tmp_path / "d.npz"
-    else:
-        np.save(tmp_path / "x.npy", x), np.save(tmp_path / "y.npy", y)
-        path, named = tmp_path, tmp_path / "x.npy"
+        return tmp_path / "d.npz", tmp_path / "d.npz"
+    np.save(tmp_path / "x.npy", x), np.save(tmp_path / "y.npy", y)
+    return tmp_path, tmp_path / "x.npy"
+
+
+def _load_saved(tmp_path, source: str, x: np.ndarray, y: np.ndarray) -> data.Dataset:
+    path, _ = _save(tmp_path, source, x, y)
+    return data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
+
+
+def _refusal(tmp_path, source: str, x: np.ndarray, y: np.ndarray) -> tuple[str, object]:
+    """The load error of x, y saved as d.npz or as x.npy + y.npy, and the file it must name."""
+    path, named = _save(tmp_path, source, x, y)
     with pytest.raises(DataError) as err:
         data.load_dataset(config.from_dict({"data": {"source": source, "path": str(path)}}))
     return str(err.value), named
@@ -230,6 +239,40 @@ def test_channels_last_images_are_refused_with_the_transpose(tmp_path, source, s
     err, named = _refusal(tmp_path, source, x, y)
     assert err == (f"'{named}': x has shape {shape}, channels last; samples are (C, H, W): save "
                               "x.transpose(0, 3, 1, 2)")
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+@pytest.mark.parametrize("shape", [(60, 8, 12, 3), (60, 5, 7, 4), (60, 3, 8, 8)])
+def test_channels_first_samples_ending_in_3_are_read_as_they_are(tmp_path, source, shape):
+    """8 sensors x 12 steps x 3 axes is a (C, H, W) sample, not a channels-last image: kept as saved."""
+    x, y = np.random.default_rng(0).normal(size=shape).astype(np.float32), np.arange(60) % 3
+    ds = _load_saved(tmp_path, source, x, y)
+    assert ds.sample_shape == shape[1:]
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+@pytest.mark.parametrize("shape", [(60, 20, 30, 3), (60, 6, 6, 4)])
+def test_large_or_square_channels_last_images_are_refused(tmp_path, source, shape):
+    err, named = _refusal(tmp_path, source, np.zeros(shape, np.float32), np.arange(60) % 3)
+    assert err.startswith(f"'{named}': x has shape {shape}, channels last")
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+def test_float64_x_is_used_as_float32_in_npz_and_npy_alike(tmp_path, source):
+    x = np.random.default_rng(0).normal(size=(60, 2, 5)).astype(np.float64)
+    ds = _load_saved(tmp_path, source, x, np.arange(60) % 3)
+    assert np.asarray(ds.test.x).dtype == np.float32 and ds.preprocessing.startswith("as stored")
+    assert np.isin(np.asarray(ds.test.x), x.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("source", ["npz", "npy"])
+@pytest.mark.parametrize("dtype", [np.int16, np.int64, np.bool_])
+def test_integer_x_other_than_uint8_is_refused_in_npz_and_npy_alike(tmp_path, source, dtype):
+    """No scale fits every integer range; uint8 images alone are divided by 255."""
+    x = np.ones((60, 2, 5), dtype)
+    err, named = _refusal(tmp_path, source, x, np.arange(60) % 3)
+    assert err == (f"'{named}': x is {np.dtype(dtype)} (60, 2, 5); samples are float (used as stored) or uint8 "
+                   "images (divided by 255): save x.astype(numpy.float32), scaled as the model should see it")
 
 
 def test_a_class_id_past_the_declared_labels_is_refused(tmp_path, monkeypatch):

@@ -100,20 +100,23 @@ def test_a_round_that_removes_no_channel_is_not_fine_tuned_and_later_rounds_reac
     assert result["macs_kept"] <= 0.5
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[prune] round")]
     for k, r in enumerate(rounds, 1):
+        owed = sum(1 for j in range(k - 1, 0, -1) if j in idle and all(i in idle for i in range(j, k)))
         if k in idle:
-            assert r["finetune_epochs"] == 0 and r["val_accuracy"] == r["val_accuracy_before_finetune"]
             assert r["nothing_removed"].startswith("already at ") and "under this round's" in r["nothing_removed"]
             assert lines[k - 1].startswith(f"[prune] round {k}/4: removed no channels ({r['nothing_removed']}), "
                                            f"kept {r['channels_kept']} of ")
-            assert "; not fine-tuned, nothing to recover; val accuracy" in lines[k - 1]
-        else:  # a round after skipped ones gets their epochs: the 4 epochs are all spent unless the last round idled
-            owed = sum(1 for j in range(k - 1, 0, -1) if j in idle and all(i in idle for i in range(j, k)))
+            if k < len(rounds):
+                assert r["finetune_epochs"] == 0 and r["val_accuracy"] == r["val_accuracy_before_finetune"]
+                assert "; not fine-tuned, nothing to recover; val accuracy" in lines[k - 1]
+            else:  # the last round idled: it fine-tunes the last cut for the epochs the idle rounds left
+                assert r["finetune_epochs"] == 1 + owed
+                assert f"; fine-tuned the last cut for the {1 + owed} epoch" in lines[k - 1]
+        else:  # a round after skipped ones gets their epochs
             assert r["finetune_epochs"] == 1 + owed and "nothing_removed" not in r
-    spent = sum(r["finetune_epochs"] for r in rounds)
-    assert spent == 4 - sum(1 for k in range(len(rounds), 0, -1) if all(i in idle for i in range(k, len(rounds) + 1)))
+    assert sum(r["finetune_epochs"] for r in rounds) == 4  # every epoch spent
     (summary,) = report.prune_lines([result])
     assert summary.endswith(f"; round{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} removed no channels "
-                            f"and {'were' if len(idle) > 1 else 'was'} not fine-tuned")
+                            "(the fine-tuning epochs went to the next cut, or after the last round to the last cut)")
 
 
 def test_a_ratio_round_that_rounding_leaves_unchanged_is_not_fine_tuned(trained, tmp_path):
@@ -121,9 +124,12 @@ def test_a_ratio_round_that_rounding_leaves_unchanged_is_not_fine_tuned(trained,
     rounds' shares round to the same counts."""
     result, _ = _prune(trained, tmp_path, targets.get(["x86-64"]), ratio=0.2, steps=4, finetune_epochs=4,
                        accuracy_guard=False)
-    idle = [r for r in result["rounds"] if r["channels_removed"] == 0]
-    assert idle and all(r["finetune_epochs"] == 0 for r in idle)
+    rounds = result["rounds"]
+    idle = [r for r in rounds if r["channels_removed"] == 0]
+    assert idle and all(r["finetune_epochs"] == 0 for r in idle if r is not rounds[-1])
     assert all(r["nothing_removed"] == "every layer's count rounded to a multiple of 8 stayed the same" for r in idle)
+    # trailing rounds that removed nothing: the last one fine-tunes the last cut for their epochs, none lost
+    assert rounds[-1] in idle and sum(r["finetune_epochs"] for r in rounds) == 4
 
 
 def test_guard_takes_the_strictest_chosen_target(trained):

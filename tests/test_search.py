@@ -45,7 +45,8 @@ def searched(tmp_path_factory):
     target, out, said = _onnx_target(tmp), tmp / "s", []
     try:
         first = run.search(cfg, target, out, trials=2, workers=2, log=said.append)
-        second = run.search(cfg, target, out, trials=4, resume=True, workers=2, log=said.append)
+        # one at a time: two rounds, each timed before the next trial is sampled (search.objective: latency)
+        second = run.search(cfg, target, out, trials=4, resume=True, workers=1, log=said.append)
     finally:
         os.environ["EDGEKIT_STAGE_CACHE"] = old or ""
     return tmp, out, target, first, second, said
@@ -85,6 +86,26 @@ def test_resume_skips_finished_trials(searched):
     for tid, t in before.items():  # the same records, not built again
         assert after[tid]["started"] == t["started"] and after[tid]["ended"] == t["ended"]
     assert "search: 2 trials finished earlier, 2 to run" in " ".join(said)
+
+
+def test_the_sampler_learns_each_rounds_measured_p90_before_the_next(searched):
+    """search.objective latency (the default), timed here: rounds of --workers trials; the last trial was sampled
+    after the one before it had been timed, and the study it was sampled from held measured p90s, not MACs."""
+    _, out, _, first, second, said = searched
+    assert first["sampler_objectives"] == second["sampler_objectives"] == ["accuracy", run.LATENCY]
+    assert "2 to run, 1 at a time, in rounds of 1 each timed before the next is sampled" in " ".join(said)
+    third, fourth = second["trials"][2:]
+    if third["status"] == "ok":  # a failed trial has nothing to time
+        timed_at = (out / "trials" / third["id"] / run.TIMING_FILE).stat().st_mtime
+        assert timed_at < fourth["started"]
+    import optuna
+
+    cfg = config.load(out / "config.yaml")
+    storage = run._study(cfg.search, second["trials"][:3], config.to_dict(cfg), run.LATENCY)
+    told = [t.values for t in optuna.load_study(study_name="edgekit", storage=storage).trials if t.values]
+    ok = [t for t in second["trials"][:3] if t["status"] == "ok"]
+    assert ok and sorted(told) == sorted([t["accuracy"], t["latency_p90_ms"]] for t in ok)
+    assert run._values({"status": "ok", "accuracy": 0.9, "macs": 5}, run.LATENCY) is None  # not timed yet
 
 
 def test_outputs_front_and_recommendation(searched):

@@ -89,8 +89,9 @@ def test_a_model_near_chance_is_warned_about_in_the_console_metrics_and_report(t
     (record,) = pipeline.run_stages(Context(cfg, ds, tmp_path / "a", []), logs.append)
     val = record["val_accuracy"]
     assert val < 0.15
-    line = (f"validation accuracy {val:.3f} is near chance (0.100 for 10 classes): the later stages compress a model "
-            "that has not learned; train longer (train.epochs), raise train.lr, or check the labels")
+    line = (f"validation accuracy {val:.3f} is near chance (0.100 for 10 classes; 0.169 is within two standard errors "
+            "of it on 75 validation samples): the later stages compress a model that has not learned; train longer "
+            "(train.epochs), raise train.lr, or check the labels")
     assert record["warnings"] == [line]
     assert json.loads((tmp_path / "a" / "stages" / "train" / "metrics.json").read_text())["warnings"] == [line]
     for out in ("a", "b"):  # resumed, then reused from the stage cache in another build
@@ -108,8 +109,19 @@ def test_a_model_near_chance_is_warned_about_in_the_console_metrics_and_report(t
 def test_the_near_chance_rule_spares_a_model_that_learned():
     from edgekit.stages.train import near_chance
 
-    assert near_chance(0.133, 10) and near_chance(0.55, 2) and near_chance(0.0014, 1000)
-    assert not near_chance(0.16, 10) and not near_chance(0.61, 2) and not near_chance(0.45, 3)
+    n = 10_000  # validation samples: the fixed bars decide
+    assert near_chance(0.133, 10, n) and near_chance(0.55, 2, n) and near_chance(0.0014, 1000, n)
+    assert not near_chance(0.16, 10, n) and not near_chance(0.61, 2, n) and not near_chance(0.45, 3, n)
+    assert "two standard errors" not in near_chance(0.133, 10, n)
+
+
+def test_the_near_chance_bar_rises_on_few_validation_samples():
+    """40 samples of 10 classes: a guessing model reaches 0.16 often (sd 0.047); 0.195 is two standard errors."""
+    from edgekit.stages.train import near_chance
+
+    assert near_chance(0.19, 10, 40).startswith("validation accuracy 0.190 is near chance (0.100 for 10 classes; "
+                                                "0.195 is within two standard errors of it on 40 validation samples)")
+    assert not near_chance(0.2, 10, 40) and not near_chance(0.19, 10, 4000)
 
 
 def _fit_no_batchnorm(ds, loss, workers: int) -> tuple[float, list[dict]]:
@@ -150,3 +162,21 @@ def test_a_fit_where_no_epoch_beats_the_start_says_it_kept_the_starting_weights(
     assert record["training"][0]["kept_start_weights"]
     assert f"no epoch beat the starting model's validation accuracy {record['val_accuracy']:.3f}; kept the " \
            "starting weights" in record["warnings"]
+
+
+def test_a_split_without_some_class_is_warned_about(tmp_path, capsys):
+    """Every class is in the training split (else refused); one missing from validation or test is a warning."""
+    import dataclasses
+
+    from edgekit.stages import train
+
+    cfg = config.from_dict(tiny(train={"epochs": 1}))
+    ds = data.load_dataset(cfg)
+    assert data.split_gaps(ds) == []
+    keep = ds.val.y != 3
+    ds = dataclasses.replace(ds, val=data.Split(ds.val.x[keep], ds.val.y[keep]))
+    (line,) = data.split_gaps(ds)
+    assert line == (f"the validation split ({keep.sum()} samples) has no sample of class 3: the accuracy that guards "
+                    "pruning and repairs int8 does not see it; raise data.val_fraction or add samples")
+    record = train.run(Context(cfg, ds, tmp_path, []))
+    assert record["warnings"][-1] == line and f"[train] warning: {line}" in capsys.readouterr().out

@@ -3,12 +3,15 @@
 Phase 1 builds the trials, `workers` at a time (one CPU each), never timing anything. Phase 2 measures each
 finished trial's primary artifact with the on-device runner, one at a time, with nothing else running: on the
 device over SSH with `--host`, else here for targets this machine runs; other targets get an estimate labelled
-`estimated (...)` (edgekit.search.latency), and so does their peak memory (edgekit.search.memory). Phase 3
-marks feasibility and the Pareto front and writes trials.json, trials.csv, pareto.png and best.yaml.
+`estimated (...)` (edgekit.search.latency), and so does their peak memory (edgekit.search.memory). With
+`search.objective: latency` and measured timings, phases 1 and 2 alternate in rounds of `workers` trials, so
+the sampler learns each round's measured p90 before it picks the next. Phase 3 marks feasibility and the
+Pareto front and writes trials.json, trials.csv, pareto.png and best.yaml.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -64,12 +67,21 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
     finished = load_trials(out)
     todo = total - len(finished)
     workers = workers or os.cpu_count() or 1
-    log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time, "
-        f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}")
-    t1 = time.time()
-    if todo > 0:
-        tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, todo, finished, workers, ray_address, log,
-                    stage_cache)
+    cost = LATENCY if cfg.search.objective == "latency" and (device is not None or tgt.runs_here) else "macs"
+    rounds = f", in rounds of {workers} each timed before the next is sampled" if cost == LATENCY else ""
+    log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time{rounds}, "
+        f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}; the "
+        f"sampler maximises accuracy and minimises {'the measured p90' if cost == LATENCY else 'MACs'}")
+    t1, timing_s = time.time(), 0.0
+    with ray_session(workers, ray_address) if todo > 0 else contextlib.nullcontext():
+        while todo > 0:
+            n, known = (min(workers, todo), load_trials(out)) if cost == LATENCY else (todo, finished)
+            if cost == LATENCY:  # what the sampler learns from: every finished trial's measured p90
+                t = time.time()
+                time_trials(known, out, tgt, log, device, points)
+                timing_s += time.time() - t
+            tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost)
+            todo -= n
     t2 = time.time()
     done = load_trials(out)
     time_trials(done, out, tgt, log, device, points)
@@ -81,7 +93,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
     result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
               "workers": workers, "ray_address": ray_address, "stage_cache": stage_cache,
               "trials_run_now": len(done) - len(finished),
-              "seconds": {"search": round(t2 - t1, 1), "timing": round(time.time() - t2, 1),
+              "sampler_objectives": ["accuracy", cost],
+              "seconds": {"search": round(t2 - t1 - timing_s, 1), "timing": round(time.time() - t2 + timing_s, 1),
                           "total": round(time.time() - t0, 1)},
               "recommended": recommended["id"] if recommended else None, "trials": done}
     write_outputs(out, result, base, cfg.base_dir, target_arg, recommended)
@@ -142,7 +155,7 @@ def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target:
     else:
         record = trial.run(base, base_dir, overrides, target, folder, trial_id, cache_dir, stage_cache)
     ok = record["status"] == "ok" or record.get("repeat_of") and earlier.get("status") == "ok"
-    tune.report({"accuracy": float(record["accuracy"]) if ok else 0.0,
+    tune.report({"accuracy": float(record["accuracy"]) if ok else 0.0,  # latency is known only once timed
                  "macs": float(record.get("macs") or 0) if ok else 1e18, "status": record["status"]})
 
 
@@ -156,9 +169,20 @@ def _sampler(name: str, seed: int):
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def _study(search_cfg, finished: list[dict], base: dict):
-    """An Optuna study holding the finished trials (so --resume's sampler knows them) and, first in line, the
-    config's own recipe when no trial built it yet."""
+LATENCY = "latency_p90_ms"  # the trial field the sampler minimises with search.objective: latency
+
+
+def _values(t: dict, cost: str) -> list[float] | None:
+    """A finished trial's objective values for Optuna (accuracy, then MACs or the timed p90); None: it failed, or
+    it has no value for `cost` (a trial's p90 before it is timed)."""
+    if t["status"] != "ok" or t.get(cost) is None:
+        return None
+    return [float(t["accuracy"]), float(t[cost])]
+
+
+def _study(search_cfg, finished: list[dict], base: dict, cost: str = "macs"):
+    """An Optuna study holding the finished trials (so the sampler knows them, after --resume or, minimising
+    latency, the round before) and, first in line, the config's own recipe when no trial built it yet."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -173,10 +197,10 @@ def _study(search_cfg, finished: list[dict], base: dict):
         params = {k: search_cfg.space[k].index(v) for k, v in t["overrides"].items() if v in search_cfg.space[k]}
         if len(params) != len(dists):
             continue
-        ok = t["status"] == "ok"
+        values = _values(t, cost)
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=dists, values=[t["accuracy"], float(t.get("macs") or 0)] if ok else None,
-            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+            params=params, distributions=dists, values=values,
+            state=optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL))
     point = space.base_point(search_cfg.space, base)
     digests = {t["digest"] for t in finished}
     if search_cfg.base_first and point is not None and \
@@ -185,12 +209,12 @@ def _study(search_cfg, finished: list[dict], base: dict):
     return storage
 
 
-def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
-                workers: int, address: str | None, log, stage_cache: bool = True) -> None:
+@contextlib.contextmanager
+def ray_session(workers: int, address: str | None):
+    """Ray for the whole search (every round): joined at `address`, else started embedded with `workers` CPUs
+    and shut down at the end. One already initialised (a caller's) is used and left running."""
     level = quiet.ray(embedded=not address)
     import ray
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     owned = not ray.is_initialized()
     if owned and address:
@@ -198,29 +222,40 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     elif owned:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  logging_level=level)
-    missing = space.outside(search_cfg.space, base)
-    if search_cfg.base_first and missing:
-        log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
-            "trial is sampled; add those values to search.space to have it as the reference trial")
     try:
-        algo = _searcher(OptunaSearch, search_cfg.space, finished)(
-            metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base),
-            study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed))
-        done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
-        fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
-                                  trials_dir=str((out / TRIALS_DIR).resolve()),
-                                  cache_dir=os.environ.get("EDGEKIT_STAGE_CACHE"), done=done, stage_cache=stage_cache)
-        tuner = tune.Tuner(
-            tune.with_resources(fn, {"cpu": 1}),
-            param_space={k: tune.choice(list(range(len(c)))) for k, c in search_cfg.space.items()},
-            tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, max_concurrent_trials=workers),
-            run_config=tune.RunConfig(storage_path=str((out / ".ray").resolve()), name="tune", verbose=0,
-                                      callbacks=[_Progress(log)]),
-        )
-        tuner.fit()
+        yield
     finally:
         if owned:
             ray.shutdown()
+
+
+def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
+                workers: int, log, stage_cache: bool = True, cost: str = "macs") -> None:
+    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`). The
+    sampler's seed moves on with each finished trial: a round (or --resume) does not replay the random draws of
+    the one before, which would all be repeats."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    missing = space.outside(search_cfg.space, base)
+    if search_cfg.base_first and missing and not finished:
+        log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
+            "trial is sampled; add those values to search.space to have it as the reference trial")
+    algo = _searcher(OptunaSearch, search_cfg.space, finished, cost)(
+        metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost),
+        study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
+    done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
+    fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
+                              trials_dir=str((out / TRIALS_DIR).resolve()),
+                              cache_dir=os.environ.get("EDGEKIT_STAGE_CACHE"), done=done, stage_cache=stage_cache)
+    tuner = tune.Tuner(
+        tune.with_resources(fn, {"cpu": 1}),
+        param_space={k: tune.choice(list(range(len(c)))) for k, c in search_cfg.space.items()},
+        tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, max_concurrent_trials=workers),
+        run_config=tune.RunConfig(storage_path=str((out / ".ray").resolve()), name="tune", verbose=0,
+                                  callbacks=[_Progress(log)]),
+    )
+    tuner.fit()
 
 
 CONNECT_TIMEOUT_S = 5.0
@@ -257,18 +292,18 @@ def join(ray, address: str, level: int) -> None:
 REPEAT_TRIES = 64  # proposals tried for a recipe not yet built before a repeat is let through
 
 
-def _searcher(base_cls, space_: dict, finished: list[dict]):
+def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs"):
     """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
     Optuna at once (with the earlier result when there is one) and Optuna is asked again. In a space with fewer
     recipes than trials, repeats are let through; the trial then reuses the earlier result (status: repeat).
-    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    Minimising latency, a trial's result is not told at all: it has no p90 until it is timed, and the next
+    round's study gets it from `finished`. Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
     import optuna
 
     class NoRepeats(base_cls):
         def __init__(self, **kw):
             super().__init__(**kw)
-            self.seen = {t["digest"]: ([t["accuracy"], float(t.get("macs") or 0)] if t["status"] == "ok" else None)
-                         for t in finished if t["status"] != "repeat"}
+            self.seen = {t["digest"]: _values(t, cost) for t in finished if t["status"] != "repeat"}
             self.digests = {}
 
         def suggest(self, trial_id):
@@ -287,6 +322,8 @@ def _searcher(base_cls, space_: dict, finished: list[dict]):
             return params
 
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if cost != "macs":  # its p90 is not known yet: the next round's study has it
+                return
             if result and result.get("status") == "ok" and trial_id in self.digests:
                 self.seen[self.digests[trial_id]] = [result["accuracy"], result["macs"]]
             super().on_trial_complete(trial_id, result, error)

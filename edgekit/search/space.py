@@ -29,7 +29,10 @@ class SearchConfig:
     # dotted config key -> the choices a trial picks from (each validated by building the config with it)
     space: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_SPACE))
     trials: int = 16  # trials in all (`--trials` overrides); `--resume` counts the finished ones
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"  # Optuna's sampler; objectives: accuracy up, MACs down
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"  # Optuna's sampler; objectives: accuracy up, `objective` down
+    # the sampler's second objective: latency, the p90 as timed (trials run in rounds of --workers, each round
+    # timed before the next is sampled; a target only estimated falls back to MACs), or MACs (no waiting)
+    objective: Literal["latency", "macs"] = "latency"
     seed: int = 0  # the sampler's seed
     base_first: bool = True  # the first trial is the config's own recipe (its values for the space's keys)
 

@@ -291,11 +291,12 @@ def round_line(record: dict, k: int, n: int, undone: bool = False) -> str:
     """The console line of one round: the channels it removed, those left, its validation accuracy."""
     loss = record.get("val_loss_pp")
     against = "" if loss is None else f", {abs(loss):.2f} pp {'below' if loss > 0 else 'above'} the unpruned model"
-    nothing = record.get("nothing_removed")
+    nothing, ep = record.get("nothing_removed"), record["finetune_epochs"]
     removed = f"removed no channels ({nothing})" if nothing else f"removed {record['channels_removed']} channels"
+    tuned = (f"fine-tuned the last cut for the {ep} epoch{'s' * (ep != 1)} of the rounds that removed nothing; " if ep
+             else "not fine-tuned, nothing to recover; ") if nothing else ""
     return (f"[{name}] round {k}/{n}: {removed}, kept {record['channels_kept']} of {record['channels_unpruned']} "
-            f"({record['channels_removed_total']} removed in all); "
-            + ("not fine-tuned, nothing to recover; " if nothing else "")
+            f"({record['channels_removed_total']} removed in all); " + tuned
             + f"val accuracy {record['val_accuracy']:.4f}{against}"
             + ("; undone: past the accuracy guard" if undone else ""))
 
@@ -330,13 +331,16 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
                     channels_unpruned=unpruned, channels=layer_channels(model))
         # what the ranking alone kept, before fine-tuning hides it (Li et al. 2017 compare methods here too)
         info["val_accuracy_before_finetune"] = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
-        if now == channels:  # the model is unchanged: nothing to fine-tune; later rounds still prune on to the target
+        if now == channels:  # later rounds still prune on to the target
             info["nothing_removed"] = _why_nothing(info, plan)
-            owed, ep, val = owed + ep, 0, info["val_accuracy_before_finetune"]
-        else:  # the epochs of skipped rounds go to the next cut, which is larger by theirs
-            ep, owed = ep + owed, 0
+        # an unchanged model is not fine-tuned: its epochs go to the next cut, which is larger by theirs, or, when
+        # no round after it cuts, to the last cut's model in the last round
+        ep, owed = ep + owed, 0
+        if now != channels or (i == p.steps - 1 and now < unpruned and ep):
             val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
                                seed=t.seed, desc="finetune", workers=t.workers)
+        else:
+            owed, ep, val = ep, 0, info["val_accuracy_before_finetune"]
         channels = now
         rounds.append({**info, "finetune_epochs": ep, "val_accuracy": val})
         if guard is not None:

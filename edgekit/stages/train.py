@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from edgekit import models, training
+from edgekit.data import split_gaps
 from edgekit.stages.base import Context, always, finish_torch_stage
 
 name = "train"
@@ -21,21 +24,27 @@ def run(ctx: Context) -> dict:
               "gave it (random, unless the factory loads some); set train.epochs or model.checkpoint")
     best_val = training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                             weight_decay=t.weight_decay, seed=t.seed, desc="train", workers=t.workers)
-    near = near_chance(best_val, data.num_classes)
-    if near:
-        print(f"[{name}] warning: {near}", flush=True)
+    near = near_chance(best_val, data.num_classes, len(data.val.y))
+    warnings = ([near] if near else []) + split_gaps(data)
+    for line in warnings:
+        print(f"[{name}] warning: {line}", flush=True)
     return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method="adam+cosine",
                               settings={"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size,
-                                        "workers": t.workers}, **({"warnings": [near]} if near else {}))
+                                        "workers": t.workers}, **({"warnings": warnings} if warnings else {}))
 
 
-def near_chance(val_accuracy: float, num_classes: int) -> str | None:
+def near_chance(val_accuracy: float, num_classes: int, n_val: int) -> str | None:
     """The warning when the model has not clearly learned: its validation accuracy is below both 1.5 x chance
-    (1/K for K classes) and chance + 10 pp. A model that learned anything useful clears one of them (10 classes:
-    0.15; 2 classes: 0.60; 1000 classes: 0.0015); everything after train would compress noise."""
+    (1/K for K classes) and chance + 10 pp, or, on few validation samples, below chance + two standard errors of
+    a guessing model's accuracy there (10 classes, 40 samples: 0.195). A model that learned anything useful
+    clears them (10 classes: 0.15; 2 classes: 0.60; 1000 classes: 0.0015); everything after train would
+    compress noise."""
     chance = 1 / num_classes
-    if val_accuracy >= min(1.5 * chance, chance + 0.10):
+    noise = chance + 2 * math.sqrt(chance * (1 - chance) / max(1, n_val))
+    bar = max(min(1.5 * chance, chance + 0.10), noise)
+    if val_accuracy >= bar:
         return None
-    return (f"validation accuracy {val_accuracy:.3f} is near chance ({chance:.3f} for {num_classes} classes): the "
-            "later stages compress a model that has not learned; train longer (train.epochs), raise train.lr, "
+    small = f"; {noise:.3f} is within two standard errors of it on {n_val} validation samples" if noise == bar else ""
+    return (f"validation accuracy {val_accuracy:.3f} is near chance ({chance:.3f} for {num_classes} classes{small}): "
+            "the later stages compress a model that has not learned; train longer (train.epochs), raise train.lr, "
             "or check the labels")
