@@ -316,16 +316,17 @@ def split_gaps(ds: Dataset) -> list[str]:
     """Classes the validation or test split has no sample of (the training split has every class:
     _check_train_classes). Warnings, not refusals: a small data.limit for a quick look often leaves one out."""
     out = []
-    for split, what, key, sees in ((ds.val, "validation", "val_fraction", "the accuracy that guards pruning and "
-                                    "repairs int8 does"), (ds.test, "test", "test_fraction", "the test accuracy "
-                                                           "and the fidelity check do")):
+    for what, split, key, sees in (
+            ("validation", ds.val, "val_fraction", "the accuracy that guards pruning and repairs int8 does"),
+            ("test", ds.test, "test_fraction", "the test accuracy and the fidelity check do")):
         missing = np.flatnonzero(np.bincount(split.y, minlength=ds.num_classes) == 0)
-        if len(missing):
-            names = ", ".join(ds.labels[i] for i in missing[:5]) + (f" and {len(missing) - 5} more" if
-                                                                     len(missing) > 5 else "")
-            out.append(f"the {what} split ({len(split.y)} samples) has no sample of class{'es' * (len(missing) > 1)} "
-                       f"{names}: {sees} not see {'them' if len(missing) > 1 else 'it'}; raise data.{key} or add "
-                       "samples")
+        if not len(missing):
+            continue
+        many = len(missing) > 1
+        names = ", ".join(ds.labels[i] for i in missing[:5]) + (f" and {len(missing) - 5} more" if
+                                                                 len(missing) > 5 else "")
+        out.append(f"the {what} split ({len(split.y)} samples) has no sample of class{'es' * many} {names}: {sees} "
+                   f"not see {'them' if many else 'it'}; raise data.{key} or add samples")
     return out
 
 

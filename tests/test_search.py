@@ -43,13 +43,28 @@ def searched(tmp_path_factory):
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(_raw()))
     cfg = config.load(tmp / "cfg.yaml")
     target, out, said = _onnx_target(tmp), tmp / "s", []
+    real = run.time_trials, run.tune_trials
     try:
         first = run.search(cfg, target, out, trials=2, workers=2, log=said.append)
-        # one at a time: two rounds, each timed before the next trial is sampled (search.objective: latency)
+        # one at a time: two rounds, each timed before the next trial is sampled (search.objective: latency);
+        # the phases are recorded as they are called (PHASES), then run for real
+        def time_trials(trials, *args, **kw):
+            PHASES.append(("time", [t["id"] for t in trials]))
+            return real[0](trials, *args, **kw)
+
+        def tune_trials(base, base_dir, search_cfg, target, out, n, known, *args, **kw):
+            PHASES.append(("tune", n, [(t["id"], t.get(run.LATENCY)) for t in known]))
+            return real[1](base, base_dir, search_cfg, target, out, n, known, *args, **kw)
+
+        run.time_trials, run.tune_trials = time_trials, tune_trials
         second = run.search(cfg, target, out, trials=4, resume=True, workers=1, log=said.append)
     finally:
+        run.time_trials, run.tune_trials = real
         os.environ["EDGEKIT_STAGE_CACHE"] = old or ""
     return tmp, out, target, first, second, said
+
+
+PHASES: list[tuple] = []  # the second search's calls: ("time", trial ids) and ("tune", n, [(id, p90)] known)
 
 
 def test_trials_ran_in_parallel_and_a_failing_one_is_recorded(searched):
@@ -95,6 +110,13 @@ def test_the_sampler_learns_each_rounds_measured_p90_before_the_next(searched):
     assert first["sampler_objectives"] == second["sampler_objectives"] == ["accuracy", run.LATENCY]
     assert "2 to run, 1 at a time, in rounds of 1 each timed before the next is sampled" in " ".join(said)
     third, fourth = second["trials"][2:]
+    # time the finished trials, sample and build one, time again (the third now among them), sample the fourth,
+    # then the final timing; the fourth was sampled knowing the third and every ok trial's measured p90
+    assert [p[0] for p in PHASES] == ["time", "tune", "time", "tune", "time"] and PHASES[1][1] == PHASES[3][1] == 1
+    assert third["id"] not in PHASES[0][1] and third["id"] in PHASES[2][1]
+    known = dict(PHASES[3][2])
+    assert third["id"] in known and fourth["id"] not in known
+    assert all(known[t["id"]] is not None for t in second["trials"][:3] if t["status"] == "ok")
     if third["status"] == "ok":  # a failed trial has nothing to time
         timed_at = (out / "trials" / third["id"] / run.TIMING_FILE).stat().st_mtime
         assert timed_at < fourth["started"]
