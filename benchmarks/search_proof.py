@@ -1,6 +1,6 @@
 """Does `edgekit search` beat the default recipe under a device budget? Fashion-MNIST, target x86-64.
 
-    nice -n 19 python benchmarks/search_proof.py                 # 12 trials, 3 000 images, 2 trials at a time
+    nice -n 19 python benchmarks/search_proof.py                 # 24 trials, 3 000 images, 2 trials at a time
     python benchmarks/search_proof.py --limit 1000 --trials 6    # a quick look
 
 The user's model is small_cnn at width 128 (`--width`; the search tries 1/4, 1/2, 3/4 and all of it): the default
@@ -9,12 +9,13 @@ per run (0.05-0.09 ms) and timing noise decided whether a trial met a halved bud
 Xeon missed both goals that way. Epochs are cut for CPU time (EPOCHS, the same for every point); every other
 recipe key is the default.
 
-1. **Search** (`edgekit search`, 2 trials at a time, empty stage cache): the space below, whose first trial is
-   the default recipe (`search.base_first`), so the default's point is measured like every trial. Run again
-   with the same `--work` and more `--trials`, it continues the search there (`--resume`).
+1. **Search** (`edgekit search`, 2 trials at a time, the sampler minimising the measured p90): the space below,
+   which holds the squeeze's moves, and whose first trial is the default recipe (`search.base_first`), so the
+   default's point is measured like every trial. Run again with the same `--work` and more `--trials`, it
+   continues the search there (`--resume`). The stage cache is `--work`'s `stage-cache` (empty at first).
 2. **Budget**: half the default recipe's p90 (its primary artifact, onnx_int8, the median over ROUNDS timings);
-   the search is resumed with `--budget latency_ms=<that>` (nothing rebuilt, nothing retimed) to mark
-   feasibility and recommend under it.
+   the search is resumed with `--budget latency_ms=<that>` (nothing rebuilt) to mark feasibility and recommend
+   under it; the trials near the budget are timed more first, as in any search (run.EDGE).
 3. **The default squeezed by hand**: what a user without search would do (SQUEEZE): the default recipe with
    `prune.ratio` raised step by step and the accuracy guard off (it would stop the pruning short of the
    budget), then the same with the stem unprotected, built and timed the same way (small searches over just
@@ -53,9 +54,11 @@ RESULTS = Path(__file__).parent / "results"
 EDGEKIT = Path(sys.executable).with_name("edgekit")
 EPOCHS = {"train": {"epochs": 6}, "prune": {"finetune_epochs": 8}, "distill": {"epochs": 3},
           "quantize": {"qat_epochs": 2}}
-SPACE = {  # model.width: a quarter, half, three quarters and all of --width (space_for)
-    "prune.ratio": [0.25, 0.5, 0.7],
+SPACE = {  # model.width: a quarter, half, three quarters and all of --width (space_for); the default space with the
+    # squeeze's moves added (ratios 0.8 and 0.9, the guard off; protect_stem is in the default space), no PTQ
+    "prune.ratio": [0.25, 0.5, 0.7, 0.8, 0.9],
     "prune.method": ["l1", "taylor"],
+    "prune.protect_stem": [True, False],
     "prune.accuracy_guard": [True, False],
     "distill.enabled": [True, False],
     "quantize.method": ["auto", "qat"],
@@ -63,7 +66,7 @@ SPACE = {  # model.width: a quarter, half, three quarters and all of --width (sp
 # the squeeze ladder, in the order a user would try it: prune harder, then unprotect the stem (whose full-width
 # output is the largest activation) and prune harder again; (folder, fixed prune keys, prune.ratio rungs)
 SQUEEZE = [("squeeze", {}, [0.7, 0.8, 0.9]), ("squeeze-stem", {"protect_stem": False}, [0.7, 0.8, 0.9])]
-ROUNDS = 5
+ROUNDS = 9  # side-by-side timings of each point: as many as a trial near the budget gets in the search
 
 
 def space_for(width: int) -> dict:
@@ -139,7 +142,7 @@ def dominates(a: dict, b: dict) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=3000, help="Fashion-MNIST images (data.limit)")
-    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--width", type=int, default=128, help="the user's model: small_cnn at this width")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one); kept when given")

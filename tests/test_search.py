@@ -516,3 +516,38 @@ def test_trials_with_the_same_bytes_are_timed_once_and_share_it(tmp_path, monkey
     saved = {i: json.loads((tmp_path / "trials" / i / run.TIMING_FILE).read_text()) for i in "abc"}
     assert saved["c"]["latency_ms"] == saved["a"]["latency_ms"] and saved["c"]["same_bytes_as"] == "a"
     assert "same_bytes_as" not in saved["a"] and saved["b"]["latency_ms"] != saved["a"]["latency_ms"]
+
+
+def test_trials_near_the_budget_are_timed_more_before_feasibility(tmp_path, monkeypatch):
+    """A p90 within EDGE of the latency budget is timed EDGE_ROUNDS more times (it and its same-bytes copy once),
+    the median taken over every round; one far from the budget is not, and nothing is timed more twice."""
+    import statistics
+
+    from edgekit.device import measure
+
+    timed, noise = [], {"near": [0.30, 0.36, 0.38], "far": [1.0, 1.1, 1.2]}
+
+    def fake_run(bundle, path, names, log):  # the near trial's first three timings were slow, the rest fast
+        timed.append(bundle.name)
+        seq = noise.get(bundle.name, [])
+        ms = seq.pop(0) if seq else 0.25
+        return {"latency_ms": {"p50": ms / 2, "p90": ms}, "peak_rss_mb": 50.0 + len(timed),
+                "artifacts": {names[0]: {"latency_ms": {"p50": ms / 2, "p90": ms}}}}
+
+    monkeypatch.setattr(measure, "run_bundle", fake_run)
+    trials = [{"id": i, "bundle": str(tmp_path / b), "artifact": "onnx_int8", "sha256": sha, "status": "ok"}
+              for i, b, sha in (("a", "near", "s1"), ("b", "far", "s2"), ("c", "near", "s1"))]
+    tgt = targets.get(["x86-64"])[0]
+    said = []
+    run.time_trials(trials, tmp_path, tgt, said.append, budget_ms=0.33)
+    assert timed.count("near") == run.TIMING_ROUNDS + run.EDGE_ROUNDS and timed.count("far") == run.TIMING_ROUNDS
+    saved = {i: json.loads((tmp_path / "trials" / i / run.TIMING_FILE).read_text()) for i in "abc"}
+    p90s = [r["p90"] for r in saved["a"]["timing_rounds"]]
+    assert len(p90s) == run.TIMING_ROUNDS + run.EDGE_ROUNDS
+    assert saved["a"]["latency_ms"]["p90"] == statistics.median(p90s)
+    assert trials[0]["latency_p90_ms"] == trials[2]["latency_p90_ms"] == 0.25 < 0.33  # fits: 3 timings said 0.36
+    assert trials[0]["timed_rounds"] == 9 and trials[1]["timed_rounds"] == run.TIMING_ROUNDS
+    assert saved["c"]["same_bytes_as"] == "a" and saved["a"]["peak_rss_mb"] == 50.0 + len(timed)
+    assert any("within 30% of the 0.33 ms budget" in s for s in said)
+    run.time_trials(trials, tmp_path, tgt, said.append, budget_ms=0.33)  # again: nothing more
+    assert len(timed) == 2 * run.TIMING_ROUNDS + run.EDGE_ROUNDS

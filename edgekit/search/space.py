@@ -18,6 +18,9 @@ from edgekit.errors import ConfigError
 DEFAULT_SPACE = {
     "prune.ratio": [0.25, 0.5, 0.7],
     "prune.method": ["l1", "taylor"],
+    # an unpruned stem keeps the largest activation at full width: unprotecting it was the squeeze's best move on
+    # Fashion-MNIST (benchmarks/search_proof.py)
+    "prune.protect_stem": [True, False],
     "distill.enabled": [True, False],
     "quantize.method": ["auto", "ptq", "qat"],  # auto: the default recipe's, so base_first has its point
 }
