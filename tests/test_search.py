@@ -551,3 +551,30 @@ def test_trials_near_the_budget_are_timed_more_before_feasibility(tmp_path, monk
     assert any("within 30% of the 0.33 ms budget" in s for s in said)
     run.time_trials(trials, tmp_path, tgt, said.append, budget_ms=0.33)  # again: nothing more
     assert len(timed) == 2 * run.TIMING_ROUNDS + run.EDGE_ROUNDS
+
+
+@pytest.mark.filterwarnings("ignore:PartialFixedSampler is experimental")
+def test_a_sampler_that_keeps_proposing_one_recipe_gets_others_until_every_one_is_built():
+    """TPE proposes the best of its candidates, so a peaked model proposed one recipe 65 times in a row and two
+    workers built it side by side (the proof of 2026-12-02). Here a sampler that always proposes one recipe: each
+    trial still gets a recipe not yet built or building, until there is none, then a repeat goes through."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    small = {"prune.ratio": [0.25, 0.5], "distill.enabled": [True, False]}
+    finished = [{"digest": space.digest({"prune.ratio": 0.25, "distill.enabled": False}), "status": "ok",
+                 "accuracy": 0.8, run.LATENCY: 1.0}]
+    stubborn = optuna.samplers.PartialFixedSampler({"prune.ratio": 0, "distill.enabled": 0},
+                                                   optuna.samplers.RandomSampler(seed=0))
+    algo = run._searcher(OptunaSearch, small, finished, run.LATENCY)(
+        metric=["accuracy", "macs"], mode=["max", "min"], sampler=stubborn)
+    algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
+    got = [space.digest(space.overrides_of(small, algo.suggest(f"t{i}"))) for i in range(4)]
+    assert len(set(got[:3]) | {finished[0]["digest"]}) == 4  # the other three recipes, each once
+    assert got[3] in got[:3] + [finished[0]["digest"]]  # none left: a repeat
+    big = {f"k{i}": list(range(10)) for i in range(6)}  # 10^6 recipes: drawn, not listed
+    import random
+
+    point = run.unseen_point(big, set(), random.Random(0))
+    assert set(point) == set(big) and all(0 <= v < 10 for v in point.values())

@@ -246,7 +246,7 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     if search_cfg.base_first and missing and not finished:
         log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
             "trial is sampled; add those values to search.space to have it as the reference trial")
-    algo = _searcher(OptunaSearch, search_cfg.space, finished, cost)(
+    algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished))(
         metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost),
         study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
     done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
@@ -294,34 +294,74 @@ def join(ray, address: str, level: int) -> None:
                           "a cluster with token auth, its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
 
 
-REPEAT_TRIES = 64  # proposals tried for a recipe not yet built before a repeat is let through
+REPEAT_TRIES = 8  # proposals asked of the sampler for a recipe not yet built before one is drawn at random
+RANDOM_TRIES = 1000  # random draws for a recipe not yet built, in a space too large to list (ENUMERATE)
+ENUMERATE = 100_000  # a space of at most this many recipes is listed to find those not yet built
 
 
-def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs"):
-    """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
-    Optuna at once (with the earlier result when there is one) and Optuna is asked again. In a space with fewer
-    recipes than trials, repeats are let through; the trial then reuses the earlier result (status: repeat).
-    Minimising latency, a trial's result is not told at all: it has no p90 until it is timed, and the next
-    round's study gets it from `finished`. Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+def unseen_point(space_: dict, seen, rng) -> dict | None:
+    """Choice indices of a recipe whose digest is not in `seen`, drawn at random; None when every one is."""
+    import itertools
+    import math
+
+    keys = list(space_)
+
+    def digest(idx):
+        return space.digest(space.overrides_of(space_, dict(zip(keys, idx, strict=True))))
+    if math.prod(len(c) for c in space_.values()) <= ENUMERATE:
+        left = [idx for idx in itertools.product(*(range(len(space_[k])) for k in keys)) if digest(idx) not in seen]
+        return dict(zip(keys, rng.choice(left), strict=True)) if left else None
+    for _ in range(RANDOM_TRIES):
+        idx = tuple(rng.randrange(len(space_[k])) for k in keys)
+        if digest(idx) not in seen:
+            return dict(zip(keys, idx, strict=True))
+    return None
+
+
+def _ask_again(searcher, ask, trial_id: str, digest: str, fresh: dict | None = None) -> tuple[dict, str]:
+    """Tell Optuna the repeated recipe `digest` (its earlier result, or failed) and ask again, for `fresh` when
+    given; the new proposal and its digest."""
     import optuna
+
+    values = searcher.seen[digest]
+    state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
+    searcher._ot_study.tell(searcher._ot_trials.pop(trial_id), values, state=state)
+    if fresh is not None:
+        searcher._ot_study.enqueue_trial(fresh)  # the next ask returns it
+    params = ask(trial_id)
+    return params, space.digest(space.overrides_of(searcher.space_, params))
+
+
+def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", seed: int = 0):
+    """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
+    Optuna at once (with the earlier result when there is one) and Optuna is asked again; after REPEAT_TRIES
+    repeats, a recipe not yet built is drawn at random (seeded by `seed`) and given to Optuna as the next
+    proposal. TPE's proposal is the best of its candidates, so with a peaked model it proposed the same recipe
+    65 times in a row, and two workers built it side by side. Only when every recipe is built or building is a
+    repeat let through; the trial then reuses the earlier result (status: repeat). Minimising latency, a
+    trial's result is not told at all: it has no p90 until it is timed, and the next round's study gets it from
+    `finished`. Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    import random
 
     class NoRepeats(base_cls):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.seen = {t["digest"]: _values(t, cost) for t in finished if t["status"] != "repeat"}
             self.digests = {}
+            self.rng = random.Random(seed)
+            self.space_ = space_
 
         def suggest(self, trial_id):
             params = super().suggest(trial_id)
-            for _ in range(REPEAT_TRIES):
-                digest = space.digest(space.overrides_of(space_, params))
+            digest = space.digest(space.overrides_of(space_, params))
+            for _ in range(REPEAT_TRIES):  # the sampler's own proposals
                 if digest not in self.seen:
                     break
-                values = self.seen[digest]
-                self._ot_study.tell(self._ot_trials.pop(trial_id), values,
-                                    state=optuna.trial.TrialState.COMPLETE if values else
-                                    optuna.trial.TrialState.FAIL)
-                params = super().suggest(trial_id)
+                params, digest = _ask_again(self, super().suggest, trial_id, digest)
+            if digest in self.seen:  # a peaked sampler: a recipe not yet built, at random (none: a repeat)
+                fresh = unseen_point(space_, self.seen, self.rng)
+                if fresh is not None:
+                    params, digest = _ask_again(self, super().suggest, trial_id, digest, fresh)
             self.seen.setdefault(digest, None)
             self.digests[trial_id] = digest
             return params
