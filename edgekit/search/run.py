@@ -436,7 +436,7 @@ def time_edge(trials: list[dict], out: Path, budget_ms: float | None, log) -> No
     for t in trials:
         saved = json.loads((out / TRIALS_DIR / t["id"] / TIMING_FILE).read_text())
         if abs(saved["latency_ms"]["p90"] - budget_ms) <= EDGE * budget_ms and \
-                len(saved["timing_rounds"]) < TIMING_ROUNDS + EDGE_ROUNDS:
+                len(_rounds(saved)) < TIMING_ROUNDS + EDGE_ROUNDS:
             near.append(t)
     if near:
         log(f"  {len(near)} trial(s) within {EDGE:.0%} of the {budget_ms:g} ms budget: {EDGE_ROUNDS} more timing "
@@ -471,7 +471,7 @@ def time_here(trials: list[dict], out: Path, log, rounds: int = TIMING_ROUNDS, a
         before = json.loads(path.read_text()) if add else None
         got = runs[first_trial["id"]]
         first = before or got[0]
-        latencies = (before["timing_rounds"] if before else []) + [x["latency_ms"] for x in got]
+        latencies = (_rounds(before) if before else []) + [x["latency_ms"] for x in got]
         median = {k: statistics.median(x[k] for x in latencies) for k in ("p50", "p90")}
         peak = max([x["peak_rss_mb"] for x in got] + ([before["peak_rss_mb"]] if before else []))
         kept = {"latency_ms": {**first["latency_ms"], **median}, "peak_rss_mb": peak}
@@ -481,6 +481,11 @@ def time_here(trials: list[dict], out: Path, log, rounds: int = TIMING_ROUNDS, a
         write_json(path, record)
         for t in copies:
             write_json(out / TRIALS_DIR / t["id"] / TIMING_FILE, {**record, "same_bytes_as": first_trial["id"]})
+
+
+def _rounds(timing: dict) -> list[dict]:
+    """A TIMING_FILE's rounds; a file from an edgekit before rounds (a resumed older search) holds one."""
+    return timing.get("timing_rounds") or [timing["latency_ms"]]
 
 
 def _artifact_file(trial: dict) -> tuple[Path, str]:
