@@ -233,6 +233,7 @@ def _check_ranges(cfg: Config) -> None:
         ("quantize.percentile", 50 < cfg.quantize.percentile <= 100),
         ("quantize.subset_size", cfg.quantize.subset_size > 0),
         ("distill.alpha", 0 <= cfg.distill.alpha <= 1),
+        ("search.refine", 0 <= cfg.search.refine <= 1),
         ("distill.temperature", cfg.distill.temperature > 0),
         ("train.batch_size", cfg.train.batch_size > 0),
         ("train.workers", cfg.train.workers >= 1),

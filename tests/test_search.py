@@ -563,8 +563,8 @@ def test_a_sampler_that_keeps_proposing_one_recipe_gets_others_until_every_one_i
     from ray.tune.search.optuna import OptunaSearch
 
     small = {"prune.ratio": [0.25, 0.5], "distill.enabled": [True, False]}
-    finished = [{"digest": space.digest({"prune.ratio": 0.25, "distill.enabled": False}), "status": "ok",
-                 "accuracy": 0.8, run.LATENCY: 1.0}]
+    built = {"prune.ratio": 0.25, "distill.enabled": False}
+    finished = [{"digest": space.digest(built), "overrides": built, "status": "ok", "accuracy": 0.8, run.LATENCY: 1.0}]
     stubborn = optuna.samplers.PartialFixedSampler({"prune.ratio": 0, "distill.enabled": 0},
                                                    optuna.samplers.RandomSampler(seed=0))
     algo = run._searcher(OptunaSearch, small, finished, run.LATENCY)(
@@ -578,3 +578,38 @@ def test_a_sampler_that_keeps_proposing_one_recipe_gets_others_until_every_one_i
 
     point = run.unseen_point(big, set(), random.Random(0))
     assert set(point) == set(big) and all(0 <= v < 10 for v in point.values())
+
+
+def test_every_other_trial_refines_the_most_accurate_trial_within_the_budget():
+    """search.refine 0.5: every other proposal changes one key of the most accurate trial whose measured p90 is
+    within the budget (not of the most accurate one, which is over it); the rest are the sampler's. Without a
+    budget (or none within it), the trial refined is one of the Pareto front, never a dominated one."""
+    import random
+
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    small = {"prune.ratio": [0.25, 0.5, 0.7], "distill.enabled": [True, False], "quantize.method": ["ptq", "qat"]}
+
+    def done(ratio, kd, method, acc, p90):
+        o = {"prune.ratio": ratio, "distill.enabled": kd, "quantize.method": method}
+        return {"digest": space.digest(o), "overrides": o, "status": "ok", "accuracy": acc, run.LATENCY: p90}
+
+    finished = [done(0.25, True, "ptq", 0.9, 2.0), done(0.5, False, "qat", 0.8, 0.9), done(0.7, False, "qat", 0.7, 0.5)]
+    algo = run._searcher(OptunaSearch, small, finished, run.LATENCY, 0, refine=0.5, budget_ms=1.0)(
+        metric=["accuracy", "macs"], mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0))
+    algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
+    got = [algo.suggest(f"t{i}") for i in range(4)]
+    assert [g[run.PROPOSED_BY] for g in got] == ["refine", "sampler", "refine", "sampler"]
+    best = finished[1]["overrides"]
+    for g in got[::2]:
+        assert sum(v != best[k] for k, v in space.overrides_of(small, g).items()) == 1
+    assert len({space.digest(space.overrides_of(small, g)) for g in got} | {t["digest"] for t in finished}) == 7
+
+    a, b, c = ({"k": i} for i in range(3))
+    known = [(a, [0.9, 2.0]), (b, [0.8, 0.9]), (c, [0.7, 3.0])]  # c: less accurate and slower than both
+    picked = [run.incumbent(known, budget, random.Random(s)) for s in range(40) for budget in (None, 0.1)]
+    assert c not in picked and a in picked and b in picked
+    assert run.incumbent(known, 1.0, random.Random(0)) == b
+    assert run.neighbour({"k": [1, 2]}, {"k": 0}, {space.digest({"k": 2})}, random.Random(0)) is None

@@ -42,7 +42,7 @@ TIMING_ROUNDS = 3
 EDGE, EDGE_ROUNDS = 0.3, 6
 CSV_COLUMNS = ("id", "status", "reason", "feasible", "infeasible_because", "pareto", "accuracy", "latency_p50_ms",
                "latency_p90_ms", "latency_source", "estimate", "peak_rss_mb", "memory_source", "memory_estimate",
-               "timed_rounds", "size_bytes", "macs", "cached_stages", "seconds", "sha256")
+               "timed_rounds", "size_bytes", "macs", "cached_stages", "proposed_by", "seconds", "sha256")
 
 
 def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = None, budget: str | None = None,
@@ -85,7 +85,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
                 t = time.time()
                 time_trials(known, out, tgt, log, device, points, budgets["latency_ms"])
                 timing_s += time.time() - t
-            tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost)
+            tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost,
+                        budgets["latency_ms"])
             todo -= n
     t2 = time.time()
     done = load_trials(out)
@@ -158,7 +159,8 @@ def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / trial.TRIAL_FILE).write_text(json.dumps(record, indent=1))
     else:
-        record = trial.run(base, base_dir, overrides, target, folder, trial_id, cache_dir, stage_cache)
+        record = trial.run(base, base_dir, overrides, target, folder, trial_id, cache_dir, stage_cache,
+                           params.get(PROPOSED_BY))
     ok = record["status"] == "ok" or record.get("repeat_of") and earlier.get("status") == "ok"
     tune.report({"accuracy": float(record["accuracy"]) if ok else 0.0,  # latency is known only once timed
                  "macs": float(record.get("macs") or 0) if ok else 1e18, "status": record["status"]})
@@ -235,8 +237,10 @@ def ray_session(workers: int, address: str | None):
 
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
-                workers: int, log, stage_cache: bool = True, cost: str = "macs") -> None:
-    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`). The
+                workers: int, log, stage_cache: bool = True, cost: str = "macs",
+                budget_ms: float | None = None) -> None:
+    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`; the
+    refinement's best trial is the most accurate within `budget_ms` when the cost is the measured p90). The
     sampler's seed moves on with each finished trial: a round (or --resume) does not replay the random draws of
     the one before, which would all be repeats."""
     from ray import tune
@@ -246,7 +250,8 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     if search_cfg.base_first and missing and not finished:
         log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
             "trial is sampled; add those values to search.space to have it as the reference trial")
-    algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished))(
+    algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished),
+                     search_cfg.refine, budget_ms if cost == LATENCY else None)(
         metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost),
         study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
     done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
@@ -332,7 +337,64 @@ def _ask_again(searcher, ask, trial_id: str, digest: str, fresh: dict | None = N
     return params, space.digest(space.overrides_of(searcher.space_, params))
 
 
-def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", seed: int = 0):
+PROPOSED_BY = "_proposed_by"  # not a space key: what the searcher adds to a trial's parameters (trial.json)
+
+
+def _point(space_: dict, overrides: dict) -> dict | None:
+    """A recipe's choice indices; None when one of its values is not among the space's choices (a changed space)."""
+    if set(overrides) != set(space_) or any(v not in space_[k] for k, v in overrides.items()):
+        return None
+    return {k: space_[k].index(v) for k, v in overrides.items()}
+
+
+def incumbent(known: list[tuple[dict, list[float]]], budget_ms: float | None, rng) -> dict | None:
+    """The recipe to refine among `known` (choice indices, [accuracy, cost]): the most accurate whose cost (the
+    measured p90) is within `budget_ms`, else (no budget, or none within it) one of the Pareto front at random."""
+    fits = [(p, v) for p, v in known if budget_ms and v[1] <= budget_ms]
+    if fits:
+        return max(fits, key=lambda pv: pv[1][0])[0]
+    front = [p for p, v in known if not any(w[0] >= v[0] and w[1] <= v[1] and w != v for _, w in known)]
+    return rng.choice(front) if front else None
+
+
+def neighbour(space_: dict, point: dict, seen, rng) -> dict | None:
+    """Choice indices of a recipe one key away from `point` whose digest is not in `seen`, at random; None when
+    every one is built or building."""
+    near = [{**point, k: i} for k in space_ for i in range(len(space_[k])) if i != point[k]]
+    near = [p for p in near if space.digest(space.overrides_of(space_, p)) not in seen]
+    return rng.choice(near) if near else None
+
+
+def refinement(k: int, refine: float, space_: dict, points: dict, seen: dict, budget_ms: float | None,
+               rng) -> dict | None:
+    """For the search's `k`-th trial (from 0): a recipe one key from the best so far when this trial is one of the
+    share `refine` that refine (evenly spread), else None. `points` / `seen`: choice indices / values by digest."""
+    import math
+
+    if math.floor((k + 1) * refine) <= math.floor(k * refine):
+        return None
+    best = incumbent([(points[d], v) for d, v in seen.items() if v and points.get(d)], budget_ms, rng)
+    return neighbour(space_, best, seen, rng) if best else None
+
+
+def _unseen(searcher, ask, trial_id: str) -> tuple[dict, str]:
+    """The sampler's proposal, asked again while it is a recipe built or building, REPEAT_TRIES times; then one
+    not yet built, drawn at random; when there is none, the repeat."""
+    params = ask(trial_id)
+    digest = space.digest(space.overrides_of(searcher.space_, params))
+    for _ in range(REPEAT_TRIES):  # the sampler's own proposals
+        if digest not in searcher.seen:
+            return params, digest
+        params, digest = _ask_again(searcher, ask, trial_id, digest)
+    if digest in searcher.seen:  # a peaked sampler: a recipe not yet built, at random (none: a repeat)
+        fresh = unseen_point(searcher.space_, searcher.seen, searcher.rng)
+        if fresh is not None:
+            params, digest = _ask_again(searcher, ask, trial_id, digest, fresh)
+    return params, digest
+
+
+def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", seed: int = 0, refine: float = 0.0,
+              budget_ms: float | None = None):
     """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
     Optuna at once (with the earlier result when there is one) and Optuna is asked again; after REPEAT_TRIES
     repeats, a recipe not yet built is drawn at random (seeded by `seed`) and given to Optuna as the next
@@ -340,31 +402,31 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
     65 times in a row, and two workers built it side by side. Only when every recipe is built or building is a
     repeat let through; the trial then reuses the earlier result (status: repeat). Minimising latency, a
     trial's result is not told at all: it has no p90 until it is timed, and the next round's study gets it from
-    `finished`. Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    `finished`. A share `refine` of the trials (every other one at 0.5, counted over the whole search) is a
+    recipe one key away from the best trial so far (refinement): the sampler's proposal is replaced by it.
+    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
     import random
 
     class NoRepeats(base_cls):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.seen = {t["digest"]: _values(t, cost) for t in finished if t["status"] != "repeat"}
+            self.points = {t["digest"]: _point(space_, t["overrides"]) for t in finished if t["status"] != "repeat"}
             self.digests = {}
             self.rng = random.Random(seed)
             self.space_ = space_
+            self.count = len(finished)  # trials of the search proposed before this one
 
         def suggest(self, trial_id):
-            params = super().suggest(trial_id)
-            digest = space.digest(space.overrides_of(space_, params))
-            for _ in range(REPEAT_TRIES):  # the sampler's own proposals
-                if digest not in self.seen:
-                    break
-                params, digest = _ask_again(self, super().suggest, trial_id, digest)
-            if digest in self.seen:  # a peaked sampler: a recipe not yet built, at random (none: a repeat)
-                fresh = unseen_point(space_, self.seen, self.rng)
-                if fresh is not None:
-                    params, digest = _ask_again(self, super().suggest, trial_id, digest, fresh)
+            self.count += 1
+            near = refinement(self.count - 1, refine, space_, self.points, self.seen, budget_ms, self.rng)
+            if near:
+                self._ot_study.enqueue_trial(near)  # the ask below returns it
+            params, digest = _unseen(self, super().suggest, trial_id)
             self.seen.setdefault(digest, None)
+            self.points[digest] = {key: int(params[key]) for key in space_}
             self.digests[trial_id] = digest
-            return params
+            return {**params, PROPOSED_BY: "refine" if near and self.points[digest] == near else "sampler"}
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if cost != "macs":  # its p90 is not known yet: the next round's study has it

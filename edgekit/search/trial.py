@@ -29,14 +29,16 @@ def trial_config(base: dict, overrides: dict, target: str, stage_cache: bool = T
 
 
 def run(base: dict, base_dir: str, overrides: dict, target: str, out: Path, trial_id: str,
-        cache_dir: str | None = None, stage_cache: bool = True) -> dict:
-    """Build one trial into `out`; return its record (also written to out/trial.json)."""
+        cache_dir: str | None = None, stage_cache: bool = True, proposed_by: str | None = None) -> dict:
+    """Build one trial into `out`; return its record (also written to out/trial.json). `proposed_by`: the
+    sampler, or the search's refinement of its best trial (run._searcher)."""
     from edgekit import config, pipeline
 
     if cache_dir:
         os.environ["EDGEKIT_STAGE_CACHE"] = cache_dir
     record = {"id": trial_id, "overrides": overrides, "digest": space.digest(overrides), "status": "ok",
-              "reason": None, "pid": os.getpid(), "torch_threads": _threads(), "started": time.time()}
+              "reason": None, "proposed_by": proposed_by, "pid": os.getpid(), "torch_threads": _threads(),
+              "started": time.time()}
     if out.exists():  # an unfinished try of this trial: start it again
         shutil.rmtree(out)
     out.mkdir(parents=True)
