@@ -77,6 +77,7 @@ def test_trials_ran_in_parallel_and_a_failing_one_is_recorded(searched):
     assert failed and failed[0]["overrides"]["distill.feature_layers"] == ["nope:nope"]  # the config's own recipe
     assert "distill" in failed[0]["reason"] and "\n" not in failed[0]["reason"]
     assert failed[0]["feasible"] is None and not failed[0]["pareto"]
+    assert a["proposed_by"] == b["proposed_by"] == "sampler"  # nothing finished yet: nothing to refine
 
 
 def test_trials_timed_here_keep_the_median_of_rotating_rounds(searched):
@@ -182,6 +183,13 @@ def test_bad_search_keys_are_one_line_errors(bad, says, tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("refine", [-0.1, 1.5])
+def test_refine_out_of_range_is_a_one_line_error(refine):
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"search": {"refine": refine}})
+    assert "'search.refine' is out of range" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_default_space_is_valid_and_shown():
