@@ -588,10 +588,11 @@ def test_a_sampler_that_keeps_proposing_one_recipe_gets_others_until_every_one_i
     assert set(point) == set(big) and all(0 <= v < 10 for v in point.values())
 
 
-def test_every_other_trial_refines_the_most_accurate_trial_within_the_budget():
-    """search.refine 0.5: every other proposal changes one key of the most accurate trial whose measured p90 is
-    within the budget (not of the most accurate one, which is over it); the rest are the sampler's. Without a
-    budget (or none within it), the trial refined is one of the Pareto front, never a dominated one."""
+def test_every_other_trial_refines_the_best_trial_over_and_within_the_budget_in_turn():
+    """search.refine 0.5: every other proposal changes one key of a trial, the rest are the sampler's. The
+    refinements alternate: the most accurate trial over the budget (a user squeezing it), then the most accurate
+    whose measured p90 is within it. Without a budget, the trial refined is one of the Pareto front, never a
+    dominated one."""
     import random
 
     import optuna
@@ -610,14 +611,14 @@ def test_every_other_trial_refines_the_most_accurate_trial_within_the_budget():
     algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
     got = [algo.suggest(f"t{i}") for i in range(4)]
     assert [g[run.PROPOSED_BY] for g in got] == ["refine", "sampler", "refine", "sampler"]
-    best = finished[1]["overrides"]
-    for g in got[::2]:
-        assert sum(v != best[k] for k, v in space.overrides_of(small, g).items()) == 1
+    for g, best in zip(got[::2], (finished[0], finished[1]), strict=True):  # the 4th trial of the search: over
+        assert sum(v != best["overrides"][k] for k, v in space.overrides_of(small, g).items()) == 1
     assert len({space.digest(space.overrides_of(small, g)) for g in got} | {t["digest"] for t in finished}) == 7
 
     a, b, c = ({"k": i} for i in range(3))
     known = [(a, [0.9, 2.0]), (b, [0.8, 0.9]), (c, [0.7, 3.0])]  # c: less accurate and slower than both
     picked = [run.incumbent(known, budget, random.Random(s)) for s in range(40) for budget in (None, 0.1)]
     assert c not in picked and a in picked and b in picked
-    assert run.incumbent(known, 1.0, random.Random(0)) == b
+    assert run.incumbent(known, 1.0, random.Random(0)) == b and run.incumbent(known, 1.0, None, over=True) == a
+    assert run.incumbent(known, 5.0, None, over=True) == a  # nothing over the budget: the best within it
     assert run.neighbour({"k": [1, 2]}, {"k": 0}, {space.digest({"k": 2})}, random.Random(0)) is None

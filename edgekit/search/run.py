@@ -347,12 +347,16 @@ def _point(space_: dict, overrides: dict) -> dict | None:
     return {k: space_[k].index(v) for k, v in overrides.items()}
 
 
-def incumbent(known: list[tuple[dict, list[float]]], budget_ms: float | None, rng) -> dict | None:
-    """The recipe to refine among `known` (choice indices, [accuracy, cost]): the most accurate whose cost (the
-    measured p90) is within `budget_ms`, else (no budget, or none within it) one of the Pareto front at random."""
-    fits = [(p, v) for p, v in known if budget_ms and v[1] <= budget_ms]
-    if fits:
-        return max(fits, key=lambda pv: pv[1][0])[0]
+def incumbent(known: list[tuple[dict, list[float]]], budget_ms: float | None, rng, over: bool = False) -> dict | None:
+    """The recipe to refine among `known` (choice indices, [accuracy, cost]). With `budget_ms` (the cost being the
+    measured p90): the most accurate within it, or with `over` the most accurate over it (a neighbour may make it
+    fit, as a user squeezes a model by hand); the other side when that one is empty. Else one of the Pareto front
+    at random."""
+    if budget_ms:
+        sides = [[pv for pv in known if (pv[1][1] > budget_ms) == side] for side in (over, not over)]
+        side = next((s for s in sides if s), None)
+        if side:
+            return max(side, key=lambda pv: pv[1][0])[0]
     front = [p for p, v in known if not any(w[0] >= v[0] and w[1] <= v[1] and w != v for _, w in known)]
     return rng.choice(front) if front else None
 
@@ -368,12 +372,14 @@ def neighbour(space_: dict, point: dict, seen, rng) -> dict | None:
 def refinement(k: int, refine: float, space_: dict, points: dict, seen: dict, budget_ms: float | None,
                rng) -> dict | None:
     """For the search's `k`-th trial (from 0): a recipe one key from the best so far when this trial is one of the
-    share `refine` that refine (evenly spread), else None. `points` / `seen`: choice indices / values by digest."""
+    share `refine` that refine (evenly spread), else None; refinements alternate between the most accurate trial
+    within the budget and the most accurate over it. `points` / `seen`: choice indices / values by digest."""
     import math
 
     if math.floor((k + 1) * refine) <= math.floor(k * refine):
         return None
-    best = incumbent([(points[d], v) for d, v in seen.items() if v and points.get(d)], budget_ms, rng)
+    over = math.floor((k + 1) * refine) % 2 == 0  # the 1st, 3rd, ... refinement: within the budget
+    best = incumbent([(points[d], v) for d, v in seen.items() if v and points.get(d)], budget_ms, rng, over)
     return neighbour(space_, best, seen, rng) if best else None
 
 
