@@ -14,7 +14,8 @@ recipe key is the default.
 2. **Budget**: half the default recipe's p90 (its primary artifact, onnx_int8, the median over ROUNDS timings).
 3. **Search** (`edgekit search --resume --budget latency_ms=<that>`, 2 trials at a time, the sampler minimising
    the measured p90): the space below, which holds the squeeze's moves. The search knows the budget, as a user's
-   would: its refinement (search.refine, the default 0.5) changes one key of the most accurate trial within it.
+   would: its refinement (search.refine, the default 0.5) changes one key of the most accurate trial over it or
+   within it, in turn.
    Run again with the same `--work` and more `--trials`, it continues the search there.
 4. **The default squeezed by hand**: what a user without search would do (SQUEEZE): the default recipe with
    `prune.ratio` raised step by step and the accuracy guard off (it would stop the pruning short of the
@@ -256,7 +257,7 @@ def markdown(res: dict) -> str:
              f"artifact onnx_int8 at the target's 2 threads; load before {res['load_before']}.", "",
              f"Search: {res['trials']} trials in all, {res['workers']} at a time; {s['trials_run_now']} built by this "
              f"run in {s['wall_s']} s ({s['trials_per_hour']} trials/hour), {s['trials_reusing_a_stage']} of all "
-             f"reused a stage, {s['refinements']} were refinements (one key from the best within the budget). "
+             f"reused a stage, {s['refinements']} were refinements (one key from the best over or within the budget). "
              f"Budget: latency_ms = {res['budget_latency_ms']} (half the median p90 of the default recipe's "
              f"artifact over {res['rounds']} timings). Squeeze ladder (accuracy guard off): "
              f"{'; '.join(f'{x[1] or {}} prune.ratio {x[2]}' for x in res['squeeze_spec'])}, "
