@@ -240,7 +240,7 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
                 workers: int, log, stage_cache: bool = True, cost: str = "macs",
                 budget_ms: float | None = None) -> None:
     """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`; the
-    refinement's best trial is the most accurate within `budget_ms` when the cost is the measured p90). The
+    refinements look at `budget_ms` when the cost is the measured p90: run.refinement). The
     sampler's seed moves on with each finished trial: a round (or --resume) does not replay the random draws of
     the one before, which would all be repeats."""
     from ray import tune
@@ -409,7 +409,7 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
     repeat let through; the trial then reuses the earlier result (status: repeat). Minimising latency, a
     trial's result is not told at all: it has no p90 until it is timed, and the next round's study gets it from
     `finished`. A share `refine` of the trials (every other one at 0.5, counted over the whole search) is a
-    recipe one key away from the best trial so far (refinement): the sampler's proposal is replaced by it.
+    recipe one key away from a good trial so far (`refinement`): the sampler's proposal is replaced by it.
     Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
     import random
 

@@ -38,9 +38,10 @@ class SearchConfig:
     objective: Literal["latency", "macs"] = "latency"
     seed: int = 0  # the sampler's seed
     base_first: bool = True  # the first trial is the config's own recipe (its values for the space's keys)
-    # share of the trials that change one key of the best trial so far (the most accurate within the latency
-    # budget; without one, a trial of the Pareto front), the rest being the sampler's: TPE found the best hand
-    # squeeze's pruning but never its distillation / quantization, one key away (benchmarks/search_proof.py)
+    # share of the trials that change one key of a good trial so far (in turn the most accurate over and within
+    # the latency budget; without one, a trial of the Pareto front), the rest being the sampler's: TPE found the
+    # best hand squeeze's pruning but never its distillation / quantization, one key away
+    # (benchmarks/search_proof.py; edgekit.search.run.refinement)
     refine: float = 0.5
 
 

@@ -31,7 +31,7 @@ def trial_config(base: dict, overrides: dict, target: str, stage_cache: bool = T
 def run(base: dict, base_dir: str, overrides: dict, target: str, out: Path, trial_id: str,
         cache_dir: str | None = None, stage_cache: bool = True, proposed_by: str | None = None) -> dict:
     """Build one trial into `out`; return its record (also written to out/trial.json). `proposed_by`: the
-    sampler, or the search's refinement of its best trial (run._searcher)."""
+    sampler, or the search's refinement of a good trial (run.refinement)."""
     from edgekit import config, pipeline
 
     if cache_dir:
