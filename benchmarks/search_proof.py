@@ -14,8 +14,9 @@ recipe key is the default.
 2. **Budget**: half the default recipe's p90 (its primary artifact, onnx_int8, the median over ROUNDS timings).
 3. **Search** (`edgekit search --resume --budget latency_ms=<that>`, 2 trials at a time, the sampler minimising
    the measured p90): the space below, which holds the squeeze's moves. The search knows the budget, as a user's
-   would: its refinement (search.refine, the default 0.5) changes one key of the most accurate trial over it or
-   within it, in turn.
+   would: the sampler ranks the trials within it by accuracy alone and every trial over it below them, and the
+   refinement (search.refine, the default 0.5) changes one key of the most accurate trial over it or within it,
+   in turn.
    Run again with the same `--work` and more `--trials`, it continues the search there.
 4. **The default squeezed by hand**: what a user without search would do (SQUEEZE): the default recipe with
    `prune.ratio` raised step by step and the accuracy guard off (it would stop the pruning short of the
@@ -26,6 +27,9 @@ recipe key is the default.
    accurate front trial within the budget) against the first rung within it (a user who stops there) and
    against the most accurate rung within it (one who tries every rung), each gap with its standard error on the
    test split.
+6. **The training's own spread**: the points those goals compare are built again with train.seed SEEDS (small
+   searches over train.seed only). The standard errors above count the test images, not the training run: a
+   recipe ahead by a lucky seed shows here, each goal's gap seed by seed.
 
 The test split is TEST_FRACTION of `--limit`, taken from Fashion-MNIST's official test set (2 352 images by
 default, the standard error of a gap of 80 % accuracies 1.2 pp; it was 600 images and 2.3 pp when the search came
@@ -70,6 +74,7 @@ SPACE = {  # model.width: a quarter, half, three quarters and all of --width (sp
 # the squeeze ladder, in the order a user would try it: prune harder, then unprotect the stem (whose full-width
 # output is the largest activation) and prune harder again; (folder, fixed prune keys, prune.ratio rungs)
 SQUEEZE = [("squeeze", {}, [0.7, 0.8, 0.9]), ("squeeze-stem", {"protect_stem": False}, [0.7, 0.8, 0.9])]
+SEEDS = [1, 2]  # train.seed of the rebuilds that measure the training's own spread (every build above: seed 0)
 TEST_FRACTION = 0.49  # of --limit, the test split (data.test_fraction must stay under 0.5)
 ROUNDS = 9  # side-by-side timings of each point: as many as a trial near the budget gets in the search
 
@@ -197,7 +202,7 @@ def main() -> None:
         res["squeeze"]["wall_s"] += round(sq_wall, 1)
         rungs = sorted((point(t) for t in sq["trials"] if t["status"] == "ok"),
                        key=lambda t: t["overrides"]["prune.ratio"])
-        ladder += [{**t, "overrides": {**extra, **t["overrides"]}} for t in rungs]
+        ladder += [{**t, "overrides": {**extra, **t["overrides"]}, "folder": folder} for t in rungs]
     res["squeeze"]["ladder"] = ladder
 
     # everything compared is timed again side by side; the goals are judged on those numbers
@@ -210,9 +215,38 @@ def main() -> None:
     res["side_by_side"] = {n: {"id": t["id"], "accuracy": t["accuracy"], **timed[n], "size_kb": t["size_kb"],
                                "macs": t["macs"], "overrides": t["overrides"]} for n, t in chosen.items()}
     res["goals"] = goals(res["side_by_side"], budget, int(args.limit * TEST_FRACTION))
+    res["seeds"] = seed_spread(res["side_by_side"], res["goals"], ladder, work, env, args, budget)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     args.out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
+
+
+def seed_spread(rows: dict, judged: list[dict], ladder: list[dict], work: Path, env: dict, args,
+                budget: float) -> dict:
+    """Each point a goal compares (the search's answer, the squeeze rungs), built again with train.seed SEEDS:
+    its accuracy on the test split at every seed. One training run per recipe leaves the training's own spread
+    out of the standard errors above; a recipe that won by a lucky seed shows here. Small searches over
+    train.seed only, as the squeeze's are over prune.ratio (same stage cache)."""
+    from edgekit.search import space
+
+    out = {}
+    for name in dict.fromkeys(n for g in judged for n in g.get("points", [])):
+        r = rows[name]
+        folder = next((t["folder"] for t in ladder if t["id"] == r["id"]), None)  # a rung: its squeeze's config
+        raw = yaml.safe_load((work / f"{folder or 'fm'}.yaml").read_text())
+        keys = {k: v for k, v in r["overrides"].items() if "." in k}  # the squeeze's fixed keys are in its config
+        recipe = space.apply({k: v for k, v in raw.items() if k != "search"}, keys)
+        recipe["search"] = {"space": {"train.seed": SEEDS}, "trials": len(SEEDS), "sampler": "random",
+                            "base_first": False}
+        cfg = work / f"seeds-{r['id']}.yaml"
+        cfg.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        data, _, _ = search_or_resume(cfg, work / f"seeds-{r['id']}", env, len(SEEDS), args.workers,
+                                      "--budget", f"latency_ms={budget}")
+        acc = {0: r["accuracy"], **{t["overrides"]["train.seed"]: t.get("accuracy") for t in data["trials"]}}
+        ok = [a for a in acc.values() if a is not None]
+        out[name] = {"id": r["id"], "accuracy_by_seed": acc, "mean": sum(ok) / len(ok), "min": min(ok),
+                     "max": max(ok)}
+    return out
 
 
 def goals(rows: dict, budget: float, n_test: int) -> list[dict]:
@@ -235,7 +269,7 @@ def goals(rows: dict, budget: float, n_test: int) -> list[dict]:
             numbers = (f"{best[0]} {100 * a:.2f} % (p90 {best[1]['p90_ms']} ms) vs {rung[0]} {100 * b:.2f} % (p90 "
                        f"{rung[1]['p90_ms']} ms): {100 * (a - b):+.2f} pp (standard error of the gap on {n_test} test "
                        f"images: {se:.1f} pp); budget {budget} ms")
-            out.append({"goal": what, "hit": a > b, "numbers": numbers})
+            out.append({"goal": what, "hit": a > b, "numbers": numbers, "points": [best[0], rung[0]]})
     else:
         out = [{"goal": goal, "hit": bool(best) and not sq,
                 "numbers": "; ".join(([] if sq else ["no squeeze rung fits the budget"]) +
@@ -246,6 +280,28 @@ def goals(rows: dict, budget: float, n_test: int) -> list[dict]:
                 "hit": bool(dom), "numbers": f"default {100 * d['accuracy']:.2f} % at p90 {d['p90_ms']} ms; "
                 f"dominated by {', '.join(dom) or 'no front trial'}"})
     return out
+
+
+def seed_lines(res: dict) -> list[str]:
+    """The training's spread: each compared point's accuracy by train.seed, and each goal's gap seed by seed."""
+    seeds = res.get("seeds")
+    if not seeds:
+        return []
+    lines = ["", f"## The training's own spread (train.seed 0, then {', '.join(map(str, SEEDS))}: rebuilt)", "",
+             "| point | trial | accuracy % by train.seed | mean % |", "|---|---|---|---:|"]
+    for n, r in seeds.items():
+        by = ", ".join(f"{k}: {100 * a:.2f}" if a is not None else f"{k}: failed"
+                       for k, a in r["accuracy_by_seed"].items())
+        lines.append(f"| {n} | {r['id']} | {by} | {100 * r['mean']:.2f} |")
+    lines.append("")
+    for g in res["goals"]:
+        if len(g.get("points", [])) == 2:
+            a, b = (seeds[n]["accuracy_by_seed"] for n in g["points"])
+            gaps = [100 * (a[k] - b[k]) for k in a if a[k] is not None and b.get(k) is not None]
+            lines.append(f"- {g['goal']}: gap by seed {', '.join(f'{x:+.2f}' for x in gaps)} pp, mean "
+                         f"{sum(gaps) / len(gaps):+.2f} pp; the search's answer ahead at {sum(x > 0 for x in gaps)} "
+                         f"of {len(gaps)} seeds")
+    return lines
 
 
 def markdown(res: dict) -> str:
@@ -270,6 +326,7 @@ def markdown(res: dict) -> str:
                      f"| {r['macs']} | {', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'default'} |")
     lines += ["", "## Goals", "", "| goal | hit | numbers |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {'hit' if g['hit'] else 'MISS'} | {g['numbers']} |" for g in res["goals"]]
+    lines += seed_lines(res)
     lines += ["", "## Every trial (the search's own timing phase)", "",
               "| trial | status | proposed by | accuracy % | p90 ms | feasible | MACs | size KB | fidelity miss "
               "| recipe |",

@@ -606,7 +606,7 @@ def test_every_other_trial_refines_the_best_trial_over_and_within_the_budget_in_
         return {"digest": space.digest(o), "overrides": o, "status": "ok", "accuracy": acc, run.LATENCY: p90}
 
     finished = [done(0.25, True, "ptq", 0.9, 2.0), done(0.5, False, "qat", 0.8, 0.9), done(0.7, False, "qat", 0.7, 0.5)]
-    algo = run._searcher(OptunaSearch, small, finished, run.LATENCY, 0, refine=0.5, budget_ms=1.0)(
+    algo = run._searcher(OptunaSearch, small, finished, run.LATENCY, 0, refine=0.5, budgets={"latency_ms": 1.0})(
         metric=["accuracy", "macs"], mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0))
     algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
     got = [algo.suggest(f"t{i}") for i in range(4)]
@@ -622,3 +622,47 @@ def test_every_other_trial_refines_the_best_trial_over_and_within_the_budget_in_
     assert run.incumbent(known, 1.0, random.Random(0)) == b and run.incumbent(known, 1.0, None, over=True) == a
     assert run.incumbent(known, 5.0, None, over=True) == a  # nothing over the budget: the best within it
     assert run.neighbour({"k": [1, 2]}, {"k": 0}, {space.digest({"k": 2})}, random.Random(0)) is None
+
+
+@pytest.mark.filterwarnings("ignore:PartialFixedSampler is experimental")
+def test_with_a_budget_the_sampler_ranks_the_most_accurate_trial_within_it_first():
+    """The user's question under a budget is the most accurate model that fits it: a p90 within the budget is told
+    to Optuna as the budget itself (nothing gained by being faster than asked), a trial over a budget carries its
+    relative excess as an Optuna constraint. TPE's good group (the trials it samples near) is then the most
+    accurate trial within the budget, not the fastest one, and not the more accurate one over it."""
+    import optuna
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    small = {"prune.ratio": [0.25, 0.5, 0.7], "distill.enabled": [True, False]}
+
+    def done(ratio, kd, acc, p90, size_kb):
+        o = {"prune.ratio": ratio, "distill.enabled": kd}
+        return {"digest": space.digest(o), "overrides": o, "status": "ok", "accuracy": acc, run.LATENCY: p90,
+                "size_bytes": size_kb * 1024}
+
+    finished = [done(0.25, True, 0.9, 2.0, 10), done(0.5, True, 0.8, 0.9, 10), done(0.7, True, 0.6, 0.2, 10),
+                done(0.5, False, 0.85, 0.5, 30)]  # the last: within the latency budget, over the size budget
+    cfg = config.from_dict({"search": {"space": small, "base_first": False}})
+    budgets = {"latency_ms": 1.0, "memory_mb": 512, "size_kb": 20}  # no trial has a peak memory: not checked
+    study = optuna.load_study(study_name="edgekit", storage=run._study(cfg.search, finished, {}, run.LATENCY, budgets))
+    told = {t.params["prune.ratio"] + 3 * t.params["distill.enabled"]: t for t in study.trials}
+    assert [told[i].values for i in (0, 1, 2, 4)] == [[0.9, 2.0], [0.8, 1.0], [0.6, 1.0], [0.85, 1.0]]
+    assert [told[i].constraints for i in (0, 1, 2, 4)] == [pytest.approx(c) for c in (
+        {"latency_ms": 1.0, "size_kb": -0.5}, {"latency_ms": -0.1, "size_kb": -0.5},
+        {"latency_ms": -0.8, "size_kb": -0.5}, {"latency_ms": -0.5, "size_kb": 0.5})]
+    good, _ = _split_trials(study, study.trials, 1)
+    assert [t.number for t in good] == [told[1].number]  # 80 % within every budget; not 90 % at 2 ms, nor 60 %
+    unbudgeted = optuna.load_study(study_name="edgekit", storage=run._study(cfg.search, finished, {}, run.LATENCY))
+    assert sorted(t.values for t in unbudgeted.trials) == sorted([t["accuracy"], t[run.LATENCY]] for t in finished)
+    # a repeat proposal is told with the earlier result and its constraints too
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    stubborn = optuna.samplers.PartialFixedSampler({"prune.ratio": 0, "distill.enabled": 0},
+                                                   optuna.samplers.RandomSampler(seed=0))
+    algo = run._searcher(OptunaSearch, small, finished[:1], run.LATENCY, budgets=budgets)(
+        metric=["accuracy", "macs"], mode=["max", "min"], sampler=stubborn)
+    algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
+    algo.suggest("t0")
+    repeat = next(t for t in algo._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert repeat.values == [0.9, 2.0] and repeat.constraints == pytest.approx({"latency_ms": 1.0, "size_kb": -0.5})

@@ -10,12 +10,17 @@ from __future__ import annotations
 BUDGET_KEYS = ("latency_ms", "memory_mb", "size_kb")
 
 
+def measured(trial: dict) -> dict:
+    """A trial's value for each budget key (None: not known)."""
+    return {"latency_ms": trial.get("latency_p90_ms"), "memory_mb": trial.get("peak_rss_mb"),
+            "size_kb": trial["size_bytes"] / 1024 if trial.get("size_bytes") is not None else None}
+
+
 def feasibility(trial: dict, budgets: dict) -> tuple[bool | None, list[str], list[str]]:
     """(feasible, why not, budgets not checked); feasible None for a failed trial."""
     if trial.get("status") != "ok":
         return None, [], []
-    values = {"latency_ms": trial.get("latency_p90_ms"), "memory_mb": trial.get("peak_rss_mb"),
-              "size_kb": trial["size_bytes"] / 1024 if trial.get("size_bytes") is not None else None}
+    values = measured(trial)
     names = {"latency_ms": "p90 {v:.3g} ms > {b:g} ms", "memory_mb": "peak RSS {v:.1f} MB > {b:g} MB",
              "size_kb": "size {v:.1f} KB > {b:g} KB"}
     over, unchecked = [], []

@@ -86,7 +86,7 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
                 time_trials(known, out, tgt, log, device, points, budgets["latency_ms"])
                 timing_s += time.time() - t
             tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost,
-                        budgets["latency_ms"])
+                        budgets)
             todo -= n
     t2 = time.time()
     done = load_trials(out)
@@ -179,17 +179,32 @@ def _sampler(name: str, seed: int):
 LATENCY = "latency_p90_ms"  # the trial field the sampler minimises with search.objective: latency
 
 
-def _values(t: dict, cost: str) -> list[float] | None:
-    """A finished trial's objective values for Optuna (accuracy, then MACs or the timed p90); None: it failed, or
-    it has no value for `cost` (a trial's p90 before it is timed)."""
+def _values(t: dict, cost: str, budget_ms: float | None = None) -> list[float] | None:
+    """A finished trial's objective values for Optuna (accuracy, then MACs or the timed p90, a p90 within
+    `budget_ms` counting as the budget: the user asked for the most accurate model that fits, not the fastest);
+    None: it failed, or it has no value for `cost` (a trial's p90 before it is timed)."""
     if t["status"] != "ok" or t.get(cost) is None:
         return None
-    return [float(t["accuracy"]), float(t[cost])]
+    return [float(t["accuracy"]), max(float(t[cost]), budget_ms or 0.0)]
 
 
-def _study(search_cfg, finished: list[dict], base: dict, cost: str = "macs"):
+def _constraints(t: dict, budgets: dict | None) -> dict:
+    """A finished trial's Optuna constraints: for each budget it is measured against, the value's excess over it
+    (relative; <= 0: within). TPE and NSGA-II rank a trial over a budget below every trial within it, the
+    further over the lower."""
+    values = pareto.measured(t) if t["status"] == "ok" else {}
+    return {key: values[key] / b - 1 for key, b in (budgets or {}).items() if b and values.get(key) is not None}
+
+
+def _budget_ms(cost: str, budgets: dict | None) -> float | None:
+    """The latency budget the sampler's cost is compared with: only a measured p90 is."""
+    return (budgets or {}).get("latency_ms") if cost == LATENCY else None
+
+
+def _study(search_cfg, finished: list[dict], base: dict, cost: str = "macs", budgets: dict | None = None):
     """An Optuna study holding the finished trials (so the sampler knows them, after --resume or, minimising
-    latency, the round before) and, first in line, the config's own recipe when no trial built it yet."""
+    latency, the round before), each with its objective values (`_values`) and budget constraints
+    (`_constraints`), and, first in line, the config's own recipe when no trial built it yet."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -204,9 +219,10 @@ def _study(search_cfg, finished: list[dict], base: dict, cost: str = "macs"):
         params = {k: search_cfg.space[k].index(v) for k, v in t["overrides"].items() if v in search_cfg.space[k]}
         if len(params) != len(dists):
             continue
-        values = _values(t, cost)
+        values = _values(t, cost, _budget_ms(cost, budgets))
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions=dists, values=values,
+            constraints=_constraints(t, budgets) if values else None,
             state=optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL))
     point = space.base_point(search_cfg.space, base)
     digests = {t["digest"] for t in finished}
@@ -238,11 +254,11 @@ def ray_session(workers: int, address: str | None):
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
                 workers: int, log, stage_cache: bool = True, cost: str = "macs",
-                budget_ms: float | None = None) -> None:
-    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`; the
-    refinements look at `budget_ms` when the cost is the measured p90: run.refinement). The
-    sampler's seed moves on with each finished trial: a round (or --resume) does not replay the random draws of
-    the one before, which would all be repeats."""
+                budgets: dict | None = None) -> None:
+    """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`, and
+    `budgets` as constraints; the refinements look at the latency budget when the cost is the measured p90:
+    run.refinement). The sampler's seed moves on with each finished trial: a round (or --resume) does not replay
+    the random draws of the one before, which would all be repeats."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -251,8 +267,8 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
         log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
             "trial is sampled; add those values to search.space to have it as the reference trial")
     algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished),
-                     search_cfg.refine, budget_ms if cost == LATENCY else None)(
-        metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost),
+                     search_cfg.refine, budgets)(
+        metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost, budgets),
         study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
     done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
     fn = tune.with_parameters(_trainable, base=base, base_dir=base_dir, space_=search_cfg.space, target=target,
@@ -330,7 +346,10 @@ def _ask_again(searcher, ask, trial_id: str, digest: str, fresh: dict | None = N
 
     values = searcher.seen[digest]
     state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
-    searcher._ot_study.tell(searcher._ot_trials.pop(trial_id), values, state=state)
+    told = searcher._ot_trials.pop(trial_id)
+    for key, excess in searcher.limits.get(digest, {}).items() if values else ():
+        told.set_constraint(key, excess)
+    searcher._ot_study.tell(told, values, state=state)
     if fresh is not None:
         searcher._ot_study.enqueue_trial(fresh)  # the next ask returns it
     params = ask(trial_id)
@@ -400,23 +419,26 @@ def _unseen(searcher, ask, trial_id: str) -> tuple[dict, str]:
 
 
 def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", seed: int = 0, refine: float = 0.0,
-              budget_ms: float | None = None):
-    """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to
-    Optuna at once (with the earlier result when there is one) and Optuna is asked again; after REPEAT_TRIES
-    repeats, a recipe not yet built is drawn at random (seeded by `seed`) and given to Optuna as the next
-    proposal. TPE's proposal is the best of its candidates, so with a peaked model it proposed the same recipe
+              budgets: dict | None = None):
+    """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to Optuna at
+    once (with the earlier result and its budget constraints, when there is one) and Optuna is asked again; after
+    REPEAT_TRIES repeats, a recipe not yet built is drawn at random (seeded by `seed`) and given to Optuna as the
+    next proposal. TPE's proposal is the best of its candidates, so with a peaked model it proposed the same recipe
     65 times in a row, and two workers built it side by side. Only when every recipe is built or building is a
-    repeat let through; the trial then reuses the earlier result (status: repeat). Minimising latency, a
-    trial's result is not told at all: it has no p90 until it is timed, and the next round's study gets it from
-    `finished`. A share `refine` of the trials (every other one at 0.5, counted over the whole search) is a
-    recipe one key away from a good trial so far (`refinement`): the sampler's proposal is replaced by it.
-    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    repeat let through; the trial then reuses the earlier result (status: repeat). Minimising latency, a trial's
+    result is not told at all: it has no p90 until it is timed, and the next round's study gets it from `finished`.
+    A share `refine` of the trials (every other one at 0.5, counted over the whole search) is a recipe one key away
+    from a good trial so far (`refinement`): the sampler's proposal is replaced by it. Uses OptunaSearch's
+    `_ot_study` / `_ot_trials` (ray 2.60)."""
     import random
+
+    budget_ms = _budget_ms(cost, budgets)
 
     class NoRepeats(base_cls):
         def __init__(self, **kw):
             super().__init__(**kw)
-            self.seen = {t["digest"]: _values(t, cost) for t in finished if t["status"] != "repeat"}
+            self.seen = {t["digest"]: _values(t, cost, budget_ms) for t in finished if t["status"] != "repeat"}
+            self.limits = {t["digest"]: _constraints(t, budgets) for t in finished if t["status"] != "repeat"}
             self.points = {t["digest"]: _point(space_, t["overrides"]) for t in finished if t["status"] != "repeat"}
             self.digests = {}
             self.rng = random.Random(seed)
