@@ -291,13 +291,13 @@ def seed_lines(res: dict) -> list[str]:
              "| point | trial | accuracy % by train.seed | mean % |", "|---|---|---|---:|"]
     for n, r in seeds.items():
         by = ", ".join(f"{k}: {100 * a:.2f}" if a is not None else f"{k}: failed"
-                       for k, a in r["accuracy_by_seed"].items())
+                       for k, a in sorted(r["accuracy_by_seed"].items(), key=lambda ka: int(ka[0])))
         lines.append(f"| {n} | {r['id']} | {by} | {100 * r['mean']:.2f} |")
     lines.append("")
     for g in res["goals"]:
         if len(g.get("points", [])) == 2:
             a, b = (seeds[n]["accuracy_by_seed"] for n in g["points"])
-            gaps = [100 * (a[k] - b[k]) for k in a if a[k] is not None and b.get(k) is not None]
+            gaps = [100 * (a[k] - b[k]) for k in sorted(a, key=int) if a[k] is not None and b.get(k) is not None]
             lines.append(f"- {g['goal']}: gap by seed {', '.join(f'{x:+.2f}' for x in gaps)} pp, mean "
                          f"{sum(gaps) / len(gaps):+.2f} pp; the search's answer ahead at {sum(x > 0 for x in gaps)} "
                          f"of {len(gaps)} seeds")
@@ -312,7 +312,7 @@ def markdown(res: dict) -> str:
              f"width {res['width']}, epochs {res['epochs']} (else the default recipe), target x86-64, primary "
              f"artifact onnx_int8 at the target's 2 threads; load before {res['load_before']}.", "",
              f"Search: {res['trials']} trials in all, {res['workers']} at a time; {s['trials_run_now']} built by this "
-             f"run in {s['wall_s']} s ({s['trials_per_hour']} trials/hour), {s['trials_reusing_a_stage']} of all "
+             f"run in {s['wall_s']} s ({s['trials_per_hour'] or '—'} trials/hour), {s['trials_reusing_a_stage']} of all "
              f"reused a stage, {s['refinements']} were refinements (one key from the best over or within the budget). "
              f"Budget: latency_ms = {res['budget_latency_ms']} (half the median p90 of the default recipe's "
              f"artifact over {res['rounds']} timings). Squeeze ladder (accuracy guard off): "
