@@ -312,8 +312,9 @@ def markdown(res: dict) -> str:
              f"width {res['width']}, epochs {res['epochs']} (else the default recipe), target x86-64, primary "
              f"artifact onnx_int8 at the target's 2 threads; load before {res['load_before']}.", "",
              f"Search: {res['trials']} trials in all, {res['workers']} at a time; {s['trials_run_now']} built by this "
-             f"run in {s['wall_s']} s ({s['trials_per_hour'] or '—'} trials/hour), {s['trials_reusing_a_stage']} of all "
-             f"reused a stage, {s['refinements']} were refinements (one key from the best over or within the budget). "
+             f"run in {s['wall_s']} s ({s['trials_per_hour'] or '—'} trials/hour), "
+             f"{s['trials_reusing_a_stage']} of all reused a stage, {s['refinements']} were refinements (one key "
+             f"from the best over or within the budget). "
              f"Budget: latency_ms = {res['budget_latency_ms']} (half the median p90 of the default recipe's "
              f"artifact over {res['rounds']} timings). Squeeze ladder (accuracy guard off): "
              f"{'; '.join(f'{x[1] or {}} prune.ratio {x[2]}' for x in res['squeeze_spec'])}, "
