@@ -186,7 +186,8 @@ def main() -> None:
                      "trials_per_hour": round(3600 * data["trials_run_now"] / wall, 1) if data["trials_run_now"]
                      else None, "trials_run_now": data["trials_run_now"],
                      "trials_reusing_a_stage": sum(1 for t in data["trials"] if t.get("cached_stages")),
-                     "refinements": sum(1 for t in data["trials"] if t.get("proposed_by") == "refine")}
+                     "refinements": sum(1 for t in data["trials"] if (t.get("proposed_by") or "").startswith("refine")),
+                     "squeezed": sum(1 for t in data["trials"] if (t.get("proposed_by") or "").endswith("+squeeze"))}
     trials = [point(t) for t in data["trials"]]
     res["search"].update(recommended=data["recommended"], front=[t["id"] for t in data["trials"] if t.get("pareto")])
     res["trials_table"] = trials
@@ -314,7 +315,8 @@ def markdown(res: dict) -> str:
              f"Search: {res['trials']} trials in all, {res['workers']} at a time; {s['trials_run_now']} built by this "
              f"run in {s['wall_s']} s ({s['trials_per_hour'] or '—'} trials/hour), "
              f"{s['trials_reusing_a_stage']} of all reused a stage, {s['refinements']} were refinements (one key "
-             f"from the best over or within the budget). "
+             f"from the best over or within the budget), {s.get('squeezed', 0)} were squeezed (a proposal predicted "
+             f"over the budget replaced by the nearest recipe predicted to fit). "
              f"Budget: latency_ms = {res['budget_latency_ms']} (half the median p90 of the default recipe's "
              f"artifact over {res['rounds']} timings). Squeeze ladder (accuracy guard off): "
              f"{'; '.join(f'{x[1] or {}} prune.ratio {x[2]}' for x in res['squeeze_spec'])}, "

@@ -666,3 +666,71 @@ def test_with_a_budget_the_sampler_ranks_the_most_accurate_trial_within_it_first
     algo.suggest("t0")
     repeat = next(t for t in algo._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert repeat.values == [0.9, 2.0] and repeat.constraints == pytest.approx({"latency_ms": 1.0, "size_kb": -0.5})
+
+
+def test_a_recipes_macs_are_counted_before_it_is_built(searched):
+    """squeeze.recipe_macs prunes the recipe's untrained model by its plan: the count its build reached when every
+    pruning round was kept (a local plan removes the same channels whatever the ranking), a lower bound when the
+    accuracy guard undid a round; nothing for a count that depends on trained weights."""
+    from edgekit.search import squeeze, trial
+
+    tmp, out, target, *_ = searched
+    base = yaml.safe_load((out / run.CONFIG_FILE).read_text())
+    counted = 0
+    for t in run.load_trials(out):
+        if t["status"] != "ok" or t.get("repeat_of"):
+            continue
+        cfg = config.from_dict(trial.trial_config(base, t["overrides"], target), str(tmp))
+        kept = json.loads((out / run.TRIALS_DIR / t["id"] / "build/stages/prune/metrics.json").read_text())["kept"]
+        macs = squeeze.recipe_macs(cfg)
+        assert macs == t["macs"] if kept["round"] == kept["of"] else macs < t["macs"]
+        counted += kept["round"] == kept["of"]
+        for other in ({"prune": {"scope": "global"}}, {"distill": {"student": "mlp"}}):
+            raw = trial.trial_config(base, t["overrides"], target)
+            assert squeeze.recipe_macs(config.from_dict({**raw, **other}, str(tmp))) is None
+    assert counted >= 1
+
+
+@pytest.mark.filterwarnings("ignore:PartialFixedSampler is experimental")
+def test_a_proposal_predicted_over_the_budget_is_squeezed_to_the_nearest_recipe_that_fits():
+    """A proposal predicted more than SLACK over the latency budget is replaced by the recipe fewest keys from it,
+    not yet built or building, predicted to fit; of those, the one predicted slowest (the most compute that
+    fits). A proposal that may fit, or has no prediction, is built as proposed. In the searcher, the swapped
+    trial says so (proposed_by sampler+squeeze)."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from edgekit.search import squeeze
+
+    small = {"model.width": [8, 16, 32], "prune.ratio": [0.25, 0.5, 0.7], "distill.enabled": [True, False]}
+    ms = {8: 1.0, 16: 2.0, 32: 4.0}  # ms per unit of channels kept
+
+    def predict(p):
+        o = space.overrides_of(small, p)
+        return ms[o["model.width"]] * (1 - o["prune.ratio"])
+
+    def digest(**o):
+        return space.digest({**{"model.width": 32, "prune.ratio": 0.25, "distill.enabled": True}, **o})
+
+    top = {"model.width": 2, "prune.ratio": 0, "distill.enabled": 0}  # 3 ms
+    assert squeeze.within(top, small, set(), predict, 3.0 / (1 + squeeze.SLACK)) is None  # may fit: as proposed
+    assert squeeze.within(top, small, set(), lambda p: None, 0.1) is None  # no prediction: as proposed
+    # one key away, 0.7 at width 32 (1.2 ms) fits and is slower than width 8 (0.75 ms); 0.5 (2 ms) and width 16
+    # (1.5 ms) do not
+    assert squeeze.within(top, small, set(), predict, 1.4) == {**top, "prune.ratio": 2}
+    # that one built: the slowest of the rest one key away (width 8); both built: two keys away, the slowest that
+    # fits (0.7 at width 32 without distillation, 1.2 ms; width 16 at 0.5 is 1.0 ms)
+    seen = {digest(**{"prune.ratio": 0.7})}
+    assert squeeze.within(top, small, seen, predict, 1.4) == {**top, "model.width": 0}
+    seen.add(digest(**{"model.width": 8}))
+    assert squeeze.within(top, small, seen, predict, 1.4) == {**top, "prune.ratio": 2, "distill.enabled": 1}
+    assert squeeze.within(top, small, set(), predict, 0.1) is None  # nothing fits
+
+    stubborn = optuna.samplers.PartialFixedSampler(top, optuna.samplers.RandomSampler(seed=0))
+    algo = run._searcher(OptunaSearch, small, [], run.LATENCY, budgets={"latency_ms": 1.4}, predict=predict)(
+        metric=["accuracy", "macs"], mode=["max", "min"], sampler=stubborn)
+    algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
+    got = [algo.suggest(f"t{i}") for i in range(2)]
+    assert got[0] == {**top, "prune.ratio": 2, run.PROPOSED_BY: "sampler+squeeze"}
+    assert got[1] == {**top, "model.width": 0, run.PROPOSED_BY: "sampler+squeeze"}  # the first is building

@@ -27,7 +27,7 @@ import yaml
 from edgekit import config, quiet, targets
 from edgekit.errors import BuildDirError, ConfigError
 from edgekit.files import write_bytes, write_json
-from edgekit.search import latency, memory, pareto, space, trial
+from edgekit.search import latency, memory, pareto, space, squeeze, trial
 
 TRIALS_DIR = "trials"
 TRIAL_THREADS = 1  # torch threads of a trial (one CPU each); float sums in training depend on the thread count
@@ -266,8 +266,10 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     if search_cfg.base_first and missing and not finished:
         log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
             "trial is sampled; add those values to search.space to have it as the reference trial")
+    predict = squeeze.predictor(finished, base, base_dir, target, search_cfg.space, cost) \
+        if _budget_ms(cost, budgets) else None
     algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished),
-                     search_cfg.refine, budgets)(
+                     search_cfg.refine, budgets, predict)(
         metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost, budgets),
         study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
     done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
@@ -419,7 +421,7 @@ def _unseen(searcher, ask, trial_id: str) -> tuple[dict, str]:
 
 
 def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", seed: int = 0, refine: float = 0.0,
-              budgets: dict | None = None):
+              budgets: dict | None = None, predict=None):
     """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to Optuna at
     once (with the earlier result and its budget constraints, when there is one) and Optuna is asked again; after
     REPEAT_TRIES repeats, a recipe not yet built is drawn at random (seeded by `seed`) and given to Optuna as the
@@ -428,8 +430,11 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
     repeat let through; the trial then reuses the earlier result (status: repeat). Minimising latency, a trial's
     result is not told at all: it has no p90 until it is timed, and the next round's study gets it from `finished`.
     A share `refine` of the trials (every other one at 0.5, counted over the whole search) is a recipe one key away
-    from a good trial so far (`refinement`): the sampler's proposal is replaced by it. Uses OptunaSearch's
-    `_ot_study` / `_ot_trials` (ray 2.60)."""
+    from a good trial so far (`refinement`): the sampler's proposal is replaced by it. With `predict` (a recipe's
+    predicted p90: squeeze.predictor) and a latency budget, a proposal predicted well over the budget is replaced by
+    the nearest recipe predicted to fit (squeeze.within; proposed_by gains "+squeeze"); Optuna is not told the
+    swap, as it is told nothing of a trial before its p90 is timed. Uses OptunaSearch's `_ot_study` /
+    `_ot_trials` (ray 2.60)."""
     import random
 
     budget_ms = _budget_ms(cost, budgets)
@@ -451,10 +456,15 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
             if near:
                 self._ot_study.enqueue_trial(near)  # the ask below returns it
             params, digest = _unseen(self, super().suggest, trial_id)
+            point = {key: int(params[key]) for key in space_}
+            by = "refine" if near and point == near else "sampler"
+            fits = squeeze.within(point, space_, self.seen, predict, budget_ms) if predict and budget_ms else None
+            if fits:
+                point, digest, by = fits, space.digest(space.overrides_of(space_, fits)), f"{by}+squeeze"
             self.seen.setdefault(digest, None)
-            self.points[digest] = {key: int(params[key]) for key in space_}
+            self.points[digest] = point
             self.digests[trial_id] = digest
-            return {**params, PROPOSED_BY: "refine" if near and self.points[digest] == near else "sampler"}
+            return {**point, PROPOSED_BY: by}
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if cost != "macs":  # its p90 is not known yet: the next round's study has it

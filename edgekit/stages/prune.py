@@ -229,17 +229,17 @@ def ratio_rounds(model: nn.Module, shape: tuple[int, ...], num_classes: int, pla
         yield {"measure": "channels", "ratio": plan.ratio * k / steps, "pruner_steps": 1}
 
 
-def _rounds(ctx: Context, model: nn.Module, plan: Plan, steps: int) -> Iterator[dict]:
-    """Advance to prune the next round in place; yields what that round did."""
-    data = ctx.data
-    calib = (data.calib.x, data.calib.y)
+def plan_rounds(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan: Plan, steps: int,
+                calib: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[dict]:
+    """Advance to prune the next round in place; yields what that round did. `calib`: the samples whose loss
+    gradient Taylor importance needs."""
     what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
     if what is None:
-        yield from ratio_rounds(model, data.sample_shape, data.num_classes, plan, steps, calib)
+        yield from ratio_rounds(model, shape, num_classes, plan, steps, calib)
         return
-    start = _count(model, data.sample_shape, what)  # the schedule counts from the unpruned model
+    start = _count(model, shape, what)  # the schedule counts from the unpruned model
     for keep in _keep_schedule(plan, steps):
-        yield prune_model(model, data.sample_shape, data.num_classes, plan, keep=keep, calib=calib, base=start)
+        yield prune_model(model, shape, num_classes, plan, keep=keep, calib=calib, base=start)
 
 
 def guard_for(p: PruneConfig, targets: list, baseline: float, val_samples: int) -> Guard | None:
@@ -319,7 +319,7 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
     validation accuracy and the `kept` record."""
     data, t = ctx.data, ctx.cfg.train
     rounds, best_val, stopped = [], guard.baseline if guard else 0.0, None
-    pruning = _rounds(ctx, model, plan, p.steps)
+    pruning = plan_rounds(model, data.sample_shape, data.num_classes, plan, p.steps, (data.calib.x, data.calib.y))
     unpruned = channels = output_channels(model)
     owed = 0
     for i, ep in enumerate(_finetune_epochs(p.finetune_epochs, p.steps)):

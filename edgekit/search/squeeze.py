@@ -1,0 +1,109 @@
+"""Squeezing a proposal into the latency budget before it is built: a search under a budget spends its trials on
+recipes that can fit (NetAdapt, Yang et al. 2018, prunes to a latency budget by the same kind of prediction).
+
+- MACs (`recipe_macs`): the recipe's model, built untrained, pruned by its own plan
+  (edgekit.stages.prune.plan_rounds) and counted. With `scope: local` every ranking removes the same number of
+  channels from each layer, so the count is the one its build reaches; with the accuracy guard on, a build may
+  stop earlier (more MACs), so the count is a lower bound. Global ranking and sensitivity ratios depend on the
+  trained weights, and a zoo student replaces the pruned model: those have no count (None).
+- p90 (`predictor`): the line edgekit.search.latency.fit draws through the trials timed so far (MACs, p90).
+- `within`: a proposal predicted over the budget by more than SLACK is replaced by the recipe nearest it (fewest
+  keys changed) not yet built whose predicted p90 fits, among the nearest the one predicted slowest (the most
+  compute that fits): what a user squeezing a model by hand does, the least change that fits.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+from edgekit import config
+from edgekit.search import latency, space, trial
+
+# a proposal predicted at most this much over the latency budget is built as proposed: the line is fitted to
+# noisy timings, and the recipes near the budget are the ones worth measuring
+SLACK = 0.3
+_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {}  # data section -> (sample shape, classes)
+_MACS: dict[str, int | None] = {}  # what recipe_macs counts -> MACs
+
+
+def _shape(cfg: config.Config) -> tuple[tuple[int, ...], int]:
+    from edgekit.data import load_dataset
+
+    key = repr(cfg.data)
+    if key not in _SHAPES:
+        ds = load_dataset(cfg)
+        _SHAPES[key] = (tuple(ds.sample_shape), ds.num_classes)
+    return _SHAPES[key]
+
+
+def recipe_macs(cfg: config.Config) -> int | None:
+    """The MACs of the model `cfg` builds, counted on its untrained model pruned by its plan (the module's
+    docstring says when that is the build's count); None when the count depends on trained weights."""
+    from edgekit import metrics, models, targets
+    from edgekit.stages import prune
+
+    p = cfg.prune
+    pruned = prune.enabled(cfg) and p.method != "magnitude"  # magnitude zeroes weights: no MACs removed
+    if pruned and (p.scope == "global" or p.use_sensitivity) or cfg.distill.enabled and cfg.distill.student != \
+            "pruned":
+        return None
+    # the ranking, the guard and the fine-tuning do not change a local plan's channel counts
+    counted = replace(p, method="l1", accuracy_guard=False, finetune_epochs=0) if pruned else None
+    key = repr((cfg.data, cfg.model, counted, cfg.build.targets))
+    if key not in _MACS:
+        shape, classes = _shape(cfg)
+        model = models.build_model(cfg, shape, classes)
+        if counted is not None:
+            round_to, _ = prune.round_to_for(p, targets.get(list(cfg.build.targets)))
+            plan = replace(prune.plan_from_config(counted), round_to=round_to)
+            for _ in prune.plan_rounds(model, shape, classes, plan, p.steps):
+                pass
+        _MACS[key] = metrics.macs_and_params(model, shape)[0]
+    return _MACS[key]
+
+
+def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_: dict, field: str):
+    """A recipe's predicted p90 (choice indices -> ms, or None when its MACs are not predicted), from the line
+    through `timed`'s MACs and p90 (`field`); None when no trial is timed yet. A recipe that cannot be
+    counted (its model fails to build or prune) is not predicted: its trial will say why."""
+    points = [latency.Point(t["artifact"], int(t["macs"]), float(t[field]), t["id"]) for t in timed
+              if t["status"] == "ok" and t.get("macs") and t.get(field) is not None]
+    if not points:
+        return None
+    names = [p.artifact for p in points]
+    a, b, _, _ = latency.fit(points, max(set(names), key=names.count))
+
+    def predict(point: dict) -> float | None:
+        try:
+            cfg = config.from_dict(trial.trial_config(base, space.overrides_of(space_, point), target), base_dir)
+            macs = recipe_macs(cfg)
+        except Exception:  # noqa: BLE001 -- the trial's own build reports it
+            return None
+        return None if macs is None else a + b * macs
+
+    return predict
+
+
+def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict | None:
+    """Choice indices of the recipe to build instead of `point` when `point` is predicted over `budget_ms` by more
+    than SLACK: the nearest (fewest keys changed) whose digest is not in `seen` and whose predicted p90 is within
+    the budget, the slowest of those; None when `point` may fit, is not predicted, or no such recipe is left."""
+    own = predict(point)
+    if own is None or own <= budget_ms * (1 + SLACK):
+        return None
+    keys = list(space_)
+    for distance in range(1, len(keys) + 1):
+        fits = []
+        for changed in itertools.combinations(keys, distance):
+            others = [[i for i in range(len(space_[k])) if i != point[k]] for k in changed]
+            for values in itertools.product(*others):
+                near = {**point, **dict(zip(changed, values, strict=True))}
+                if space.digest(space.overrides_of(space_, near)) in seen:
+                    continue
+                p90 = predict(near)
+                if p90 is not None and p90 <= budget_ms:
+                    fits.append((p90, near))
+        if fits:
+            return max(fits, key=lambda pn: pn[0])[1]
+    return None
