@@ -670,8 +670,9 @@ def test_with_a_budget_the_sampler_ranks_the_most_accurate_trial_within_it_first
 
 def test_a_recipes_macs_are_counted_before_it_is_built(searched):
     """squeeze.recipe_macs prunes the recipe's untrained model by its plan: the count its build reached when every
-    pruning round was kept (a local plan removes the same channels whatever the ranking), a lower bound when the
-    accuracy guard undid a round; nothing for a count that depends on trained weights."""
+    pruning round was kept (a local plan removes the same channels whatever the ranking); with the accuracy guard
+    on, the build lies between that and the unpruned model's count; nothing for a count that depends on trained
+    weights."""
     from edgekit.search import squeeze, trial
 
     tmp, out, target, *_ = searched
@@ -680,14 +681,17 @@ def test_a_recipes_macs_are_counted_before_it_is_built(searched):
     for t in run.load_trials(out):
         if t["status"] != "ok" or t.get("repeat_of"):
             continue
-        cfg = config.from_dict(trial.trial_config(base, t["overrides"], target), str(tmp))
+        raw = trial.trial_config(base, t["overrides"], target)
         kept = json.loads((out / run.TRIALS_DIR / t["id"] / "build/stages/prune/metrics.json").read_text())["kept"]
-        macs = squeeze.recipe_macs(cfg)
-        assert macs == t["macs"] if kept["round"] == kept["of"] else macs < t["macs"]
+        train = json.loads((out / run.TRIALS_DIR / t["id"] / "build/stages/train/metrics.json").read_text())
+        fewest, most = squeeze.recipe_macs(config.from_dict(raw, str(tmp)))  # the guard is on (TINY)
+        assert fewest <= t["macs"] <= most == train["macs"] and fewest < most
+        assert fewest == t["macs"] if kept["round"] == kept["of"] else fewest < t["macs"]
         counted += kept["round"] == kept["of"]
-        for other in ({"prune": {"scope": "global"}}, {"distill": {"student": "mlp"}}):
-            raw = trial.trial_config(base, t["overrides"], target)
-            assert squeeze.recipe_macs(config.from_dict({**raw, **other}, str(tmp))) is None
+        unguarded = config.from_dict(space.apply(raw, {"prune.accuracy_guard": False}), str(tmp))
+        assert squeeze.recipe_macs(unguarded) == (fewest, fewest)
+        for other in ({"prune.scope": "global"}, {"distill.student": "mlp"}):
+            assert squeeze.recipe_macs(config.from_dict(space.apply(raw, other), str(tmp))) is None
     assert counted >= 1
 
 
@@ -706,9 +710,10 @@ def test_a_proposal_predicted_over_the_budget_is_squeezed_to_the_nearest_recipe_
     small = {"model.width": [8, 16, 32], "prune.ratio": [0.25, 0.5, 0.7], "distill.enabled": [True, False]}
     ms = {8: 1.0, 16: 2.0, 32: 4.0}  # ms per unit of channels kept
 
-    def predict(p):
+    def predict(p):  # width 8 has an accuracy guard: it may stay unpruned
         o = space.overrides_of(small, p)
-        return ms[o["model.width"]] * (1 - o["prune.ratio"])
+        unpruned = ms[o["model.width"]] if o["model.width"] == 8 else None
+        return ms[o["model.width"]] * (1 - o["prune.ratio"]), unpruned or ms[o["model.width"]] * (1 - o["prune.ratio"])
 
     def digest(**o):
         return space.digest({**{"model.width": 32, "prune.ratio": 0.25, "distill.enabled": True}, **o})
@@ -716,8 +721,8 @@ def test_a_proposal_predicted_over_the_budget_is_squeezed_to_the_nearest_recipe_
     top = {"model.width": 2, "prune.ratio": 0, "distill.enabled": 0}  # 3 ms
     assert squeeze.within(top, small, set(), predict, 3.0 / (1 + squeeze.SLACK)) is None  # may fit: as proposed
     assert squeeze.within(top, small, set(), lambda p: None, 0.1) is None  # no prediction: as proposed
-    # one key away, 0.7 at width 32 (1.2 ms) fits and is slower than width 8 (0.75 ms); 0.5 (2 ms) and width 16
-    # (1.5 ms) do not
+    # one key away, 0.7 at width 32 (1.2 ms) fits; 0.5 (2 ms) and width 16 (1.5 ms) do not, and width 8 (0.75 ms)
+    # may stay unpruned (1 ms), which fits too, but is faster than 0.7 at width 32
     assert squeeze.within(top, small, set(), predict, 1.4) == {**top, "prune.ratio": 2}
     # that one built: the slowest of the rest one key away (width 8); both built: two keys away, the slowest that
     # fits (0.7 at width 32 without distillation, 1.2 ms; width 16 at 0.5 is 1.0 ms)
@@ -725,6 +730,9 @@ def test_a_proposal_predicted_over_the_budget_is_squeezed_to_the_nearest_recipe_
     assert squeeze.within(top, small, seen, predict, 1.4) == {**top, "model.width": 0}
     seen.add(digest(**{"model.width": 8}))
     assert squeeze.within(top, small, seen, predict, 1.4) == {**top, "prune.ratio": 2, "distill.enabled": 1}
+    # under 1 ms, width 8 fits once pruned (0.75 ms) but its guard may keep it unpruned (1 ms): width 16 at 0.7
+    # (0.6 ms) is the answer, two keys away
+    assert squeeze.within(top, small, set(), predict, 0.9) == {**top, "model.width": 1, "prune.ratio": 2}
     assert squeeze.within(top, small, set(), predict, 0.1) is None  # nothing fits
 
     stubborn = optuna.samplers.PartialFixedSampler(top, optuna.samplers.RandomSampler(seed=0))

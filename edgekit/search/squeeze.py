@@ -3,13 +3,17 @@ recipes that can fit (NetAdapt, Yang et al. 2018, prunes to a latency budget by 
 
 - MACs (`recipe_macs`): the recipe's model, built untrained, pruned by its own plan
   (edgekit.stages.prune.plan_rounds) and counted. With `scope: local` every ranking removes the same number of
-  channels from each layer, so the count is the one its build reaches; with the accuracy guard on, a build may
-  stop earlier (more MACs), so the count is a lower bound. Global ranking and sensitivity ratios depend on the
-  trained weights, and a zoo student replaces the pruned model: those have no count (None).
-- p90 (`predictor`): the line edgekit.search.latency.fit draws through the trials timed so far (MACs, p90).
-- `within`: a proposal predicted over the budget by more than SLACK is replaced by the recipe nearest it (fewest
-  keys changed) not yet built whose predicted p90 fits, among the nearest the one predicted slowest (the most
-  compute that fits): what a user squeezing a model by hand does, the least change that fits.
+  channels from each layer, so the count is the one its build reaches. With the accuracy guard on, the build may
+  undo rounds, down to the unpruned model: the recipe costs between the two counts. Global ranking and
+  sensitivity ratios depend on the trained weights, and a zoo student replaces the pruned model: those have no
+  count (None).
+- p90 (`predictor`): the line edgekit.search.latency.fit draws through the trials timed so far (MACs, p90), at
+  both counts.
+- `within`: a proposal predicted over the budget by more than SLACK even at its fewest MACs is replaced by the
+  recipe nearest it (fewest keys changed) not yet built that fits even at its most MACs, among the nearest the
+  one predicted slowest (the most compute that fits): what a user squeezing a model by hand does, the least
+  change that fits. A guarded recipe whose guard may keep it over the budget is not a squeeze's answer: the
+  proof's first squeeze (2026-12-03) picked one, and its guard kept it unpruned, at 4x the budget.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ def _shape(cfg: config.Config) -> tuple[tuple[int, ...], int]:
     return _SHAPES[key]
 
 
-def recipe_macs(cfg: config.Config) -> int | None:
-    """The MACs of the model `cfg` builds, counted on its untrained model pruned by its plan (the module's
-    docstring says when that is the build's count); None when the count depends on trained weights."""
+def recipe_macs(cfg: config.Config) -> tuple[int, int] | None:
+    """The fewest and the most MACs the model `cfg` builds can have: counted on its untrained model pruned by its
+    plan, and, with the accuracy guard on, unpruned (the module's docstring says why); None when the count depends
+    on trained weights."""
     from edgekit import metrics, models, targets
     from edgekit.stages import prune
 
@@ -54,19 +59,21 @@ def recipe_macs(cfg: config.Config) -> int | None:
     if key not in _MACS:
         shape, classes = _shape(cfg)
         model = models.build_model(cfg, shape, classes)
+        unpruned = metrics.macs_and_params(model, shape)[0]
         if counted is not None:
             round_to, _ = prune.round_to_for(p, targets.get(list(cfg.build.targets)))
             plan = replace(prune.plan_from_config(counted), round_to=round_to)
             for _ in prune.plan_rounds(model, shape, classes, plan, p.steps):
                 pass
-        _MACS[key] = metrics.macs_and_params(model, shape)[0]
-    return _MACS[key]
+        _MACS[key] = (metrics.macs_and_params(model, shape)[0], unpruned)
+    fewest, unpruned = _MACS[key]
+    return fewest, unpruned if pruned and p.accuracy_guard else fewest
 
 
 def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_: dict, field: str):
-    """A recipe's predicted p90 (choice indices -> ms, or None when its MACs are not predicted), from the line
-    through `timed`'s MACs and p90 (`field`); None when no trial is timed yet. A recipe that cannot be
-    counted (its model fails to build or prune) is not predicted: its trial will say why."""
+    """A recipe's predicted p90 at its fewest and most MACs (choice indices -> (ms, ms), or None when its MACs
+    are not counted), from the line through `timed`'s MACs and p90 (`field`); None when no trial is timed yet.
+    A recipe that cannot be counted (its model fails to build or prune) is not predicted: its trial says why."""
     points = [latency.Point(t["artifact"], int(t["macs"]), float(t[field]), t["id"]) for t in timed
               if t["status"] == "ok" and t.get("macs") and t.get(field) is not None]
     if not points:
@@ -74,23 +81,24 @@ def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_:
     names = [p.artifact for p in points]
     a, b, _, _ = latency.fit(points, max(set(names), key=names.count))
 
-    def predict(point: dict) -> float | None:
+    def predict(point: dict) -> tuple[float, float] | None:
         try:
             cfg = config.from_dict(trial.trial_config(base, space.overrides_of(space_, point), target), base_dir)
             macs = recipe_macs(cfg)
         except Exception:  # noqa: BLE001 -- the trial's own build reports it
             return None
-        return None if macs is None else a + b * macs
+        return None if macs is None else (a + b * macs[0], a + b * macs[1])
 
     return predict
 
 
 def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict | None:
     """Choice indices of the recipe to build instead of `point` when `point` is predicted over `budget_ms` by more
-    than SLACK: the nearest (fewest keys changed) whose digest is not in `seen` and whose predicted p90 is within
-    the budget, the slowest of those; None when `point` may fit, is not predicted, or no such recipe is left."""
+    than SLACK even at its fewest MACs: the nearest (fewest keys changed) whose digest is not in `seen` and whose
+    p90 is predicted within the budget even at its most MACs, the slowest of those; None when `point` may fit,
+    is not predicted, or no such recipe is left."""
     own = predict(point)
-    if own is None or own <= budget_ms * (1 + SLACK):
+    if own is None or own[0] <= budget_ms * (1 + SLACK):
         return None
     keys = list(space_)
     for distance in range(1, len(keys) + 1):
@@ -102,8 +110,8 @@ def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict |
                 if space.digest(space.overrides_of(space_, near)) in seen:
                     continue
                 p90 = predict(near)
-                if p90 is not None and p90 <= budget_ms:
-                    fits.append((p90, near))
+                if p90 is not None and p90[1] <= budget_ms:
+                    fits.append((p90[1], near))
         if fits:
             return max(fits, key=lambda pn: pn[0])[1]
     return None
