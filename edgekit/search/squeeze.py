@@ -11,13 +11,11 @@ recipes that can fit (NetAdapt, Yang et al. 2018, prunes to a latency budget by 
   both counts.
 - `within`: a proposal that may cost more than SLACK over the budget (predicted at its most MACs) is replaced by
   the recipe nearest it (fewest keys changed) not yet built that fits even at its most MACs, among the nearest
-  the one whose plan keeps the most compute (predicted slowest at its fewest MACs): what a user squeezing a
-  model by hand does, the least change that fits. A guarded recipe is judged at its unpruned count because the
-  guard decides from the training: in the proof (benchmarks/search_proof.py, 2026-12-03) a squeeze into one
-  whose pruned count fitted was kept unpruned by its guard, at 2.5x the budget, and four guarded proposals
-  built as proposed were kept at 33.5-76.5 M MACs, all over it. Ranked by their most MACs instead, the squeezes
-  went to guarded narrow recipes that fit even unpruned, and their guards kept each one unpruned: four
-  recipes, one model.
+  the one predicted slowest (the most compute that fits): what a user squeezing a model by hand does, the least
+  change that fits. A guarded recipe is judged at its unpruned count because the guard decides from the
+  training: in the proof (benchmarks/search_proof.py, 2026-12-03) a squeeze into one whose pruned count fitted
+  was kept unpruned by its guard, at 2.5x the budget, and four guarded proposals built as proposed were kept at
+  33.5-76.5 M MACs, all over it.
 """
 
 from __future__ import annotations
@@ -99,8 +97,8 @@ def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_:
 def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict | None:
     """Choice indices of the recipe to build instead of `point` when `point` may cost more than SLACK over
     `budget_ms` (predicted at its most MACs): the nearest (fewest keys changed) whose digest is not in `seen` and
-    whose p90 is predicted within the budget even at its most MACs, of those the slowest at its fewest MACs;
-    None when `point` is within SLACK of the budget, is not predicted, or no such recipe is left."""
+    whose p90 is predicted within the budget even at its most MACs, the slowest of those; None when `point` is
+    within SLACK of the budget, is not predicted, or no such recipe is left."""
     own = predict(point)
     if own is None or own[1] <= budget_ms * (1 + SLACK):
         return None
@@ -115,7 +113,7 @@ def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict |
                     continue
                 p90 = predict(near)
                 if p90 is not None and p90[1] <= budget_ms:
-                    fits.append((p90[0], near))
+                    fits.append((p90[1], near))
         if fits:
             return max(fits, key=lambda pn: pn[0])[1]
     return None
