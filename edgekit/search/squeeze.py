@@ -9,13 +9,11 @@ recipes that can fit (NetAdapt, Yang et al. 2018, prunes to a latency budget by 
   count (None).
 - p90 (`predictor`): the line edgekit.search.latency.fit draws through the trials timed so far (MACs, p90), at
   both counts.
-- `within`: a proposal that may cost more than SLACK over the budget (predicted at its most MACs) is replaced by
-  the recipe nearest it (fewest keys changed) not yet built that fits even at its most MACs, among the nearest
-  the one predicted slowest (the most compute that fits): what a user squeezing a model by hand does, the least
-  change that fits. A guarded recipe is judged at its unpruned count because the guard decides from the
-  training: in the proof (benchmarks/search_proof.py, 2026-12-03) a squeeze into one whose pruned count fitted
-  was kept unpruned by its guard, at 2.5x the budget, and four guarded proposals built as proposed were kept at
-  33.5-76.5 M MACs, all over it.
+- `within`: a proposal predicted over the budget by more than SLACK even at its fewest MACs is replaced by the
+  recipe nearest it (fewest keys changed) not yet built that fits even at its most MACs, among the nearest the
+  one predicted slowest (the most compute that fits): what a user squeezing a model by hand does, the least
+  change that fits. A guarded recipe whose guard may keep it over the budget is not a squeeze's answer: the
+  proof's first squeeze (2026-12-03) picked one, and its guard kept it unpruned, at 4x the budget.
 """
 
 from __future__ import annotations
@@ -95,12 +93,12 @@ def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_:
 
 
 def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict | None:
-    """Choice indices of the recipe to build instead of `point` when `point` may cost more than SLACK over
-    `budget_ms` (predicted at its most MACs): the nearest (fewest keys changed) whose digest is not in `seen` and
-    whose p90 is predicted within the budget even at its most MACs, the slowest of those; None when `point` is
-    within SLACK of the budget, is not predicted, or no such recipe is left."""
+    """Choice indices of the recipe to build instead of `point` when `point` is predicted over `budget_ms` by more
+    than SLACK even at its fewest MACs: the nearest (fewest keys changed) whose digest is not in `seen` and whose
+    p90 is predicted within the budget even at its most MACs, the slowest of those; None when `point` may fit,
+    is not predicted, or no such recipe is left."""
     own = predict(point)
-    if own is None or own[1] <= budget_ms * (1 + SLACK):
+    if own is None or own[0] <= budget_ms * (1 + SLACK):
         return None
     keys = list(space_)
     for distance in range(1, len(keys) + 1):
