@@ -51,6 +51,11 @@ def ray(embedded: bool) -> int:
                                                                            if token else {})
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    if "ray._raylet" in sys.modules and os.environ.get("RAY_AUTH_MODE") == "token":
+        # a Ray imported before this (a caller's program, a test) cached its auth mode: without a refresh, ray.init
+        # makes no token for a new cluster and its GCS, which reads the environment, dies looking for one (seen on
+        # a machine without ~/.ray/auth_token); Ray's own switch to token mode refreshes it the same way
+        sys.modules["ray._raylet"].Config.initialize("")
     logging.getLogger("ray").setLevel(logging.ERROR)
     return logging.ERROR
 

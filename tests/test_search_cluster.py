@@ -106,3 +106,20 @@ def test_a_wrong_ray_address_fails_at_once_in_one_line(address, says, tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "s").exists(), "nothing is written before the address is checked"
     print(f"refused in {seconds:.1f} s")  # not asserted (speed is not a test's business): the log shows it
+
+
+def test_embedded_ray_starts_on_a_fresh_machine_when_the_program_imported_ray_first():
+    """A program (or a test run) that imports Ray before edgekit starts its embedded Ray, on a machine where Ray has
+    never made an auth token: edgekit asks for token auth, and Ray must see it, make the token and start. Without
+    the refresh in edgekit.quiet.ray, Ray's GCS died looking for a token and ray.init failed after 30 s."""
+    home, tmp = Path(tempfile.mkdtemp(prefix="ekhome-")), Path(tempfile.mkdtemp(prefix="ekray-"))
+    code = ("import ray\nfrom edgekit.search import run\nwith run.ray_session(1, None):\n"
+            "    print('started', ray.is_initialized())\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**_env(tmp), "HOME": str(home)})
+        assert done.returncode == 0 and "started True" in done.stdout, done.stderr[-2000:]
+        assert (home / ".ray" / "auth_token").is_file()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
