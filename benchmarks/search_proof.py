@@ -15,8 +15,8 @@ recipe key is the default.
 3. **Search** (`edgekit search --resume --budget latency_ms=<that>`, 2 trials at a time, the sampler minimising
    the measured p90): the space below, which holds the squeeze's moves. The search knows the budget, as a user's
    would: the sampler ranks the trials within it by accuracy alone and every trial over it below them, and the
-   refinement (search.refine, the default 0.5) changes one key of the most accurate trial over it or within it,
-   in turn.
+   refinement (search.refine, the default 0.5) changes one key of the most accurate trial within it, or, in
+   turn, prunes the most accurate trial over it harder into it (squeeze.harder; one key changed when it cannot).
    Run again with the same `--work` and more `--trials`, it continues the search there.
 4. **The default squeezed by hand**: what a user without search would do (SQUEEZE): the default recipe with
    `prune.ratio` raised step by step and the accuracy guard off (it would stop the pruning short of the
@@ -187,7 +187,8 @@ def main() -> None:
                      else None, "trials_run_now": data["trials_run_now"],
                      "trials_reusing_a_stage": sum(1 for t in data["trials"] if t.get("cached_stages")),
                      "refinements": sum(1 for t in data["trials"] if (t.get("proposed_by") or "").startswith("refine")),
-                     "squeezed": sum(1 for t in data["trials"] if (t.get("proposed_by") or "").endswith("+squeeze"))}
+                     "squeezed": sum(1 for t in data["trials"] if (t.get("proposed_by") or "").endswith("+squeeze")),
+                     "pruned_harder": sum(1 for t in data["trials"] if t.get("proposed_by") == "refine+squeeze")}
     trials = [point(t) for t in data["trials"]]
     res["search"].update(recommended=data["recommended"], front=[t["id"] for t in data["trials"] if t.get("pareto")])
     res["trials_table"] = trials
@@ -315,8 +316,9 @@ def markdown(res: dict) -> str:
              f"Search: {res['trials']} trials in all, {res['workers']} at a time; {s['trials_run_now']} built by this "
              f"run in {s['wall_s']} s ({s['trials_per_hour'] or '—'} trials/hour), "
              f"{s['trials_reusing_a_stage']} of all reused a stage, {s['refinements']} were refinements (one key "
-             f"from the best over or within the budget), {s.get('squeezed', 0)} were squeezed (a proposal predicted "
-             f"over the budget replaced by the nearest recipe predicted to fit). "
+             f"from the best over or within the budget, or the best over it pruned harder into it: "
+             f"{s.get('pruned_harder', 0)}), {s.get('squeezed', 0)} were squeezed (a proposal predicted "
+             f"over the budget replaced by a recipe predicted to fit, the harder prunings included). "
              f"Budget: latency_ms = {res['budget_latency_ms']} (half the median p90 of the default recipe's "
              f"artifact over {res['rounds']} timings). Squeeze ladder (accuracy guard off): "
              f"{'; '.join(f'{x[1] or {}} prune.ratio {x[2]}' for x in res['squeeze_spec'])}, "

@@ -742,3 +742,60 @@ def test_a_proposal_predicted_over_the_budget_is_squeezed_to_the_nearest_recipe_
     got = [algo.suggest(f"t{i}") for i in range(2)]
     assert got[0] == {**top, "prune.ratio": 2, run.PROPOSED_BY: "sampler+squeeze"}
     assert got[1] == {**top, "model.width": 0, run.PROPOSED_BY: "sampler+squeeze"}  # the first is building
+
+
+def test_the_most_accurate_trial_over_the_budget_is_pruned_harder_into_it():
+    """The refinement of the most accurate trial over the latency budget prunes its own trained model harder: only
+    its prune.* keys change, to the slowest recipe of known cost (no accuracy guard) predicted to fit, at a count
+    that model has not been built at yet, fewest keys changed among equals, down the counts until one loses
+    accuracy; one key changed when none fits."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from edgekit.search import squeeze
+
+    small = {"model.width": [16, 32], "prune.ratio": [0.25, 0.5, 0.7, 0.8], "prune.method": ["l1", "taylor"],
+             "prune.accuracy_guard": [True, False], "distill.enabled": [True, False]}
+
+    def predict(p):  # ms per channel kept; a guard may keep the model unpruned
+        o = space.overrides_of(small, p)
+        ms = o["model.width"] / 8
+        return ms * (1 - o["prune.ratio"]), ms if o["prune.accuracy_guard"] else ms * (1 - o["prune.ratio"])
+
+    def at(**o):
+        return {**{k: 0 for k in small}, "model.width": 1, **o}
+
+    def built(*ps):
+        return {space.digest(space.overrides_of(small, p)): p for p in ps}
+
+    top = at()  # width 32, ratio 0.25, guarded, with KD: 3 to 4 ms
+    # ratio 0.5 without the guard (2 ms) is the slowest that fits 2 ms; width 16 (1.5 ms) is not a pruning
+    unguarded = {"prune.accuracy_guard": 1}
+    assert squeeze.harder(top, small, built(top), {}, predict, 2.0) == at(**{"prune.ratio": 1, **unguarded})
+    # that count built (with taylor) from this model: the next, 0.7 (1.2 ms), keeping l1; another model's builds
+    # (without KD) do not count
+    done = built(top, at(**{"prune.ratio": 1, "prune.accuracy_guard": 1, "prune.method": 1}),
+                 at(**{"prune.ratio": 2, "prune.accuracy_guard": 1, "distill.enabled": 1}))
+    assert squeeze.harder(top, small, done, {}, predict, 2.0) == at(**{"prune.ratio": 2, **unguarded})
+    assert squeeze.harder(top, small, built(top), {}, predict, 0.5) is None  # no pruning of this model fits
+    # down the counts while accuracy holds: 0.5 built within the budget at 0.8, 0.7 at 0.85 (more accurate): on to
+    # 0.8 (0.8 ms); 0.7 at 0.75 (it lost accuracy): stop
+    done = built(top, at(**{"prune.ratio": 1, **unguarded}), at(**{"prune.ratio": 2, **unguarded}))
+    scores = dict(zip(done, (None, [0.8, 2.0], [0.85, 2.0]), strict=True))
+    assert squeeze.harder(top, small, done, scores, predict, 2.0) == at(**{"prune.ratio": 3, **unguarded})
+    scores = dict(zip(done, (None, [0.8, 2.0], [0.75, 2.0]), strict=True))
+    assert squeeze.harder(top, small, done, scores, predict, 2.0) is None
+
+    def done_trial(p, acc, p90):
+        o = space.overrides_of(small, p)
+        return {"digest": space.digest(o), "overrides": o, "status": "ok", "accuracy": acc, run.LATENCY: p90}
+
+    finished = [done_trial(top, 0.9, 3.5), done_trial(at(**{"model.width": 0}), 0.8, 1.9),
+                done_trial(at(**{"model.width": 0, "distill.enabled": 1}), 0.7, 1.5)]
+    algo = run._searcher(OptunaSearch, small, finished, run.LATENCY, 0, refine=0.5, budgets={"latency_ms": 2.0},
+                         predict=predict)(metric=["accuracy", "macs"], mode=["max", "min"],
+                                          sampler=optuna.samplers.RandomSampler(seed=0))
+    algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
+    got = algo.suggest("t0")  # the 4th trial of the search: a refinement of the best over the budget
+    assert got == {**at(**{"prune.ratio": 1, "prune.accuracy_guard": 1}), run.PROPOSED_BY: "refine+squeeze"}

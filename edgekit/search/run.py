@@ -391,17 +391,27 @@ def neighbour(space_: dict, point: dict, seen, rng) -> dict | None:
 
 
 def refinement(k: int, refine: float, space_: dict, points: dict, seen: dict, budget_ms: float | None,
-               rng) -> dict | None:
-    """For the search's `k`-th trial (from 0): a recipe one key from the best so far when this trial is one of the
-    share `refine` that refine (evenly spread), else None; refinements alternate between the most accurate trial
-    within the budget and the most accurate over it. `points` / `seen`: choice indices / values by digest."""
+               rng, predict=None) -> tuple[dict, str] | None:
+    """For the search's `k`-th trial (from 0): a recipe near the best so far when this trial is one of the share
+    `refine` that refine (evenly spread), with how it was made; else None. Refinements alternate between the most
+    accurate trial within the budget and the most accurate over it; each changes one key of it ("refine"), except
+    that with `predict` (squeeze.predictor) the one over the budget is pruned harder into it when it can be
+    (squeeze.harder, "refine+squeeze"). `points` / `seen`: choice indices / values by digest."""
     import math
 
     if math.floor((k + 1) * refine) <= math.floor(k * refine):
         return None
     over = math.floor((k + 1) * refine) % 2 == 0  # the 1st, 3rd, ... refinement: within the budget
-    best = incumbent([(points[d], v) for d, v in seen.items() if v and points.get(d)], budget_ms, rng, over)
-    return neighbour(space_, best, seen, rng) if best else None
+    known = {d: v for d, v in seen.items() if v and points.get(d)}
+    best = incumbent([(points[d], v) for d, v in known.items()], budget_ms, rng, over)
+    if best is None:
+        return None
+    if predict and budget_ms and any(points[d] == best and v[1] > budget_ms for d, v in known.items()):
+        harder = squeeze.harder(best, space_, points, seen, predict, budget_ms)
+        if harder:
+            return harder, "refine+squeeze"
+    near = neighbour(space_, best, seen, rng)
+    return (near, "refine") if near else None
 
 
 def _unseen(searcher, ask, trial_id: str) -> tuple[dict, str]:
@@ -452,12 +462,13 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
 
         def suggest(self, trial_id):
             self.count += 1
-            near = refinement(self.count - 1, refine, space_, self.points, self.seen, budget_ms, self.rng)
+            near, how = refinement(self.count - 1, refine, space_, self.points, self.seen, budget_ms, self.rng,
+                                   predict) or (None, None)
             if near:
                 self._ot_study.enqueue_trial(near)  # the ask below returns it
             params, digest = _unseen(self, super().suggest, trial_id)
             point = {key: int(params[key]) for key in space_}
-            by = "refine" if near and point == near else "sampler"
+            by = how if near and point == near else "sampler"
             fits = squeeze.within(point, space_, self.seen, predict, budget_ms) if predict and budget_ms else None
             if fits:
                 point, digest, by = fits, space.digest(space.overrides_of(space_, fits)), f"{by}+squeeze"

@@ -15,6 +15,11 @@ recipes that can fit (NetAdapt, Yang et al. 2018, prunes to a latency budget by 
   change that fits. A guarded recipe whose guard may keep it over the budget is not a squeeze's answer: the
   proof's first squeeze (2026-12-03) picked one, and its guard kept it unpruned at 44.1 M MACs (an architecture
   timed at 0.35-0.42 ms, about twice the budget).
+- `harder`: the most accurate trial over the budget, pruned harder into it: its own trained model (only `prune.*`
+  keys change, so the stage cache reuses its training), at the largest count of known cost predicted to fit that
+  it was not yet built at, down the counts until one loses accuracy. Run after run, the proof's search lost to the
+  default recipe squeezed by hand (a wide model pruned hard and distilled from itself) because TPE and the one-key
+  refinements rarely stepped three keys at once; this is that squeeze, from the search's own best model.
 """
 
 from __future__ import annotations
@@ -116,3 +121,34 @@ def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict |
         if fits:
             return max(fits, key=lambda pn: pn[0])[1]
     return None
+
+
+def harder(point: dict, space_: dict, points: dict, seen: dict, predict, budget_ms: float) -> dict | None:
+    """Choice indices of `point` pruned harder into `budget_ms`: among the recipes that change only its `prune.*`
+    keys, whose cost is known (fewest and most MACs equal: no accuracy guard), predicted within the budget and not
+    yet built or building (`points`: digest -> choice indices of those), the slowest whose count none of them has
+    yet; the fewest keys changed of those. None when there is none, or when the last one built lost accuracy
+    (`seen`: digest -> [accuracy, p90], None while building): of this model's recipes built within the budget,
+    the smallest count is not the most accurate, so pruning it harder again would not pay."""
+    keys = [k for k in space_ if k.startswith("prune.")]
+    built, scored = set(), []
+    for d, p in points.items():
+        cost = predict(p) if p and all(p[k] == point[k] for k in space_ if k not in keys) else None
+        if cost and cost[0] == cost[1]:
+            built.add(cost[0])
+            if seen.get(d) and seen[d][1] <= budget_ms:
+                scored.append((cost[0], seen[d][0]))
+    if scored and min(scored)[1] < max(acc for _, acc in scored):
+        return None
+    best = None
+    for values in itertools.product(*(range(len(space_[k])) for k in keys)):
+        near = {**point, **dict(zip(keys, values, strict=True))}
+        if space.digest(space.overrides_of(space_, near)) in points:
+            continue
+        cost = predict(near)
+        if cost is None or cost[0] != cost[1] or cost[0] > budget_ms or cost[0] in built:
+            continue
+        rank = (cost[0], -sum(near[k] != point[k] for k in keys))
+        if best is None or rank > best[0]:
+            best = (rank, near)
+    return best[1] if best else None
