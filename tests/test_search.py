@@ -799,3 +799,43 @@ def test_the_most_accurate_trial_over_the_budget_is_pruned_harder_into_it():
     algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
     got = algo.suggest("t0")  # the 4th trial of the search: a refinement of the best over the budget
     assert got == {**at(**{"prune.ratio": 1, "prune.accuracy_guard": 1}), run.PROPOSED_BY: "refine+squeeze"}
+
+
+@pytest.mark.filterwarnings("ignore:PartialFixedSampler is experimental")
+def test_a_target_only_estimated_squeezes_proposals_by_its_estimate(tmp_path, monkeypatch):
+    """For a target this machine does not run and no device times (rpi5 here), the search's own latency estimate
+    (MACs over the target's rate, or the line fitted to --device-results) is what the squeeze predicts with; the
+    sampler then minimises MACs and is told each result as it ends: the squeezed recipe's, not its proposal's."""
+    import contextlib
+
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from edgekit.search import latency
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_raw()))
+    handed = {}
+    monkeypatch.setattr(run, "ray_session", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(run, "tune_trials", lambda *a, **kw: handed.update(args=a))
+    run.search(config.load(tmp_path / "cfg.yaml"), "rpi5", tmp_path / "s", trials=1, workers=1, log=lambda m: None)
+    line, rpi5 = handed["args"][-1], targets.get(["rpi5"])[0]
+    assert line(3 * 10**6) == latency.estimate(3 * 10**6, rpi5.artifacts[0].key, rpi5.arch, None).p90_ms > 0
+
+    small = {"model.width": [8, 16, 32], "prune.ratio": [0.25, 0.5]}
+    top = {"model.width": 2, "prune.ratio": 0}
+
+    def predict(p):  # 1 ms per width-8 unit, ratio ignored
+        ms = small["model.width"][p["model.width"]] / 8
+        return ms, ms
+
+    stubborn = optuna.samplers.PartialFixedSampler(top, optuna.samplers.RandomSampler(seed=0))
+    algo = run._searcher(OptunaSearch, small, [], "macs", budgets={"latency_ms": 2.0}, predict=predict)(
+        metric=["accuracy", "macs"], mode=["max", "min"], sampler=stubborn)
+    algo.set_search_properties(None, None, {k: tune.choice(list(range(len(c)))) for k, c in small.items()})
+    got = algo.suggest("t0")
+    assert got == {"model.width": 1, "prune.ratio": 0, run.PROPOSED_BY: "sampler+squeeze"}
+    algo.on_trial_complete("t0", {"status": "ok", "accuracy": 0.7, "macs": 1000})
+    states = {t.state: (t.params, t.values) for t in algo._ot_study.trials}
+    assert states[optuna.trial.TrialState.FAIL][0] == top
+    assert states[optuna.trial.TrialState.COMPLETE] == ({"model.width": 1, "prune.ratio": 0}, [0.7, 1000])

@@ -74,6 +74,8 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
     workers = workers or os.cpu_count() or 1
     cost = LATENCY if cfg.search.objective == "latency" and (device is not None or tgt.runs_here) else "macs"
     rounds = f", in rounds of {workers} each timed before the next is sampled" if cost == LATENCY else ""
+    estimated = None if device is not None or tgt.runs_here else \
+        squeeze.estimated_line(tgt.artifacts[0].key, tgt.arch, points)  # what time_trials will say of each trial
     log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time{rounds}, "
         f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}; the "
         f"sampler maximises accuracy and minimises {'the measured p90' if cost == LATENCY else 'MACs'}")
@@ -86,7 +88,7 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
                 time_trials(known, out, tgt, log, device, points, budgets["latency_ms"])
                 timing_s += time.time() - t
             tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost,
-                        budgets)
+                        budgets, estimated)
             todo -= n
     t2 = time.time()
     done = load_trials(out)
@@ -254,11 +256,13 @@ def ray_session(workers: int, address: str | None):
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
                 workers: int, log, stage_cache: bool = True, cost: str = "macs",
-                budgets: dict | None = None) -> None:
+                budgets: dict | None = None, estimated=None) -> None:
     """`n` trials on the Ray of ray_session, `workers` at a time, sampled knowing `finished` (by `cost`, and
     `budgets` as constraints; the refinements look at the latency budget when the cost is the measured p90:
-    run.refinement). The sampler's seed moves on with each finished trial: a round (or --resume) does not replay
-    the random draws of the one before, which would all be repeats."""
+    run.refinement). Proposals are squeezed into the latency budget (squeeze.within) by the line through the timed
+    trials, or for a target only estimated by `estimated` (squeeze.estimated_line). The sampler's seed moves on
+    with each finished trial: a round (or --resume) does not replay the random draws of the one before, which
+    would all be repeats."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -266,8 +270,9 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     if search_cfg.base_first and missing and not finished:
         log(f"[search] base_first: the config's own recipe is outside the space ({'; '.join(missing)}), so every "
             "trial is sampled; add those values to search.space to have it as the reference trial")
-    predict = squeeze.predictor(finished, base, base_dir, target, search_cfg.space, cost) \
-        if _budget_ms(cost, budgets) else None
+    line = squeeze.timed_line(finished, cost) if _budget_ms(cost, budgets) else estimated
+    predict = squeeze.predictor(line, base, base_dir, target, search_cfg.space) \
+        if line and (budgets or {}).get("latency_ms") else None
     algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished),
                      search_cfg.refine, budgets, predict)(
         metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost, budgets),
@@ -342,11 +347,11 @@ def unseen_point(space_: dict, seen, rng) -> dict | None:
 
 
 def _ask_again(searcher, ask, trial_id: str, digest: str, fresh: dict | None = None) -> tuple[dict, str]:
-    """Tell Optuna the repeated recipe `digest` (its earlier result, or failed) and ask again, for `fresh` when
-    given; the new proposal and its digest."""
+    """Tell Optuna the recipe `digest` it proposed (its earlier result for a repeat; failed when it has none) and
+    ask again, for `fresh` when given; the new proposal and its digest."""
     import optuna
 
-    values = searcher.seen[digest]
+    values = searcher.seen.get(digest)
     state = optuna.trial.TrialState.COMPLETE if values else optuna.trial.TrialState.FAIL
     told = searcher._ot_trials.pop(trial_id)
     for key, excess in searcher.limits.get(digest, {}).items() if values else ():
@@ -442,12 +447,13 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
     A share `refine` of the trials (every other one at 0.5, counted over the whole search) is a recipe one key away
     from a good trial so far (`refinement`): the sampler's proposal is replaced by it. With `predict` (a recipe's
     predicted p90: squeeze.predictor) and a latency budget, a proposal predicted well over the budget is replaced by
-    the nearest recipe predicted to fit (squeeze.within; proposed_by gains "+squeeze"); Optuna is not told the
-    swap, as it is told nothing of a trial before its p90 is timed. Uses OptunaSearch's `_ot_study` /
-    `_ot_trials` (ray 2.60)."""
+    the nearest recipe predicted to fit (squeeze.within; proposed_by gains "+squeeze"): Optuna's proposal is told
+    failed, and the recipe built is asked for, so a result told to Optuna (minimising MACs) is the recipe's own.
+    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
     import random
 
     budget_ms = _budget_ms(cost, budgets)
+    squeeze_ms = (budgets or {}).get("latency_ms")  # measured or estimated: `predict` says which
 
     class NoRepeats(base_cls):
         def __init__(self, **kw):
@@ -469,9 +475,10 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
             params, digest = _unseen(self, super().suggest, trial_id)
             point = {key: int(params[key]) for key in space_}
             by = how if near and point == near else "sampler"
-            fits = squeeze.within(point, space_, self.seen, predict, budget_ms) if predict and budget_ms else None
-            if fits:
-                point, digest, by = fits, space.digest(space.overrides_of(space_, fits)), f"{by}+squeeze"
+            fits = squeeze.within(point, space_, self.seen, predict, squeeze_ms) if predict and squeeze_ms else None
+            if fits:  # Optuna is told its proposal failed (it learns nothing from it) and handed the squeeze's
+                params, digest = _ask_again(self, super().suggest, trial_id, digest, fits)
+                point, by = {key: int(params[key]) for key in space_}, f"{by}+squeeze"
             self.seen.setdefault(digest, None)
             self.points[digest] = point
             self.digests[trial_id] = digest

@@ -7,8 +7,9 @@ recipes that can fit (NetAdapt, Yang et al. 2018, prunes to a latency budget by 
   undo rounds, down to the unpruned model: the recipe costs between the two counts. Global ranking and
   sensitivity ratios depend on the trained weights, and a zoo student replaces the pruned model: those have no
   count (None).
-- p90 (`predictor`): the line edgekit.search.latency.fit draws through the trials timed so far (MACs, p90), at
-  both counts.
+- p90 (`predictor`): at both counts, by the line edgekit.search.latency.fit draws through the trials timed so far
+  (MACs, p90; `timed_line`), or, for a target this machine does not run and no device times, by the search's own
+  estimate of every trial (`estimated_line`, which follows MACs too).
 - `within`: a proposal predicted over the budget by more than SLACK even at its fewest MACs is replaced by the
   recipe nearest it (fewest keys changed) not yet built that fits even at its most MACs, among the nearest the
   one predicted slowest (the most compute that fits): what a user squeezing a model by hand does, the least
@@ -76,16 +77,28 @@ def recipe_macs(cfg: config.Config) -> tuple[int, int] | None:
     return fewest, unpruned if pruned and p.accuracy_guard else fewest
 
 
-def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_: dict, field: str):
-    """A recipe's predicted p90 at its fewest and most MACs (choice indices -> (ms, ms), or None when its MACs
-    are not counted), from the line through `timed`'s MACs and p90 (`field`); None when no trial is timed yet.
-    A recipe that cannot be counted (its model fails to build or prune) is not predicted: its trial says why."""
+def timed_line(timed: list[dict], field: str):
+    """MACs -> p90 ms: the line edgekit.search.latency.fit draws through `timed`'s MACs and p90 (`field`), for
+    their most common artifact; None when no trial is timed yet."""
     points = [latency.Point(t["artifact"], int(t["macs"]), float(t[field]), t["id"]) for t in timed
               if t["status"] == "ok" and t.get("macs") and t.get(field) is not None]
     if not points:
         return None
     names = [p.artifact for p in points]
     a, b, _, _ = latency.fit(points, max(set(names), key=names.count))
+    return lambda macs: a + b * macs
+
+
+def estimated_line(artifact: str, arch: str, points: list | None):
+    """MACs -> p90 ms of a target this machine does not run and no device times: the search's own estimate
+    (edgekit.search.latency.estimate, fitted to `points` from device results, else from MACs)."""
+    return lambda macs: latency.estimate(macs, artifact, arch, points).p90_ms
+
+
+def predictor(line, base: dict, base_dir: str, target: str, space_: dict):
+    """A recipe's predicted p90 at its fewest and most MACs (choice indices -> (ms, ms), or None when its MACs are
+    not counted), by `line` (MACs -> ms: timed_line or estimated_line). A recipe that cannot be counted (its
+    model fails to build or prune) is not predicted: its trial says why."""
 
     def predict(point: dict) -> tuple[float, float] | None:
         try:
@@ -93,7 +106,7 @@ def predictor(timed: list[dict], base: dict, base_dir: str, target: str, space_:
             macs = recipe_macs(cfg)
         except Exception:  # noqa: BLE001 -- the trial's own build reports it
             return None
-        return None if macs is None else (a + b * macs[0], a + b * macs[1])
+        return None if macs is None else (line(macs[0]), line(macs[1]))
 
     return predict
 
