@@ -195,7 +195,10 @@ def main() -> None:
 
     ladder, res["squeeze"] = [], {"wall_s": 0.0}
     for folder, extra, ratios in SQUEEZE:
-        raw = {**base_config(args.limit, len(ratios), args.width), "prune": {"accuracy_guard": False, **extra},
+        # the proof's epochs kept (runs 1-5 lost prune.finetune_epochs here: their rungs fine-tuned 24 epochs, the
+        # search's trials 8)
+        raw = {**base_config(args.limit, len(ratios), args.width),
+               "prune": {**EPOCHS["prune"], "accuracy_guard": False, **extra},
                "search": {"space": {"prune.ratio": ratios}, "trials": len(ratios), "sampler": "random",
                           "base_first": False}}
         (work / f"{folder}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
