@@ -786,6 +786,15 @@ def test_the_most_accurate_trial_over_the_budget_is_pruned_harder_into_it():
     assert squeeze.harder(top, small, done, scores, predict, 2.0) == at(**{"prune.ratio": 3, **unguarded})
     scores = dict(zip(done, (None, [0.8, 2.0], [0.75, 2.0]), strict=True))
     assert squeeze.harder(top, small, done, scores, predict, 2.0) is None
+    # a guarded build counts at the count it reached: 0.5 guarded, its guard keeping every round (2 ms), is that
+    # count built, so 0.5 is not built again unguarded; one whose guard undid its rounds (4 ms) is not
+    guarded = at(**{"prune.ratio": 1})
+    done = built(top, guarded)
+    kept_all = {space.digest(space.overrides_of(small, guarded)): 2.0}
+    assert squeeze.harder(top, small, done, {}, predict, 2.0, kept_all) == at(**{"prune.ratio": 2, **unguarded})
+    undone = {space.digest(space.overrides_of(small, guarded)): 4.0}
+    assert squeeze.harder(top, small, done, {}, predict, 2.0, undone) == at(**{"prune.ratio": 1, **unguarded})
+    assert squeeze.harder(top, small, done, {}, predict, 2.0) == at(**{"prune.ratio": 1, **unguarded})  # building
 
     def done_trial(p, acc, p90):
         o = space.overrides_of(small, p)

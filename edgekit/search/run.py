@@ -273,8 +273,9 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
     line = squeeze.timed_line(finished, cost) if _budget_ms(cost, budgets) else estimated
     predict = squeeze.predictor(line, base, base_dir, target, search_cfg.space) \
         if line and (budgets or {}).get("latency_ms") else None
+    landed = {t["digest"]: line(int(t["macs"])) for t in finished if predict and t["status"] == "ok" and t.get("macs")}
     algo = _searcher(OptunaSearch, search_cfg.space, finished, cost, search_cfg.seed + len(finished),
-                     search_cfg.refine, budgets, predict)(
+                     search_cfg.refine, budgets, predict, landed)(
         metric=["accuracy", "macs"], mode=["max", "min"], storage=_study(search_cfg, finished, base, cost, budgets),
         study_name="edgekit", sampler=_sampler(search_cfg.sampler, search_cfg.seed + len(finished)))
     done = {t["digest"]: t for t in finished if t["status"] != "repeat"}
@@ -396,12 +397,13 @@ def neighbour(space_: dict, point: dict, seen, rng) -> dict | None:
 
 
 def refinement(k: int, refine: float, space_: dict, points: dict, seen: dict, budget_ms: float | None,
-               rng, predict=None) -> tuple[dict, str] | None:
+               rng, predict=None, landed: dict | None = None) -> tuple[dict, str] | None:
     """For the search's `k`-th trial (from 0): a recipe near the best so far when this trial is one of the share
     `refine` that refine (evenly spread), with how it was made; else None. Refinements alternate between the most
     accurate trial within the budget and the most accurate over it; each changes one key of it ("refine"), except
     that with `predict` (squeeze.predictor) the one over the budget is pruned harder into it when it can be
-    (squeeze.harder, "refine+squeeze"). `points` / `seen`: choice indices / values by digest."""
+    (squeeze.harder, "refine+squeeze"). `points` / `seen`: choice indices / values by digest; `landed`: p90
+    predicted at the MACs each finished trial measured, by digest."""
     import math
 
     if math.floor((k + 1) * refine) <= math.floor(k * refine):
@@ -412,7 +414,7 @@ def refinement(k: int, refine: float, space_: dict, points: dict, seen: dict, bu
     if best is None:
         return None
     if predict and budget_ms and any(points[d] == best and v[1] > budget_ms for d, v in known.items()):
-        harder = squeeze.harder(best, space_, points, seen, predict, budget_ms)
+        harder = squeeze.harder(best, space_, points, seen, predict, budget_ms, landed)
         if harder:
             return harder, "refine+squeeze"
     near = neighbour(space_, best, seen, rng)
@@ -436,7 +438,7 @@ def _unseen(searcher, ask, trial_id: str) -> tuple[dict, str]:
 
 
 def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", seed: int = 0, refine: float = 0.0,
-              budgets: dict | None = None, predict=None):
+              budgets: dict | None = None, predict=None, landed: dict | None = None):
     """OptunaSearch that does not hand out a recipe already built or building: a repeat proposal is told to Optuna at
     once (with the earlier result and its budget constraints, when there is one) and Optuna is asked again; after
     REPEAT_TRIES repeats, a recipe not yet built is drawn at random (seeded by `seed`) and given to Optuna as the
@@ -449,7 +451,8 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
     predicted p90: squeeze.predictor) and a latency budget, a proposal predicted well over the budget is replaced by
     the nearest recipe predicted to fit (squeeze.within; proposed_by gains "+squeeze"): Optuna's proposal is told
     failed, and the recipe built is asked for, so a result told to Optuna (minimising MACs) is the recipe's own.
-    Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
+    `landed` (digest -> p90 predicted at a finished trial's measured MACs) tells squeeze.harder where a guarded
+    build ended. Uses OptunaSearch's `_ot_study` / `_ot_trials` (ray 2.60)."""
     import random
 
     budget_ms = _budget_ms(cost, budgets)
@@ -469,7 +472,7 @@ def _searcher(base_cls, space_: dict, finished: list[dict], cost: str = "macs", 
         def suggest(self, trial_id):
             self.count += 1
             near, how = refinement(self.count - 1, refine, space_, self.points, self.seen, budget_ms, self.rng,
-                                   predict) or (None, None)
+                                   predict, landed) or (None, None)
             if near:
                 self._ot_study.enqueue_trial(near)  # the ask below returns it
             params, digest = _unseen(self, super().suggest, trial_id)

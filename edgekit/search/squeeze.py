@@ -136,21 +136,25 @@ def within(point: dict, space_: dict, seen, predict, budget_ms: float) -> dict |
     return None
 
 
-def harder(point: dict, space_: dict, points: dict, seen: dict, predict, budget_ms: float) -> dict | None:
+def harder(point: dict, space_: dict, points: dict, seen: dict, predict, budget_ms: float,
+           landed: dict | None = None) -> dict | None:
     """Choice indices of `point` pruned harder into `budget_ms`: among the recipes that change only its `prune.*`
     keys, whose cost is known (fewest and most MACs equal: no accuracy guard), predicted within the budget and not
     yet built or building (`points`: digest -> choice indices of those), the slowest whose count none of them has
-    yet; the fewest keys changed of those. None when there is none, or when the last one built lost accuracy
-    (`seen`: digest -> [accuracy, p90], None while building): of this model's recipes built within the budget,
-    the smallest count is not the most accurate, so pruning it harder again would not pay."""
+    yet; the fewest keys changed of those. A guarded recipe counts at the count its build reached (`landed`:
+    digest -> p90 predicted at the MACs a finished trial measured), so a build whose guard kept every round is not
+    built again unguarded; one still building counts nowhere. None when there is none, or when the last one built
+    lost accuracy (`seen`: digest -> [accuracy, p90], None while building): of this model's recipes built within
+    the budget, the smallest count is not the most accurate, so pruning it harder again would not pay."""
     keys = [k for k in space_ if k.startswith("prune.")]
     built, scored = set(), []
     for d, p in points.items():
         cost = predict(p) if p and all(p[k] == point[k] for k in space_ if k not in keys) else None
-        if cost and cost[0] == cost[1]:
-            built.add(cost[0])
+        count = None if not cost else cost[0] if cost[0] == cost[1] else (landed or {}).get(d)
+        if count is not None:
+            built.add(count)
             if seen.get(d) and seen[d][1] <= budget_ms:
-                scored.append((cost[0], seen[d][0]))
+                scored.append((count, seen[d][0]))
     if scored and min(scored)[1] < max(acc for _, acc in scored):
         return None
     best = None
