@@ -1,12 +1,14 @@
-"""Issue #13: the compression study on Fashion-MNIST (28x28, the publisher's 10 000 test images), CPU-sized.
+"""Issue #13: the compression study on Fashion-MNIST (28x28, the publisher's 10 000 test images).
 
 Zoo models ResNet-8, DS-CNN and MobileNetV2-0.35 through edgekit's own stages, each row written to the JSON as
 soon as it is measured; a rerun skips the rows already there (build folders live under --work):
 
     nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.compression_fashion --out benchmarks/results
 
-Scale (the CPU budget of this study, stated in the results): a training slice of N_TRAIN images, short
-schedules (EPOCHS), one fp32 model per zoo model; the pruning-method comparison at 70 % MACs removed and the KD
+Scale (stated in the results; `--scale`): `cpu` trains on a slice of 5 000 images with short schedules (about
+an hour on one core), `full` on the whole training split (all 60 000 images but the validation carve) with
+longer ones, so that the fp32 models reach the published range (several hours per model: it resumes row by row,
+into its own results file). One fp32 model per zoo model; the pruning-method comparison at 70 % MACs removed and the KD
 study run SEEDS on ResNet-8 (the seed drives fine-tuning, batch order and the random baseline's channels) and
 one seed on the others. int8 TFLite: rpi5's full-int8 artifact with int8 I/O, checked on all 10 000 test images.
 """
@@ -34,9 +36,19 @@ from edgekit.stages import distill, prune, quantize, train
 from edgekit.stages.base import Context
 
 MODELS = [("resnet8", 1.0), ("mobilenet_v2", 0.35), ("ds_cnn", 1.0)]  # in priority order
-N_TRAIN, N_VAL = 5000, 1000  # a random slice of the 60 000 training images; the test split is all 10 000
+N_VAL = 1000  # validation images (carved from the training part); the test split is all 10 000
 DATA = {"source": "fashion-mnist"}
-EPOCHS = {"train": 6, "finetune": 2, "distill": 2, "qat": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    results: str  # the results files' stem
+    n_train: int | None  # a random slice of the training split; None: all of it
+    epochs: dict
+
+
+SCALES = {"cpu": Scale("compression-fashion", 5000, {"train": 6, "finetune": 2, "distill": 2, "qat": 1}),
+          "full": Scale("compression-fashion-full", None, {"train": 10, "finetune": 3, "distill": 3, "qat": 1})}
 SEEDS = {"resnet8": [0, 1, 2]}  # others: [0]
 METHODS = [("l1", "local"), ("slimming", "global"), ("taylor", "local"), ("random", "local")]
 PUBLISHED = "Zalando's benchmark (full 60 000 training images): small CNNs 90-92 %, ResNet-18 94.9 %, MobileNet 95.0 %"
@@ -53,23 +65,25 @@ def seeds(model: str) -> list[int]:
     return SEEDS.get(model, [0])
 
 
-def make_cfg(model: str, width: float, seed: int = 0, **sections: dict) -> config.Config:
+def make_cfg(model: str, width: float, seed: int = 0, epochs: dict = SCALES["cpu"].epochs,
+             **sections: dict) -> config.Config:
     raw = {"data": DATA, "model": {"name": model, "width_mult": width},
-           "train": {"epochs": EPOCHS["train"], "lr": 3e-3, "seed": seed},
+           "train": {"epochs": epochs["train"], "lr": 3e-3, "seed": seed},
            "prune": {"method": "l1", "target_macs": 0.3, "steps": 1, "accuracy_guard": False,
-                     "finetune_epochs": EPOCHS["finetune"], "sparsity_epochs": 1, "sparsity_strength": 1e-3},
-           "distill": {"epochs": EPOCHS["distill"]},
-           "quantize": {"method": "qat", "qat_epochs": EPOCHS["qat"], "subset_size": 128}}
+                     "finetune_epochs": epochs["finetune"], "sparsity_epochs": 1, "sparsity_strength": 1e-3},
+           "distill": {"epochs": epochs["distill"]},
+           "quantize": {"method": "qat", "qat_epochs": epochs["qat"], "subset_size": 128}}
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return config.from_dict(raw)
 
 
-def load_data() -> data.Dataset:
-    """Random slices of the training and validation splits, in memory (a memory-mapped training split cannot be
-    fingerprinted by the stage keys); the publisher's whole test set."""
+def load_data(n_train: int | None) -> data.Dataset:
+    """A random slice of `n_train` training images (None: all) and of the validation split, in memory (a
+    memory-mapped training split cannot be fingerprinted by the stage keys); the publisher's whole test set."""
     ds = data.load_dataset(make_cfg("resnet8", 1.0))
-    pick = np.sort(np.random.default_rng(0).choice(len(ds.train.y), N_TRAIN, replace=False))
+    n = len(ds.train.y)
+    pick = np.sort(np.random.default_rng(0).choice(n, n_train, replace=False)) if n_train else np.arange(n)
     return dataclasses.replace(ds, train=data.Split(np.asarray(ds.train.x[pick]), ds.train.y[pick]),
                                val=data.Split(ds.val.x[:N_VAL], ds.val.y[:N_VAL]))
 
@@ -82,8 +96,8 @@ def mean_std(values: list[float]) -> dict:
 class Study:
     """Rows keyed by name in one JSON file, written after each; a key already there is not measured again."""
 
-    def __init__(self, out: Path, work: Path, ds: data.Dataset, log) -> None:
-        self.json, self.work, self.ds, self.log = out / "compression-fashion.json", work, ds, log
+    def __init__(self, out: Path, work: Path, ds: data.Dataset, log, scale: Scale = SCALES["cpu"]) -> None:
+        self.json, self.work, self.ds, self.log, self.scale = out / f"{scale.results}.json", work, ds, log, scale
         self.rows = json.loads(self.json.read_text()) if self.json.is_file() else {}
         self.on_row = lambda rows: None
 
@@ -130,15 +144,18 @@ def run_model(st: Study, name: str, width: float) -> None:
     w, k = st.work / name, f"{name}:"
     base_dir = w / "base"
 
+    def cfg(seed: int = 0, **sections: dict) -> config.Config:
+        return make_cfg(name, width, seed, st.scale.epochs, **sections)
+
     def base() -> dict:
-        ctx = st.ctx(make_cfg(name, width), f"{name}/base", target_names=("rpi5",))
+        ctx = st.ctx(cfg(), f"{name}/base", target_names=("rpi5",))
         m = stage(ctx, train)
         return {"accuracy": m["accuracy"], "params": m["params"], "macs": m["macs"], **tflite_cells(artifacts(ctx))}
 
     fp32 = st.once(k + "fp32", base)
 
     def shipped(label: str, src: Path, stages: tuple, keep: float | None, compare: bool = False) -> dict:
-        c = make_cfg(name, width, prune={"target_macs": keep} if keep else {}, distill={"losses": ["soft"]})
+        c = cfg(prune={"target_macs": keep} if keep else {}, distill={"losses": ["soft"]})
         ctx = st.ctx(c, f"{name}/qat_{label}", src, stages, ("rpi5",))
         m = stage(ctx, quantize)
         carried = tflite_cells(artifacts(ctx))
@@ -152,7 +169,7 @@ def run_model(st: Study, name: str, width: float) -> None:
     st.once(f"{k}qat unpruned", lambda: shipped("unpruned", base_dir, ("train",), None, True))
 
     def pruned(method: str, scope: str, seed: int, keep: float) -> dict:
-        c = make_cfg(name, width, seed, prune={"method": method, "scope": scope, "target_macs": keep})
+        c = cfg(seed, prune={"method": method, "scope": scope, "target_macs": keep})
         m = stage(st.ctx(c, f"{name}/prune_{method}_{keep}_{seed}", base_dir, ("train",)), prune)
         return {"accuracy": m["accuracy"], "params": m["params"], "macs": m["macs"], "macs_kept": m["macs_kept"],
                 "before_ft": m["rounds"][-1]["val_accuracy_before_finetune"]}
@@ -163,7 +180,7 @@ def run_model(st: Study, name: str, width: float) -> None:
     st.once(f"{k}prune l1 50% seed 0", lambda: pruned("l1", "local", 0, 0.5))
 
     def distilled(keep: float, seed: int, alpha: float) -> dict:
-        c = make_cfg(name, width, seed, prune={"target_macs": keep}, distill={"alpha": alpha, "losses": ["soft"]})
+        c = cfg(seed, prune={"target_macs": keep}, distill={"alpha": alpha, "losses": ["soft"]})
         ctx = st.ctx(c, f"{name}/distill_{keep}_{alpha}_{seed}", w / f"prune_l1_{keep}_0", ("train", "prune"))
         return {"accuracy": stage(ctx, distill)["accuracy"]}
 
@@ -194,7 +211,7 @@ def goal(model: str, what: str, hit: bool | None, numbers: str) -> str:
     return f"| {model} | {what} | {verdict} | {numbers} |"
 
 
-def report(rows: dict, seconds: float, command: str, note: str = "") -> str:
+def report(rows: dict, seconds: float, command: str, note: str = "", scale: Scale = SCALES["cpu"]) -> str:
     lines = ["| model | row | test acc % | params | MACs | TFLite fp32 KB | TFLite int8 KB | TFLite int8 acc % |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     order = [n for n, _ in MODELS]
@@ -213,17 +230,25 @@ def report(rows: dict, seconds: float, command: str, note: str = "") -> str:
     g = ["| model | goal | hit | numbers (mean ± std over seeds, n = seeds) |", "| --- | --- | --- | --- |"]
     for name, _ in MODELS:
         g += model_goals(rows, name)
+    e = scale.epochs
     return (f"# Compression study on Fashion-MNIST — {time.strftime('%Y-%m-%d')}, {cpu()}\n\n"
             f"`{command}` ({sum(r.get('seconds', 0) for r in rows.values()) / 60:.0f} min of measuring, summed over "
-            f"the rows; a rerun resumes, skipping the rows in the JSON). Scale: {N_TRAIN} training "
-            f"images of the 60 000 (a random slice), 28x28, the full 10 000-image test set (one image = 0.01 pp); "
-            f"epochs: train {EPOCHS['train']}, prune fine-tune {EPOCHS['finetune']}, distill {EPOCHS['distill']}, "
-            f"QAT {EPOCHS['qat']}; one fp32 model per zoo model; seeds {SEEDS} (others: one seed). "
+            f"the rows; a rerun resumes, skipping the rows in the JSON). Scale: {_train_images(scale)}, 28x28, "
+            f"the full 10 000-image test set (one image = 0.01 pp); epochs: train {e['train']}, prune fine-tune "
+            f"{e['finetune']}, distill {e['distill']}, QAT {e['qat']}; one fp32 model per zoo model; seeds {SEEDS} "
+            "(others: one seed). "
             f"Published for comparison: {PUBLISHED}. int8 TFLite = full int8 with int8 I/O (rpi5); "
             "'carried' = NNCF's activation ranges written into the TFLite converter's calibration, "
             "'recalibrated' = the converter's own ranges from the calibration split."
             + (f" {note}" if note else "") + "\n\n"
             + "\n".join(lines) + "\n\n## Goals\n\n" + "\n".join(g) + "\n\n" + LITERATURE + "\n")
+
+
+def _train_images(scale: Scale) -> str:
+    if scale.n_train:
+        return f"{scale.n_train} training images of the 60 000 (a random slice)"
+    n = 60000 - int(60000 * make_cfg("resnet8", 1.0).data.val_fraction)
+    return f"all {n} training images (the 60 000 less the validation carve)"
 
 
 def _carried(r: dict) -> str:
@@ -313,23 +338,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", help="zoo model names (default: all, in priority order)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     ap.add_argument("--note", default="", help="a sentence about this run for the markdown (wall time, restarts)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                    help="cpu: 5 000 training images, short schedules; full: the whole training split, longer ones")
     args = ap.parse_args(argv)
+    scale = SCALES[args.scale]
     torch.set_num_threads(1)  # the study shares the machine; one thread is also the fastest per CPU here
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    command = "nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.compression_fashion"
+    command = "nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.compression_fashion" + \
+        (f" --scale {args.scale}" if args.scale != "cpu" else "")
+    md = out / f"{scale.results}.md"
 
     def log(s: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {s}", flush=True)
 
-    st = Study(out, Path(args.work), None if args.report_only else load_data(), log)
-    st.on_row = lambda rows: (out / "compression-fashion.md").write_text(
-        report(rows, time.perf_counter() - t0, command, args.note))
+    st = Study(out, Path(args.work) / args.scale, None if args.report_only else load_data(scale.n_train), log, scale)
+    st.on_row = lambda rows: md.write_text(report(rows, time.perf_counter() - t0, command, args.note, scale))
     for name, width in ([] if args.report_only else MODELS):
         if not args.models or name in args.models:
             run_model(st, name, width)
-    text = report(st.rows, time.perf_counter() - t0, command, args.note)
-    (out / "compression-fashion.md").write_text(text)
+    text = report(st.rows, time.perf_counter() - t0, command, args.note, scale)
+    md.write_text(text)
     print(text)
     return 0
 
