@@ -370,6 +370,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.out is None and args.resume:
         raise ConfigError("--resume continues the search in --out DIR; pass --out")
     out = Path(args.out or f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")
+    args.search_dir = out  # for the interrupt message
     saved = out / run.CONFIG_FILE
     cfg = config.load(args.config or (saved if args.resume and saved.is_file() else None), log=print)
     device = run.Device(_connection(args), args.python, args.setup) if args.host else None
@@ -459,7 +460,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupted(out: Path | None) -> str:
+def _interrupted(args: argparse.Namespace) -> str:
+    out, search = getattr(args, "build_dir", None), getattr(args, "search_dir", None)
+    if search is not None:
+        if not (search / "config.yaml").is_file():
+            return "edgekit: interrupted before the search started; nothing was written"
+        again = args.argv + (["--resume"] if not args.resume else []) + (["--out", str(search)] if not args.out else [])
+        return (f"edgekit: interrupted; the finished trials are kept in {search}, continue with "
+                f"`edgekit {shlex.join(again)}`")
     if out is None:
         return "edgekit: interrupted"
     if (out / "config.yaml").is_file():
@@ -472,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")  # library deprecation chatter is not the user's business
     try:
         args = parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the interrupt message
         if args.command == "config" and not (args.default or args.file):
             args.default = True
         return args.func(args)
@@ -479,5 +488,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgekit: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(_interrupted(getattr(args, "build_dir", None)), file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130

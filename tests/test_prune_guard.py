@@ -57,7 +57,12 @@ def test_without_the_guard_the_same_recipe_prunes_to_the_target(trained, tmp_pat
 
 
 def test_guard_keeps_every_round_within_a_loose_tolerance(trained, tmp_path):
+    from edgekit import ddp
+
+    loops = ddp.loops_run()
     result, ctx = _prune(trained, tmp_path, [], ratio=0.5, steps=2, finetune_epochs=2, max_loss_pp=100.0)
+    # each round's fine-tuning is named by its round: a warning it leaves in the report says which
+    assert [loop["loop"] for loop in ddp.loops_since(loops)] == ["finetune round 1/2", "finetune round 2/2"]
     kept = result["kept"]
     assert kept["round"] == 2 and kept["reason"] == ("the full target, every round within the 100 pp allowed "
                                                      "(prune.max_loss_pp) of the unpruned model's validation "

@@ -366,6 +366,36 @@ def test_nothing_feasible_exits_2_with_outputs_and_ray_stays_quiet(searched, tmp
         assert noise not in said, said[-3000:]
 
 
+def test_ctrl_c_ends_the_search_with_the_command_that_resumes_it(searched, tmp_path):
+    """Ctrl-C while a trial trains: the search stops (exit 130, as a build does) and says how to continue, instead
+    of Ray Tune swallowing the interrupt and the search presenting the trials so far as its answer."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    _, out, target, _, _, _ = searched
+    copy_ = tmp_path / "s"
+    shutil.copytree(out, copy_, ignore=shutil.ignore_patterns(".ray"))
+    (copy_ / "trials.json").unlink()
+    before = {d.name for d in (copy_ / run.TRIALS_DIR).iterdir()}
+    env = {**os.environ, "EDGEKIT_STAGE_CACHE": str(tmp_path / "cache")}
+    argv = ["search", "--target", target, "--out", str(copy_), "--resume", "--trials", "6", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not {d.name for d in (copy_ / run.TRIALS_DIR).iterdir()} - before and time.time() < deadline:
+        time.sleep(0.5)  # until a new trial has started
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (f"edgekit: interrupted; the finished trials are kept in {copy_}, "
+                                               f"continue with `edgekit {' '.join(argv)}`")
+    assert "recommended:" not in stdout and not (copy_ / "trials.json").exists()
+    kept = {t["id"] for t in run.load_trials(copy_)}  # the finished ones (a repeat ends at once): stopped before 6
+    assert before <= kept and len(kept) < 6
+
+
 @pytest.mark.system  # sshd (tests/conftest.py's loopback device)
 def test_host_times_each_trial_on_the_device_over_ssh(searched, sshd, pinned):
     """`--host`: each built trial's primary artifact timed on the device with `edgekit run --host`'s code; the

@@ -124,6 +124,21 @@ def test_the_near_chance_bar_rises_on_few_validation_samples():
     assert not near_chance(0.2, 10, 40) and not near_chance(0.19, 10, 4000)
 
 
+def test_a_model_that_answers_the_most_common_class_is_near_chance_on_imbalanced_data():
+    """5 classes, 46 % of the validation split one of them: a model answering that class for every input (0.463)
+    clears the 1/K bars but has learned nothing; one clearly above the share has."""
+    from edgekit.stages.train import majority_share, near_chance
+
+    labels = [0] * 50 + [1] * 30 + [2] * 15 + [3] * 8 + [4] * 5
+    share = majority_share(labels)
+    assert abs(share - 50 / 108) < 1e-9 and not near_chance(0.463, 5, 108)
+    assert near_chance(0.463, 5, 108, share).startswith(
+        "validation accuracy 0.463 is no better than always answering the most common class (0.463 of the 108 "
+        "validation samples")
+    assert not near_chance(0.60, 5, 108, share) and not near_chance(0.95, 2, 1000, 0.9)
+    assert near_chance(0.91, 2, 1000, 0.9)  # within two standard errors of 0.9 on 1000 samples (0.919)
+
+
 def _fit_no_batchnorm(ds, loss, workers: int) -> tuple[float, list[dict]]:
     from torch import nn
 

@@ -289,6 +289,9 @@ def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n
         run_config=tune.RunConfig(storage_path=str((out / ".ray").resolve()), name="tune", verbose=0,
                                   callbacks=[_Progress(log)]),
     )
+    # Ray Tune catches Ctrl-C, ends the trials and returns as if the round were done: the search would then
+    # present a partial result as its answer; without its handler the interrupt reaches the command
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner.fit()
 
 

@@ -337,8 +337,9 @@ def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
         # no round after it cuts, to the last cut's model in the last round
         ep, owed = ep + owed, 0
         if now != channels or (i == p.steps - 1 and now < unpruned and ep):
+            desc = "finetune" if p.steps == 1 else f"finetune round {i + 1}/{p.steps}"  # its warnings say which
             val = training.fit(model, data.train, data.val, epochs=ep, lr=p.lr, batch_size=t.batch_size,
-                               seed=t.seed, desc="finetune", workers=t.workers)
+                               seed=t.seed, desc=desc, workers=t.workers)
         else:
             owed, ep, val = ep, 0, info["val_accuracy_before_finetune"]
         channels = now
