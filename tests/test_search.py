@@ -554,6 +554,14 @@ def test_trials_with_the_same_bytes_are_timed_once_and_share_it(tmp_path, monkey
     saved = {i: json.loads((tmp_path / "trials" / i / run.TIMING_FILE).read_text()) for i in "abc"}
     assert saved["c"]["latency_ms"] == saved["a"]["latency_ms"] and saved["c"]["same_bytes_as"] == "a"
     assert "same_bytes_as" not in saved["a"] and saved["b"]["latency_ms"] != saved["a"]["latency_ms"]
+    # a copy built in a later round (or after --resume) takes the timing of the one timed already
+    later = [{**t, "status": "ok"} for t in trials] + [{"id": "d", "bundle": str(tmp_path / "d"),
+                                                        "artifact": "onnx_int8", "sha256": "s2", "status": "ok"}]
+    run.time_trials(later, tmp_path, targets.get(["x86-64"])[0], lambda _: None)
+    assert sorted(timed) == sorted(["a", "b"] * run.TIMING_ROUNDS)  # nothing timed again
+    d = json.loads((tmp_path / "trials" / "d" / run.TIMING_FILE).read_text())
+    assert d["latency_ms"] == saved["b"]["latency_ms"] and d["same_bytes_as"] == "b"
+    assert later[3][run.LATENCY] == later[1][run.LATENCY] == saved["b"]["latency_ms"]["p90"]
 
 
 def test_trials_near_the_budget_are_timed_more_before_feasibility(tmp_path, monkeypatch):

@@ -525,8 +525,7 @@ def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device:
     this machine runs the target (and timed more when near `budget_ms`: time_edge), else estimated (fitted to
     `points` from device results, else from MACs and the runtime's memory rule)."""
     if device is None and tgt.runs_here:
-        time_here([t for t in trials if t["status"] == "ok" and not (out / TRIALS_DIR / t["id"] / TIMING_FILE)
-                   .is_file()], out, log)
+        time_here(shared([t for t in trials if t["status"] == "ok"], out), out, log)
         time_edge([t for t in trials if t["status"] == "ok"], out, budget_ms, log)
     for t in trials:
         if t["status"] != "ok":
@@ -566,6 +565,29 @@ def time_edge(trials: list[dict], out: Path, budget_ms: float | None, log) -> No
         log(f"  {len(near)} trial(s) within {EDGE:.0%} of the {budget_ms:g} ms budget: {EDGE_ROUNDS} more timing "
             "rounds before feasibility is decided")
         time_here(near, out, log, EDGE_ROUNDS, add=True)
+
+
+def shared(trials: list[dict], out: Path) -> list[dict]:
+    """The trials of `trials` still to time: one whose artifact is the same bytes as a trial timed already (in an
+    earlier round, or before --resume) takes that timing (`same_bytes_as`) instead of being timed apart from it,
+    which would let noise put one copy within the budget and the other over it."""
+    timed: dict[tuple, tuple[str, Path]] = {}
+    for t in trials:
+        path = out / TRIALS_DIR / t["id"] / TIMING_FILE
+        if t.get("sha256") and path.is_file():
+            timed.setdefault((t["sha256"], t["artifact"]), (t["id"], path))
+    todo = []
+    for t in trials:
+        path = out / TRIALS_DIR / t["id"] / TIMING_FILE
+        if path.is_file():
+            continue
+        source = timed.get((t["sha256"], t["artifact"])) if t.get("sha256") else None
+        if source is None:
+            todo.append(t)
+            continue
+        record = json.loads(source[1].read_text())
+        write_json(path, {**record, "same_bytes_as": record.get("same_bytes_as") or source[0]})
+    return todo
 
 
 def time_here(trials: list[dict], out: Path, log, rounds: int = TIMING_ROUNDS, add: bool = False) -> None:
