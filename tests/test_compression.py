@@ -165,6 +165,27 @@ def test_entropy_and_percentile_differ_from_minmax_on_skewed_data():
     assert model is not None
 
 
+def test_a_model_with_group_and_layer_norm_quantizes_with_per_channel_conv_weights():
+    """Per-channel weights (the default) on a model with GroupNorm and LayerNorm: NNCF quantizes their affine
+    weights per tensor, every conv and linear weight per output channel."""
+    from torch import nn
+
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gn, self.proj = nn.Conv2d(1, 16, 3), nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 1)
+            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.ln(self.proj(torch.relu(self.gn(self.conv(x)))).mean((2, 3))))
+
+    x = np.random.default_rng(0).random((16, *SHAPE), dtype=np.float32)
+    shapes = {k: tuple(m.scale.shape) for k, m in quantize.quantizers(quantize.calibrate(Normed(), x, 16)).items()}
+    weights = {k.split("pre_hooks.")[1]: v for k, v in shapes.items() if "pre_hooks" in k}
+    assert weights["model/conv/conv2d/0__1.0"] == (16, 1, 1, 1) and weights["model/proj/conv2d/0__1.0"] == (8, 1, 1, 1)
+    assert weights["model/fc/linear/0__1.0"] == (10, 1)
+
+
 def test_keep_float_leaves_named_layers_unquantized(tmp_path):
     import onnx
 

@@ -128,7 +128,10 @@ def _advanced(calib: Calibration):
 
     return AdvancedQuantizationParameters(
         activations_range_estimator_params=_range_estimator(calib),
-        weights_quantization_params=QuantizationParameters(per_channel=calib.per_channel),
+        # per-channel: NNCF's own choice (None), per-channel for every conv and linear weight; forcing True also
+        # forces it on a norm layer's affine weight (GroupNorm, LayerNorm), whose range NNCF 3 collects per tensor,
+        # and quantize fails ("shape '[16]' is invalid for input of size 1")
+        weights_quantization_params=QuantizationParameters(per_channel=None if calib.per_channel else False),
         disable_bias_correction=not calib.bias_correction,
     )
 
