@@ -24,7 +24,7 @@ from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
 from edgekit.files import write_bytes, write_json
-from edgekit.formats import onnx
+from edgekit.formats import onnx, tflite
 from edgekit.stages import (
     ORDER,
     bundle,
@@ -204,6 +204,7 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
     what = f"model.factory '{cfg.model.factory}'" if cfg.model.factory else f"model.name '{cfg.model.name}'"
     onnx.check_exportable(model, data.calib.x[:1], cfg.export.opset, what)  # once per build; 0.05-1 s
+    tflite.check_convertible(model, chosen, what)
     if prune.enabled(cfg):
         prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
     if distill.enabled(cfg):

@@ -125,6 +125,13 @@ def saved_build(root: Path, cfg: str = "train: {epochs: 1}\n") -> None:
 
 
 BUILD = ["build", "c.yaml", "--out", "out"]
+GROUPNORM_NET = """from torch import nn
+
+
+def make(num_classes, in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+"""
 POOL_NET = """import torch
 from torch import nn
 
@@ -293,6 +300,10 @@ MODEL_CASES = [
      "from: Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are not factor of input "
      "size; layer '1' (AdaptiveAvgPool2d) pools 8x8 to 3x3: use an output size that divides 8x8, or "
      "nn.AdaptiveAvgPool2d(1)"),
+    ("model-groupnorm-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GROUPNORM_NET},
+     BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' has 1 (GroupNorm), which the TFLite export (onnx2tf) "
+     "cannot convert for the TFLite artifacts of rpi5: use BatchNorm2d there, or build for a target whose profile "
+     "ships ONNX only"),
     ("model-not-exportable-functional", {"c.yaml": "model: {factory: 'net.py:make'}\n",
                                          "net.py": POOL_NET.replace("nn.AdaptiveAvgPool2d((3, 3))", "Pool()")},
      BUILD, "input size; rewrite that part of the model with ops torch.onnx exports (or try another export.opset)"),

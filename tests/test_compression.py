@@ -184,6 +184,13 @@ def test_a_model_with_group_and_layer_norm_quantizes_with_per_channel_conv_weigh
     weights = {k.split("pre_hooks.")[1]: v for k, v in shapes.items() if "pre_hooks" in k}
     assert weights["model/conv/conv2d/0__1.0"] == (16, 1, 1, 1) and weights["model/proj/conv2d/0__1.0"] == (8, 1, 1, 1)
     assert weights["model/fc/linear/0__1.0"] == (10, 1)
+    # its int8 ships as ONNX; onnx2tf cannot convert GroupNorm, so a target shipping TFLite refuses it up front
+    from edgekit.errors import ModelError
+    from edgekit.formats import tflite
+
+    tflite.check_convertible(Normed(), targets.get(["jetson-orin-nano"]), "m")
+    with pytest.raises(ModelError, match="m has gn \\(GroupNorm\\), which the TFLite export"):
+        tflite.check_convertible(Normed(), targets.get(["x86-64"]), "m")
 
 
 def test_keep_float_leaves_named_layers_unquantized(tmp_path):
@@ -198,6 +205,9 @@ def test_keep_float_leaves_named_layers_unquantized(tmp_path):
         quantize.export_qdq(q, torch.from_numpy(x[:1]), path, 17)
         counts.append([n.op_type for n in onnx.load(path).graph.node].count("QuantizeLinear"))
     assert counts[1] < counts[0]
+    with pytest.raises(ConfigError, match=r"^quantize.keep_float: 1.0 is not among the operations NNCF quantizes "
+                                          r"in this model; name them as NNCF does: .*model/1/0/conv2d/0, "):
+        quantize.calibrate(_model(), x, 32, quantize.Calibration(keep_float=("1.0",)))  # a torch module name
 
 
 def test_layers_kept_float_stay_float_in_the_shipped_onnx_int8(tmp_path):

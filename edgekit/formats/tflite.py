@@ -48,6 +48,23 @@ FORMAT = formats.register(formats.Format(
               formats.Runtime("tflite-runtime", "tflite-runtime", "tflite", numpy="numpy<2"))))
 STAGE = "export"  # the stage whose folder holds the converter log and the float twin
 LOG_FILE = "convert.log"  # what onnx2tf and the TFLite converter printed, for when they fail
+# layers onnx2tf cannot convert from torch's ONNX: GroupNorm exports as Reshape, InstanceNormalization, Reshape,
+# and onnx2tf 1.29 fails on it with 1, 4 and all-channel groups alike (InstanceNorm2d alone converts)
+UNCONVERTIBLE = ("GroupNorm",)
+
+
+def check_convertible(model, chosen: list, what: str) -> None:
+    """Before the build starts: a model with a layer the TFLite path cannot convert, for targets that ship
+    TFLite, is a one-line error now rather than a failed export after the training."""
+    shipping = [t.name for t in chosen if any(a.format == FORMAT.name for a in t.artifacts)]
+    bad = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if type(m).__name__ in UNCONVERTIBLE]
+    if shipping and bad:
+        from edgekit.errors import ModelError
+
+        raise ModelError(f"{what} has {', '.join(bad)}, which the TFLite export (onnx2tf) cannot convert for the "
+                         f"TFLite artifacts of {', '.join(shipping)}: use BatchNorm2d there, or build for a target "
+                         "whose profile ships ONNX only (jetson-orin-nano, or a copy of a target's YAML without its "
+                         "tflite artifacts)")
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # float <-> int8 at the edges of a float-I/O int8 model
 RANGE_SAMPLES = 8  # calibration samples that pair NNCF's quantizers with TFLite tensors

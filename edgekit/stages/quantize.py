@@ -23,6 +23,7 @@ import torch
 
 from edgekit import metrics, models, quiet, tolerance, training
 from edgekit.config import Config, QuantizeConfig
+from edgekit.errors import ConfigError
 from edgekit.files import stage_files
 from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
 
@@ -147,11 +148,26 @@ def calibrate(model: torch.nn.Module, calib_x: np.ndarray, subset_size: int,
     preset = nncf.QuantizationPreset.PERFORMANCE if calibration.activations == "symmetric" \
         else nncf.QuantizationPreset.MIXED
     ignored = nncf.IgnoredScope(names=list(calibration.keep_float)) if calibration.keep_float else None
-    qmodel = nncf.quantize(model, dataset, subset_size=min(subset_size, len(calib_x)), preset=preset,
-                           ignored_scope=ignored, advanced_parameters=_advanced(calibration))
+    try:
+        qmodel = nncf.quantize(model, dataset, subset_size=min(subset_size, len(calib_x)), preset=preset,
+                               ignored_scope=ignored, advanced_parameters=_advanced(calibration))
+    except nncf.ValidationError as exc:
+        if not ignored or "were not found" not in str(exc):
+            raise
+        plain = calibrate(model.model, calib_x[:1], 1, dataclasses.replace(calibration, keep_float=()))
+        raise ConfigError(f"quantize.keep_float: {', '.join(calibration.keep_float)} is not among the operations "
+                          f"NNCF quantizes in this model; name them as NNCF does: {', '.join(node_names(plain))}") \
+            from None
     if calibration.method == "entropy":
         entropy_ranges(qmodel, calib_x[:subset_size])
     return qmodel
+
+
+def node_names(qmodel: torch.nn.Module) -> list[str]:
+    """The operations NNCF quantized in `qmodel` (their inputs or outputs), by the names quantize.keep_float takes:
+    the module path joined by / , the op and its call count (model/block/conv1/conv2d/0)."""
+    names = {k.split("_hooks.")[-1].rsplit("__", 1)[0] for k in quantizers(qmodel)}
+    return sorted(n for n in names if n.startswith("model/"))
 
 
 # --- KL (entropy) calibration of the activation quantizers -------------------------------------------------
