@@ -224,6 +224,11 @@ def test_budget_option():
         {"latency_ms": 5.0, "memory_mb": 512, "size_kb": 500.0}
     with pytest.raises(ConfigError, match="KEY=NUMBER"):
         pareto.parse_budget("speed=5", {})
+    for bad in ("size_kb=nan", "latency_ms=inf", "memory_mb=-1"):
+        with pytest.raises(ConfigError, match=f"^--budget {bad}: give a finite number >= 0"):
+            pareto.parse_budget(bad, {})
+    with pytest.raises(ConfigError, match="^--budget gives latency_ms twice; give each budget once$"):
+        pareto.parse_budget("latency_ms=5,latency_ms=6", {})
 
 
 # --- the latency estimate of a target this machine cannot run ------------------------------------------------
@@ -366,9 +371,11 @@ def test_nothing_feasible_exits_2_with_outputs_and_ray_stays_quiet(searched, tmp
         assert noise not in said, said[-3000:]
 
 
-def test_ctrl_c_ends_the_search_with_the_command_that_resumes_it(searched, tmp_path):
-    """Ctrl-C while a trial trains: the search stops (exit 130, as a build does) and says how to continue, instead
-    of Ray Tune swallowing the interrupt and the search presenting the trials so far as its answer."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_the_search_with_the_command_that_resumes_it(searched, tmp_path, stop):
+    """Ctrl-C (or SIGTERM: timeout, kill, a cancelled job) while a trial trains: the search stops (exit 130, as a
+    build does) and says how to continue, instead of Ray Tune swallowing the interrupt and the search presenting
+    the trials so far as its answer, or Ray dumping a C++ stack on SIGTERM."""
     import os
     import shutil
     import signal
@@ -386,12 +393,12 @@ def test_ctrl_c_ends_the_search_with_the_command_that_resumes_it(searched, tmp_p
     deadline = time.time() + 300
     while not {d.name for d in (copy_ / run.TRIALS_DIR).iterdir()} - before and time.time() < deadline:
         time.sleep(0.5)  # until a new trial has started
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, stop))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (f"edgekit: interrupted; the finished trials are kept in {copy_}, "
                                                f"continue with `edgekit {' '.join(argv)}`")
-    assert "recommended:" not in stdout and not (copy_ / "trials.json").exists()
+    assert "recommended:" not in stdout and not (copy_ / "trials.json").exists() and "SIGTERM received" not in stderr
     kept = {t["id"] for t in run.load_trials(copy_)}  # the finished ones (a repeat ends at once): stopped before 6
     assert before <= kept and len(kept) < 6
 

@@ -82,18 +82,24 @@ def parse_budget(text: str | None, defaults: dict) -> dict:
     """`latency_ms=5,memory_mb=256,size_kb=500` over the target's budgets (0 or missing: none)."""
     from edgekit.errors import ConfigError
 
+    import math
+
     budgets = {k: (defaults.get(k) or None) for k in BUDGET_KEYS}
+    given: set[str] = set()
     for part in filter(None, (text or "").split(",")):
         key, eq, value = part.partition("=")
         key = key.strip()
         if key not in BUDGET_KEYS or not eq:
             raise ConfigError(f"--budget '{part}': give KEY=NUMBER with KEY one of {', '.join(BUDGET_KEYS)}")
+        if key in given:
+            raise ConfigError(f"--budget gives {key} twice; give each budget once")
+        given.add(key)
         try:
             number = float(value)
         except ValueError:
             raise ConfigError(f"--budget {key}={value!r} is not a number") from None
-        if number < 0:
-            raise ConfigError(f"--budget {key}={value}: give a number >= 0 (0: no budget)")
+        if not math.isfinite(number) or number < 0:  # nan would pass every comparison: every trial would fit
+            raise ConfigError(f"--budget {key}={value}: give a finite number >= 0 (0: no budget)")
         budgets[key] = number or None
     return budgets
 

@@ -17,7 +17,9 @@ import csv
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,11 +249,21 @@ def ray_session(workers: int, address: str | None):
     elif owned:
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                  logging_level=level)
+    # ray.init installs a handler that answers SIGTERM (timeout, kill, a cancelled CI job) with a C++ stack dump
+    # and exit 1; stopped that way, the search ends as on Ctrl-C: one line with the command that resumes it
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         yield
     finally:
         if owned:
             ray.shutdown()
+        if main:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
