@@ -49,6 +49,14 @@ def test_outlier_layer_is_caught_and_named(tmp_path):
     assert worst["layer"].startswith("CONV_2D") and worst["ref_range"][1] > 900
     assert worst["layer"] in message
     assert record["metrics"]["top1_agreement"] < 0.99
+    assert "QAT was skipped" not in message  # no quantize stage ran
+    # quantize.method auto skipped QAT (PTQ passed on the validation split): the miss names QAT as the repair
+    write_json(ctx.stage_dir("quantize") / METRICS_FILE, {"name": "quantize", "qat": {"ran": False}})
+    auto = dataclasses.replace(ctx.cfg, quantize=dataclasses.replace(ctx.cfg.quantize, method="auto"))
+    with pytest.raises(verify.FidelityError) as err:
+        verify.run(dataclasses.replace(ctx, cfg=auto))
+    assert "; QAT was skipped (quantize.method auto: PTQ passed on the validation split), so set " \
+           "quantize.method: qat and build into a new --out" in str(err.value)
 
 
 def test_allow_fidelity_miss_keeps_going_and_records_it(tmp_path):

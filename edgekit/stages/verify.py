@@ -13,7 +13,7 @@ from edgekit import fidelity, quiet
 from edgekit.errors import FidelityError
 from edgekit.files import write_json
 from edgekit.formats import ArtifactRecord
-from edgekit.stages.base import Context, always
+from edgekit.stages.base import METRICS_FILE, Context, always
 
 name = "verify"
 reads = ("targets",)  # build.allow_fidelity_miss is a gate: it changes no result
@@ -72,8 +72,20 @@ def report_miss(ctx: Context, result: dict, limits: dict, found: list[str]) -> s
              f"drop {layers[0]['drop_db']:.1f} dB, float range {layers[0]['ref_range']})") if layers else ""
     return (f"artifact {result['name']} misses fidelity against its torch model ({result['source_stage']}) with "
             f"{result['numerics']['name']} numerics: {', '.join(found)} ({fidelity.rule(limits)}){worst}"
-            f"{_repair_note(result)}; details: edgekit debug {ctx.out} --artifact {result['name']} "
-            "(--allow-fidelity-miss keeps going)")
+            f"{_repair_note(result)}{_qat_note(ctx, result)}; details: edgekit debug {ctx.out} --artifact "
+            f"{result['name']} (--allow-fidelity-miss keeps going)")
+
+
+def _qat_note(ctx: Context, result: dict) -> str:
+    """An int8 miss after quantize.method auto skipped QAT: PTQ passed on the validation split and missed here,
+    on the test split; QAT is the repair the user can ask for."""
+    if result["precision"] != "int8" or not (ctx.out / "stages" / "quantize" / METRICS_FILE).is_file():
+        return ""
+    qat = ctx.metrics("quantize").get("qat") or {}
+    if qat.get("ran") is not False or ctx.cfg.quantize.method != "auto":
+        return ""
+    return ("; QAT was skipped (quantize.method auto: PTQ passed on the validation split), so set quantize.method: "
+            "qat and build into a new --out (the stage cache reuses the stages before quantize)")
 
 
 def _repair_note(result: dict) -> str:
