@@ -73,6 +73,31 @@ def test_key_follows_the_code_the_model_imports_and_only_that(tmp_path):
     assert keys.changed(before, keys.inputs(ctx, train, {})) == ["model code and checkpoint"]
 
 
+def test_key_follows_the_graph_the_factory_builds_from_a_file_it_reads(tmp_path):
+    """Hyper-parameters in a JSON beside the factory are not code, but the model they build is: another build
+    (a new dataset object, as every build loads one) after the JSON changed gets another key."""
+    (tmp_path / "arch.json").write_text('{"act": "relu", "width": 16}')
+    factory = tmp_path / "jnet.py"
+    factory.write_text("import json\nfrom pathlib import Path\nimport torch\nfrom torch import nn\n\n\n"
+                       "class Net(nn.Module):\n"
+                       "    def __init__(self, arch, num_classes):\n"
+                       "        super().__init__()\n"
+                       "        self.act = arch['act']\n"
+                       "        width = arch['width']\n"
+                       "        self.fc1, self.fc2 = nn.Linear(64, width), nn.Linear(width, num_classes)\n"
+                       "\n"
+                       "    def forward(self, x):\n"
+                       "        return self.fc2(getattr(torch, self.act)(self.fc1(x.flatten(1))))\n\n\n"
+                       "def make(num_classes):\n"
+                       "    return Net(json.loads((Path(__file__).parent / 'arch.json').read_text()), num_classes)\n")
+    before = keys.inputs(_ctx(tmp_path, model={"factory": f"{factory}:make"}), train, {})
+    assert keys.inputs(_ctx(tmp_path, model={"factory": f"{factory}:make"}), train, {}) == before
+    for arch in ('{"act": "tanh", "width": 16}', '{"act": "relu", "width": 24}'):  # forward only; a shape
+        (tmp_path / "arch.json").write_text(arch)
+        now = keys.inputs(_ctx(tmp_path, model={"factory": f"{factory}:make"}), train, {})
+        assert keys.changed(before, now) == ["model code and checkpoint"], arch
+
+
 def test_data_fingerprint_reads_a_memory_mapped_split_in_chunks(tmp_path, monkeypatch):
     """A training split left on disk (data.Rows over a memmap) hashes as the same samples in memory do, in
     pieces of any size."""

@@ -1,10 +1,11 @@
 """A stage's input key: a hash of everything its result depends on.
 
 The key covers the data (a fingerprint of every split's arrays), the config sections the stage reads, the code
-of a user's model and its checkpoint, the target profiles (for stages that read them), edgekit's version and
-code, the libraries' versions and torch's thread count, and the keys of the stages it needs. It is recorded in
-the stage's metrics.json; `--resume` keeps a finished stage only when its recorded key is the key it would have
-now, so a build never mixes a stage made from other data, code or libraries with stages made from these.
+of a user's model, the graph it builds and its checkpoint, the target profiles (for stages that read them),
+edgekit's version and code, the libraries' versions and torch's thread count, and the keys of the stages it
+needs. It is recorded in the stage's metrics.json; `--resume` keeps a finished stage only when its recorded key is
+the key it would have now, so a build never mixes a stage made from other data, code or libraries with stages
+made from these.
 """
 
 from __future__ import annotations
@@ -122,11 +123,45 @@ def user_code(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
     return {str(p.relative_to(root)): _file_digest(p) for p in sorted(files)}
 
 
-def model_fingerprint(cfg: Config, sample_shape: tuple, num_classes: int) -> dict:
-    """The user's model code (edgekit.stages.keys.user_code) and checkpoint, by content."""
+_STRUCTURES: dict[tuple, tuple[weakref.ref, str]] = {}  # (id(dataset), model section) -> (the dataset, digest)
+
+
+def model_structure(cfg: Config, data) -> str:
+    """The graph the factory builds now, whatever it reads (a JSON or YAML of hyper-parameters beside it, which
+    user_code does not hash): the ONNX export of its untrained model, op by op with their attributes, and the
+    weights' shapes, not their values. Once per dataset object, so once per build (0.05-1 s)."""
+    import io
+
+    import onnx
+
+    from edgekit import models
+    from edgekit.formats.onnx import torch_to_onnx
+
+    cache = (id(data), repr(cfg.model), cfg.export.opset)
+    ref, digest = _STRUCTURES.get(cache, (None, ""))
+    if ref is None or ref() is not data:
+        model = models.build_model(cfg, data.sample_shape, data.num_classes, with_checkpoint=False)
+        buffer = io.BytesIO()
+        torch_to_onnx(model.eval(), np.zeros((1, *data.sample_shape), np.float32), buffer, cfg.export.opset,
+                      dynamic_batch=False)
+        graph = onnx.load_from_string(buffer.getvalue()).graph
+        h = hashlib.sha256()
+        for node in graph.node:
+            h.update(node.op_type.encode() + b"".join(a.SerializeToString() for a in node.attribute))
+        for weight in graph.initializer:
+            h.update(f"{weight.data_type}{tuple(weight.dims)}".encode())
+        digest = h.hexdigest()
+        _STRUCTURES[cache] = (weakref.ref(data), digest)
+    return digest
+
+
+def model_fingerprint(cfg: Config, data) -> dict:
+    """The user's model code (edgekit.stages.keys.user_code), the graph it builds (model_structure) and its
+    checkpoint, by content."""
     found: dict = {}
     if cfg.model.factory:
-        found["factory"] = user_code(cfg, sample_shape, num_classes)
+        found["factory"] = user_code(cfg, data.sample_shape, data.num_classes)
+        found["structure"] = model_structure(cfg, data)
     if cfg.model.checkpoint:
         found["checkpoint"] = _file_digest(cfg.resolve(cfg.model.checkpoint))
     return found
@@ -150,7 +185,7 @@ def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
         "edgekit and libraries": _digest([stage.name, __version__, edgekit_code(), library_versions(),
                                           torch_threads()]),
         "data": data_fingerprint(ctx.data)[:20],
-        "model code and checkpoint": _digest(model_fingerprint(ctx.cfg, ctx.data.sample_shape, ctx.data.num_classes)),
+        "model code and checkpoint": _digest(model_fingerprint(ctx.cfg, ctx.data)),
         "config": _digest({section: cfg[section] for section in stage.reads if section in cfg}),
         "targets": _digest(targets_fingerprint(ctx.targets) if "targets" in stage.reads else None),
         "earlier stages": _digest({name: upstream.get(name) for name in stage.needs}),
