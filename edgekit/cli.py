@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -369,6 +371,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     if args.out is None and args.resume:
         raise ConfigError("--resume continues the search in --out DIR; pass --out")
+    if len(args.target) > 1:  # `edgekit build` takes several; a search is for one target's budgets
+        raise ConfigError(f"edgekit search takes one --target (got {', '.join(args.target)}); run one search per "
+                          "target")
+    args.target = args.target[0]
     out = Path(args.out or f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")
     args.search_dir = out  # for the interrupt message
     saved = out / run.CONFIG_FILE
@@ -403,7 +409,7 @@ def _add_search(sub) -> None:
     s = sub.add_parser("search", help="the most accurate model that fits a target's budgets: trials over the "
                                        "config's search: space, on Ray")
     s.add_argument("config", nargs="?", help="YAML config with a search: section (default: the built-in demo)")
-    s.add_argument("--target", required=True, help="target name or profile file")
+    s.add_argument("--target", required=True, action="append", help="target name or profile file (one)")
     s.add_argument("--trials", type=int, help="trials in all (default: search.trials)")
     s.add_argument("--budget", help="latency_ms=5,memory_mb=256,size_kb=500 (default: the target's budgets)")
     s.add_argument("--out", help="search folder (default: runs/search-<timestamp>)")
@@ -475,9 +481,15 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "edgekit: interrupted before the build started; nothing was written"
 
 
+def _terminated(_signum, _frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (timeout, kill, a cancelled job) ends a command as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argparse.Namespace()
     warnings.filterwarnings("ignore")  # library deprecation chatter is not the user's business
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         args = parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # for the interrupt message
@@ -490,3 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_interrupted(args), file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)

@@ -390,6 +390,10 @@ USAGE_CASES = [
     ("missing-argument", {}, ["run"], "the following arguments are required: bundle"),
     ("not-an-int", {}, ["run", "b", "--threads", "four"], "argument --threads: invalid int value: 'four'"),
     ("unknown-command", {}, ["deploy"], "invalid choice: 'deploy'"),
+    ("search-two-targets", {}, ["search", "--target", "x86-64", "--target", "rpi5"],
+     "edgekit search takes one --target (got x86-64, rpi5); run one search per target"),
+    ("search-budget-nan", {}, ["search", "--target", "x86-64", "--budget", "size_kb=nan"],
+     "--budget size_kb=nan: give a finite number >= 0"),
 ]
 
 CASES = CONFIG_CASES + DATA_CASES + MODEL_CASES + OUT_CASES + TARGET_CASES + BUNDLE_CASES + USAGE_CASES
@@ -511,6 +515,26 @@ def test_corrected_rerun_into_the_same_out(tmp_path, monkeypatch, capsys):
     assert started == [[pipeline.LOCK_FILE, "config.yaml"]]
     err = capsys.readouterr().err.strip()
     assert err == "edgekit: interrupted; continue with `edgekit build --resume out`"
+
+
+def test_sigterm_ends_a_build_as_ctrl_c_does(tmp_path):
+    """SIGTERM (timeout, kill, a cancelled CI job) while a stage runs: one line with the resume command, exit 130,
+    not a silent exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "c.yaml").write_text("train: {epochs: 50}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", *BUILD], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "stages" / "train").is_dir() and time.time() < deadline:
+        time.sleep(0.2)  # until the train stage has started
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == \
+        "edgekit: interrupted; continue with `edgekit build --resume out`", err[-2000:]
 
 
 def test_interrupt_before_the_build_started_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -371,6 +371,28 @@ def test_nothing_feasible_exits_2_with_outputs_and_ray_stays_quiet(searched, tmp
         assert noise not in said, said[-3000:]
 
 
+def test_a_second_search_into_a_folder_a_search_is_running_in_stops_at_once(searched, tmp_path):
+    """Two searches in one folder would each remove the other's unfinished trials: the second stops in one line."""
+    import fcntl
+    import os
+    import shutil
+
+    from edgekit.errors import BuildDirError
+    from edgekit.pipeline import LOCK_FILE
+
+    _, out, target, _, _, _ = searched
+    copy_ = tmp_path / "s"
+    shutil.copytree(out, copy_, ignore=shutil.ignore_patterns(".ray"))
+    held = os.open(copy_ / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running search holds it
+    try:
+        with pytest.raises(BuildDirError, match=f"^another edgekit search is running in '{copy_}'"):
+            run.search(config.load(copy_ / "config.yaml"), target, copy_, trials=5, resume=True, workers=1,
+                       log=lambda _: None)
+    finally:
+        os.close(held)
+
+
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_ends_the_search_with_the_command_that_resumes_it(searched, tmp_path, stop):
     """Ctrl-C (or SIGTERM: timeout, kill, a cancelled job) while a trial trains: the search stops (exit 130, as a

@@ -71,44 +71,49 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         raise ConfigError(f"--trials is {total}; give at least 1")
     base = config.to_dict(config.absolute(cfg))
     _claim(out, base, resume)
-    finished = load_trials(out)
-    todo = total - len(finished)
-    workers = workers or os.cpu_count() or 1
-    cost = LATENCY if cfg.search.objective == "latency" and (device is not None or tgt.runs_here) else "macs"
-    rounds = f", in rounds of {workers} each timed before the next is sampled" if cost == LATENCY else ""
-    estimated = None if device is not None or tgt.runs_here else \
-        squeeze.estimated_line(tgt.artifacts[0].key, tgt.arch, points)  # what time_trials will say of each trial
-    log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time{rounds}, "
-        f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}; the "
-        f"sampler maximises accuracy and minimises {'the measured p90' if cost == LATENCY else 'MACs'}")
-    t1, timing_s = time.time(), 0.0
-    with ray_session(workers, ray_address) if todo > 0 else contextlib.nullcontext():
-        while todo > 0:
-            n, known = (min(workers, todo), load_trials(out)) if cost == LATENCY else (todo, finished)
-            if cost == LATENCY:  # what the sampler learns from: every finished trial's measured p90
-                t = time.time()
-                time_trials(known, out, tgt, log, device, points, budgets["latency_ms"])
-                timing_s += time.time() - t
-            tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost,
-                        budgets, estimated)
-            todo -= n
-    t2 = time.time()
-    done = load_trials(out)
-    time_trials(done, out, tgt, log, device, points, budgets["latency_ms"])
-    for source, how in sorted({(t["latency_source"], t["estimate"]) for t in done if t.get("estimate")}):
-        log(f"latency {source}: {how}")
-    for source, how in sorted({(t["memory_source"], t["memory_estimate"]) for t in done if t.get("memory_estimate")}):
-        log(f"peak memory {source}: {how}")
-    recommended = pareto.mark(done, budgets)
-    result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
-              "workers": workers, "ray_address": ray_address, "stage_cache": stage_cache,
-              "trials_run_now": len(done) - len(finished),
-              "sampler_objectives": ["accuracy", cost],
-              "seconds": {"search": round(t2 - t1 - timing_s, 1), "timing": round(time.time() - t2 + timing_s, 1),
-                          "total": round(time.time() - t0, 1)},
-              "recommended": recommended["id"] if recommended else None, "trials": done}
-    write_outputs(out, result, base, cfg.base_dir, target_arg, recommended)
-    return result
+    lock = _lock(out)  # held while this search writes into `out`
+    try:
+        finished = load_trials(out)
+        todo = total - len(finished)
+        workers = workers or os.cpu_count() or 1
+        cost = LATENCY if cfg.search.objective == "latency" and (device is not None or tgt.runs_here) else "macs"
+        rounds = f", in rounds of {workers} each timed before the next is sampled" if cost == LATENCY else ""
+        estimated = None if device is not None or tgt.runs_here else \
+            squeeze.estimated_line(tgt.artifacts[0].key, tgt.arch, points)  # what time_trials will say of each trial
+        log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time{rounds}, "
+            f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}; the "
+            f"sampler maximises accuracy and minimises {'the measured p90' if cost == LATENCY else 'MACs'}")
+        t1, timing_s = time.time(), 0.0
+        with ray_session(workers, ray_address) if todo > 0 else contextlib.nullcontext():
+            while todo > 0:
+                n, known = (min(workers, todo), load_trials(out)) if cost == LATENCY else (todo, finished)
+                if cost == LATENCY:  # what the sampler learns from: every finished trial's measured p90
+                    t = time.time()
+                    time_trials(known, out, tgt, log, device, points, budgets["latency_ms"])
+                    timing_s += time.time() - t
+                tune_trials(base, cfg.base_dir, cfg.search, target_arg, out, n, known, workers, log, stage_cache, cost,
+                            budgets, estimated)
+                todo -= n
+        t2 = time.time()
+        done = load_trials(out)
+        time_trials(done, out, tgt, log, device, points, budgets["latency_ms"])
+        for source, how in sorted({(t["latency_source"], t["estimate"]) for t in done if t.get("estimate")}):
+            log(f"latency {source}: {how}")
+        for source, how in sorted({(t["memory_source"], t["memory_estimate"]) for t in done
+                                   if t.get("memory_estimate")}):
+            log(f"peak memory {source}: {how}")
+        recommended = pareto.mark(done, budgets)
+        result = {"target": tgt.name, "target_arg": target_arg, "budgets": budgets, "space": cfg.search.space,
+                  "workers": workers, "ray_address": ray_address, "stage_cache": stage_cache,
+                  "trials_run_now": len(done) - len(finished),
+                  "sampler_objectives": ["accuracy", cost],
+                  "seconds": {"search": round(t2 - t1 - timing_s, 1), "timing": round(time.time() - t2 + timing_s, 1),
+                              "total": round(time.time() - t0, 1)},
+                  "recommended": recommended["id"] if recommended else None, "trials": done}
+        write_outputs(out, result, base, cfg.base_dir, target_arg, recommended)
+        return result
+    finally:
+        os.close(lock)
 
 
 def _claim(out: Path, base: dict, resume: bool) -> None:
@@ -127,6 +132,23 @@ def _claim(out: Path, base: dict, resume: bool) -> None:
         raise BuildDirError(f"'{out}' is not a new or empty folder; pick another --out, or --resume a search there")
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(saved, yaml.safe_dump(base, sort_keys=False).encode())
+
+
+def _lock(out: Path) -> int:
+    """An flock on `out`'s lock file (a build's: edgekit.pipeline.LOCK_FILE), or a one-line error when another
+    search holds it: two searches in one folder would each remove the other's unfinished trials."""
+    import fcntl
+
+    from edgekit.pipeline import LOCK_FILE
+
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BuildDirError(f"another edgekit search is running in '{out}' (it holds {out / LOCK_FILE}); wait for "
+                            "it to end, or search into another --out") from None
+    return fd
 
 
 def yaml_load(path: Path) -> dict:
@@ -258,8 +280,8 @@ def ray_session(workers: int, address: str | None):
     finally:
         if owned:
             ray.shutdown()
-        if main:
-            signal.signal(signal.SIGTERM, before)
+        if main:  # None: a handler not set from Python
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def _interrupt(_signum, _frame) -> None:
