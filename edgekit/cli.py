@@ -384,7 +384,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                         ray_address=args.ray_address, workers=args.workers, device=device,
                         device_results=args.device_results, stage_cache=not args.no_stage_cache)
     ok = [t for t in result["trials"] if t["status"] == "ok"]
-    print(f"\n{len(result['trials'])} trials ({len(ok)} built, {result['trials_run_now']} run now) in "
+    n = len(result["trials"])
+    print(f"\n{n} trial{'' if n == 1 else 's'} ({len(ok)} built, {result['trials_run_now']} run now) in "
           f"{result['seconds']['total']:.0f} s; Pareto front: "
           f"{', '.join(t['id'] for t in result['trials'] if t.get('pareto')) or 'none'}")
     for t in result["trials"]:

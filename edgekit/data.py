@@ -199,10 +199,11 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
 def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     if not root.is_dir():
         raise DataError(f"image folder '{root}' not found; set data.path to a folder with one subfolder per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # a hidden folder (.ipynb_checkpoints, .git) is never a class
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        raise DataError(_other_source(root) or
-                        f"'{root}' has {len(classes)} class folders; an ImageFolder needs at least two")
+        raise DataError(_other_source(root) or f"'{root}' has {len(classes)} class folder"
+                        f"{'' if len(classes) == 1 else 's'}; an ImageFolder needs at least two")
     xs, ys = [], []
     for class_id, name in enumerate(classes):
         for file in sorted((root / name).iterdir()):
@@ -427,6 +428,8 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 def _npy_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """x.npy memory-mapped (never read whole) and y.npy, checked against each other."""
     files = [folder / "x.npy", folder / "y.npy"]
+    if not folder.is_dir():
+        raise DataError(f"data.path '{folder}' is not a folder; set it to the folder that holds x.npy and y.npy")
     if not all(f.is_file() for f in files):
         raise DataError(f"'{folder}' needs x.npy (samples, float or uint8 images) and y.npy (labels); "
                         "write them with numpy.save")

@@ -110,7 +110,8 @@ def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, b
         outcome = loop(None)
     if outcome["kept_start"]:  # the stage's output is its input: say so, and the stage's metrics record it
         note = (f"no epoch beat the starting model's validation accuracy {outcome['start']:.3f}; "
-                "kept the starting weights")
+                "kept the starting weights" + (", so nothing was trained (raise train.epochs or train.lr)"
+                                               if desc == "train" else ""))
         print(f"[{desc}] {note}", flush=True)
         ddp.note(start_val_accuracy=outcome["start"], kept_start_weights=True, warning=note)
     return outcome["best"]

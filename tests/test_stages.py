@@ -176,7 +176,7 @@ def test_a_fit_where_no_epoch_beats_the_start_says_it_kept_the_starting_weights(
     record = pipeline.run_stage(Context(cfg, ds, tmp_path, []), train.name)
     assert record["training"][0]["kept_start_weights"]
     assert f"no epoch beat the starting model's validation accuracy {record['val_accuracy']:.3f}; kept the " \
-           "starting weights" in record["warnings"]
+           "starting weights, so nothing was trained (raise train.epochs or train.lr)" in record["warnings"]
 
 
 def test_a_split_without_some_class_is_warned_about(tmp_path, capsys):

@@ -80,9 +80,9 @@ def mark(trials: list[dict], budgets: dict) -> dict | None:
 
 def parse_budget(text: str | None, defaults: dict) -> dict:
     """`latency_ms=5,memory_mb=256,size_kb=500` over the target's budgets (0 or missing: none)."""
-    from edgekit.errors import ConfigError
-
     import math
+
+    from edgekit.errors import ConfigError
 
     budgets = {k: (defaults.get(k) or None) for k in BUDGET_KEYS}
     given: set[str] = set()
@@ -121,8 +121,9 @@ def plot(trials: list[dict], budgets: dict, recommended: dict | None, path) -> N
         if t["accuracy"] > best:
             line.append(t)
             best = t["accuracy"]
-    ax.plot([t["latency_p90_ms"] for t in line], [100 * t["accuracy"] for t in line], "--", color="#ff7f0e",
-            label="Pareto front (accuracy vs p90)")
+    # ringed, so a front of one point shows, and a front point over a budget is a grey X in an orange ring
+    ax.plot([t["latency_p90_ms"] for t in line], [100 * t["accuracy"] for t in line], "--o", color="#ff7f0e",
+            markerfacecolor="none", markersize=11, label="Pareto front (accuracy vs p90; trials.csv's counts size too)")
     for t in ok:
         ax.annotate(t["id"], (t["latency_p90_ms"], 100 * t["accuracy"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")

@@ -189,7 +189,8 @@ def _trainable(params: dict, *, base: dict, base_dir: str, space_: dict, target:
                            params.get(PROPOSED_BY))
     ok = record["status"] == "ok" or record.get("repeat_of") and earlier.get("status") == "ok"
     tune.report({"accuracy": float(record["accuracy"]) if ok else 0.0,  # latency is known only once timed
-                 "macs": float(record.get("macs") or 0) if ok else 1e18, "status": record["status"]})
+                 "macs": float(record.get("macs") or 0) if ok else 1e18, "status": record["status"],
+                 "reason": record.get("reason") or ""})
 
 
 def _sampler(name: str, seed: int):
@@ -543,7 +544,8 @@ class _Progress:
         class Progress(Callback):
             def on_trial_complete(self, iteration, trials, trial, **info):
                 r = trial.last_result or {}
-                log(f"  trial {trial.trial_id}: {r.get('status', '?')}, accuracy {r.get('accuracy', 0):.4f}")
+                how = r.get("reason") or f"accuracy {r.get('accuracy', 0):.4f}"  # a failed trial has no accuracy
+                log(f"  trial {trial.trial_id}: {r.get('status', '?')}, {how}")
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 log(f"  trial {trial.trial_id}: crashed ({trial.error_file})")
