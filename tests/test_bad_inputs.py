@@ -291,7 +291,11 @@ MODEL_CASES = [
      BUILD, "edgekit passes only the arguments it names among num_classes, input_shape, in_channels"),
     ("checkpoint-missing", {"c.yaml": "model: {checkpoint: w.pt}\n"}, BUILD, "w.pt' not found"),
     ("checkpoint-garbage", {"c.yaml": "model: {checkpoint: w.pt}\n", "w.pt": b"not a checkpoint"}, BUILD,
-     "cannot be read"),
+     "w.pt' cannot be read as a torch or safetensors file"),
+    ("checkpoint-whole-model", {"c.yaml": "model: {checkpoint: w.pt}\n",
+                                "w.pt": lambda p: torch.save(torch.nn.Linear(2, 2), p)}, BUILD,
+     "w.pt' holds pickled Python objects (a whole model saved with torch.save(model)?), which edgekit does not "
+     "unpickle, as that can run any code; save torch.save(model.state_dict(), path) instead"),
     ("checkpoint-does-not-fit", {"c.yaml": "model: {checkpoint: w.pt}\n",
                                  "w.pt": lambda p: torch.save({"w": torch.zeros(1)}, p)},
      BUILD, "does not fit the model"),

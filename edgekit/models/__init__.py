@@ -83,7 +83,12 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); save a state_dict") from exc
+        if "Unsupported global" in str(exc):  # weights_only refused a pickled object: torch.save(model), say
+            raise ModelError(f"checkpoint '{path}' holds pickled Python objects (a whole model saved with "
+                             "torch.save(model)?), which edgekit does not unpickle, as that can run any code; save "
+                             "torch.save(model.state_dict(), path) instead") from exc
+        raise ModelError(f"checkpoint '{path}' cannot be read as a torch or safetensors file "
+                         f"({type(exc).__name__}); save torch.save(model.state_dict(), path)") from exc
     state = _unwrapped(state)
     try:
         model.load_state_dict(state)
