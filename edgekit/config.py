@@ -31,7 +31,7 @@ class DataConfig:
     source: Literal["digits", "digits32", "npz", "imagefolder", "idx", "fashion-mnist", "npy"] = "digits"
     path: str | None = None  # .npz file, ImageFolder root, folder of IDX files or of x.npy + y.npy (npy: memory-
     #                          mapped, the training split read batch by batch), relative to the config file
-    image_size: int | None = None  # imagefolder: images are resized to image_size x image_size (32)
+    image_size: int | list[int] | None = None  # imagefolder: images resized to N x N, or [height, width] (32)
     grayscale: bool | None = None  # imagefolder: one channel instead of three (false)
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -275,11 +275,13 @@ def _counts_and_rates(cfg: Config) -> list[tuple[str, bool]]:
     non_negative = ["train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs",
                     "quantize.qat_epochs", "train.weight_decay", "distill.feature_weight", "distill.relation_weight",
                     "run.warmup_runs", "run.min_seconds"]
-    optional_positive = ["data.limit", "data.image_size", "data.copies", "prune.round_to",
+    size = cfg.data.image_size if isinstance(cfg.data.image_size, list) else [cfg.data.image_size or 1]
+    optional_positive = ["data.limit", "data.copies", "prune.round_to",
                          "quantize.mixed_precision_tolerance"]
     return ([(k, _value(cfg, k) > 0) for k in positive] + [(k, _value(cfg, k) >= 0) for k in non_negative]
             + [(k, _value(cfg, k) is None or _value(cfg, k) > 0) for k in optional_positive]
-            + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds)])
+            + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds),
+               ("data.image_size", len(size) in (1, 2) and min(size) > 0)])  # N, or [height, width]
 
 
 def _value(cfg: Config, key: str) -> object:

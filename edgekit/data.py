@@ -196,7 +196,8 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     return x, y, labels, f"{how} in the .npz, shape {x.shape[1:]}"
 
 
-def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+def _imagefolder(root: Path, size: int | list[int], grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    height, width = size if isinstance(size, list) else (size, size)
     if not root.is_dir():
         raise DataError(f"image folder '{root}' not found; set data.path to a folder with one subfolder per class")
     # a hidden folder (.ipynb_checkpoints, .git) is never a class
@@ -209,7 +210,7 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            xs.append(_image(file, size, grayscale))
+            xs.append(_image(file, height, width, grayscale))
             ys.append(class_id)
     if not xs:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
@@ -219,7 +220,7 @@ def _imagefolder(root: Path, size: int, grayscale: bool) -> tuple[np.ndarray, np
         raise DataError(f"class folder '{root / empty[0]}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "add images of that class or remove the folder")
     mode = "grayscale" if grayscale else "RGB"
-    return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {size}x{size}, pixel / 255, CHW"
+    return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {height}x{width}, pixel / 255, CHW"
 
 
 def _other_source(root: Path) -> str | None:
@@ -235,12 +236,12 @@ def _other_source(root: Path) -> str | None:
     return None
 
 
-def _image(file: Path, size: int, grayscale: bool) -> np.ndarray:
+def _image(file: Path, height: int, width: int, grayscale: bool) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(file) as img:
-            img = img.convert("L" if grayscale else "RGB").resize((size, size))
+            img = img.convert("L" if grayscale else "RGB").resize((width, height))
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's damaged-file errors
         raise DataError(f"'{file}' is not a readable image ({_one_line(exc)}); replace or remove it") from exc

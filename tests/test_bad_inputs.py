@@ -174,6 +174,8 @@ CONFIG_CASES = [
     ("limit-zero", {"c.yaml": "data: {limit: 0}\n"}, BUILD, "'data.limit' is out of range (got 0)"),
     ("width-zero", {"c.yaml": "model: {width: 0}\n"}, BUILD, "'model.width' is out of range"),
     ("image-size-negative", {"c.yaml": "data: {image_size: -8}\n"}, BUILD, "'data.image_size' is out of range"),
+    ("image-size-three-numbers", {"c.yaml": "data: {source: imagefolder, path: imgs, image_size: [8, 8, 8]}\n"},
+     BUILD, "'data.image_size' is out of range (got [8, 8, 8])"),
     ("val-fraction", {"c.yaml": "data: {val_fraction: 0.7}\n"}, BUILD, "'data.val_fraction' is out of range"),
     ("max-below-min-seconds", {"c.yaml": "run: {min_seconds: 5, max_seconds: 1}\n"}, BUILD,
      "'run.max_seconds' is out of range"),

@@ -132,6 +132,10 @@ def test_imagefolder(tmp_path):
     ds = data.load_dataset(cfg)
     assert ds.sample_shape == (3, 16, 16) and ds.labels == ["cat", "dog"]
     assert "RGB" in ds.preprocessing
+    # [height, width]: a 20x12 (width x height) image keeps its aspect at 12x20
+    cfg = config.from_dict({"data": {"source": "imagefolder", "path": str(tmp_path), "image_size": [12, 20]}})
+    ds = data.load_dataset(cfg)
+    assert ds.sample_shape == (3, 12, 20) and "resized to 12x20" in ds.preprocessing
 
 
 def test_missing_data_path(tmp_path):
