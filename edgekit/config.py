@@ -132,6 +132,9 @@ class QuantizeConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = 17
+    # the artifact every bundle puts first, its primary (what `edgekit run` and a search time and score), as
+    # format_precision (onnx_int8, onnx_fp32, onnx_fp16, tflite_int8, tflite_fp32); null: each target's first
+    primary: str | None = None
     # ONNX int8 settings over the targets' `int8:` (keys of targets.Int8Settings, or {target name: {...}})
     int8: dict = field(default_factory=dict)
 

@@ -199,7 +199,7 @@ def make_context(cfg: Config, out: Path, target_names: list[str] | None) -> Cont
 def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.Target], Dataset]:
     """Everything a stage would otherwise find out late: targets, export.int8, data, model, teachers."""
     chosen = chosen_targets(cfg, target_names)
-    _check_int8_overrides(cfg, chosen)
+    _check_export(cfg, chosen)
     data = load_dataset(cfg)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
     what = f"model.factory '{cfg.model.factory}'" if cfg.model.factory else f"model.name '{cfg.model.name}'"
@@ -215,7 +215,8 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     return chosen, data
 
 
-def _check_int8_overrides(cfg: Config, chosen: list[targets.Target]) -> None:
+def _check_export(cfg: Config, chosen: list[targets.Target]) -> None:
+    """export.int8's overrides and export.primary against the chosen targets."""
     names = set(targets.available()) | {t.name for t in chosen}  # a config may serve targets not built now
     for key, value in cfg.export.int8.items():
         if isinstance(value, dict) and key not in names:
@@ -223,6 +224,7 @@ def _check_int8_overrides(cfg: Config, chosen: list[targets.Target]) -> None:
                               f"valid targets: {', '.join(sorted(names))}")
     for target in chosen:
         onnx_int8.effective(target, cfg.export.int8)
+        targets.primary(target, cfg.export.primary)
     onnx_int8.settings_by_key(chosen, cfg.export.int8)
 
 

@@ -104,7 +104,7 @@ class Target:
     description: str
     arch: str
     python: str
-    artifacts: tuple[ArtifactSpec, ...]  # the first is the bundle's primary artifact
+    artifacts: tuple[ArtifactSpec, ...]  # the first is the bundle's primary artifact (unless export.primary)
     threads: int
     memory_mb: int
     latency_ms: float
@@ -294,3 +294,18 @@ def get(names: list[str], base: Path | None = None) -> list[Target]:
             raise TargetError(f"unknown target '{name}'; valid targets: {', '.join(known)}, or the path of a "
                               f"target YAML file (own targets may also live in {user_dirs()[-1]})")
     return chosen
+
+
+def primary(target: Target, chosen: str | None) -> ArtifactSpec:
+    """The artifact `target`'s bundle puts first: the one of format_precision `chosen` (export.primary), else
+    the target's first; a target that ships none of `chosen` is a one-line error."""
+    if chosen is None:
+        return target.artifacts[0]
+    found = [a for a in target.artifacts if f"{a.format}_{a.precision}" == chosen]
+    if not found:
+        from edgekit.errors import ConfigError
+
+        ships = ", ".join(dict.fromkeys(f"{a.format}_{a.precision}" for a in target.artifacts))
+        raise ConfigError(f"config: export.primary '{chosen}' is not among what {target.name} ships ({ships}); pick "
+                          "one of those, or leave it null for each target's first")
+    return found[0]

@@ -174,6 +174,8 @@ CONFIG_CASES = [
     ("limit-zero", {"c.yaml": "data: {limit: 0}\n"}, BUILD, "'data.limit' is out of range (got 0)"),
     ("width-zero", {"c.yaml": "model: {width: 0}\n"}, BUILD, "'model.width' is out of range"),
     ("image-size-negative", {"c.yaml": "data: {image_size: -8}\n"}, BUILD, "'data.image_size' is out of range"),
+    ("export-primary-not-shipped", {"c.yaml": "export: {primary: onnx_fp32}\n"}, BUILD + ["--target", "rpi5"],
+     "config: export.primary 'onnx_fp32' is not among what rpi5 ships (tflite_int8, tflite_fp32); pick one of those"),
     ("image-size-three-numbers", {"c.yaml": "data: {source: imagefolder, path: imgs, image_size: [8, 8, 8]}\n"},
      BUILD, "'data.image_size' is out of range (got [8, 8, 8])"),
     ("val-fraction", {"c.yaml": "data: {val_fraction: 0.7}\n"}, BUILD, "'data.val_fraction' is out of range"),

@@ -115,6 +115,29 @@ def test_resume_reruns_only_unfinished_stages(e2e_build, tmp_path):
     assert (copy / "bundles" / "rpi5" / "manifest.json").is_file()
 
 
+def test_export_primary_puts_that_artifact_first_in_the_bundle(e2e_build, tmp_path):
+    """export.primary: the artifact each bundle leads with (what `edgekit run` and a search time); a target that
+    does not ship it is refused before anything runs."""
+    import dataclasses
+
+    from edgekit import targets
+    from edgekit.errors import ConfigError
+
+    out, _ = e2e_build
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    cfg = config.load(copy / "config.yaml")
+    cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, primary="onnx_fp32"))
+    pipeline.run_stage(pipeline.make_context(cfg, copy, ["x86-64"]), "bundle")
+    manifest = json.loads((copy / "bundles" / "x86-64" / "manifest.json").read_text())
+    assert manifest["primary"] == manifest["artifacts"][0]["name"] == "onnx_fp32"
+    assert sorted(a["name"] for a in manifest["artifacts"]) == sorted(
+        a["name"] for a in json.loads((out / "bundles" / "x86-64" / "manifest.json").read_text())["artifacts"])
+    with pytest.raises(ConfigError, match="^config: export.primary 'onnx_fp32' is not among what rpi5 ships "
+                                          r"\(tflite_int8, tflite_fp32\)"):
+        targets.primary(targets.get(["rpi5"])[0], "onnx_fp32")
+
+
 def test_existing_build_dir_is_not_overwritten(e2e_build):
     out, _ = e2e_build
     before = (out / "report.json").read_text()

@@ -79,7 +79,7 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
         cost = LATENCY if cfg.search.objective == "latency" and (device is not None or tgt.runs_here) else "macs"
         rounds = f", in rounds of {workers} each timed before the next is sampled" if cost == LATENCY else ""
         estimated = None if device is not None or tgt.runs_here else \
-            squeeze.estimated_line(tgt.artifacts[0].key, tgt.arch, points)  # what time_trials will say of each trial
+            squeeze.estimated_line(targets.primary(tgt, cfg.export.primary).key, tgt.arch, points)  # as time_trials
         log(f"search: {len(finished)} trials finished earlier, {max(todo, 0)} to run, {workers} at a time{rounds}, "
             f"target {tgt.name}, budgets {', '.join(f'{k}={v:g}' for k, v in budgets.items() if v) or 'none'}; the "
             f"sampler maximises accuracy and minimises {'the measured p90' if cost == LATENCY else 'MACs'}")

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit import __version__, formats, recommend
+from edgekit import __version__, formats, recommend, targets
 from edgekit.files import write_json
 from edgekit.runner import runner
 from edgekit.stages.base import Context, always
 from edgekit.targets import Target
 
 name = "bundle"
-reads = ("run", "targets")
+reads = ("run", "targets", "export")  # export.primary: which artifact comes first
 needs = ("export", "verify")
 enabled = always
 RUNNER_SRC = Path(runner.__file__)
@@ -28,7 +28,8 @@ EVAL_FILE = "eval.npz"
 def _artifact_entries(ctx: Context, target: Target) -> list[dict]:
     verified = {a["name"]: a for a in ctx.metrics("verify")["artifacts"]}
     entries = []
-    for spec in target.artifacts:
+    first = targets.primary(target, ctx.cfg.export.primary)
+    for spec in [first, *(a for a in target.artifacts if a is not first)]:
         v = verified[spec.key]
         reference = {k: v[k] for k in ("accuracy", "top1_agreement", "max_abs_diff", "sqnr_db")}
         reference["numerics"] = v.get("numerics", {}).get("name")  # how verify computed these numbers
