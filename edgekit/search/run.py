@@ -560,17 +560,18 @@ def time_trials(trials: list[dict], out: Path, tgt: targets.Target, log, device:
     """Each finished trial's p90 latency and peak RSS: measured on the device over SSH (`device`), else here when
     this machine runs the target (and timed more when near `budget_ms`: time_edge), else estimated (fitted to
     `points` from device results, else from MACs and the runtime's memory rule)."""
-    if device is None and tgt.runs_here:
-        time_here(shared([t for t in trials if t["status"] == "ok"], out), out, log)
-        time_edge([t for t in trials if t["status"] == "ok"], out, budget_ms, log)
-    for t in trials:
-        if t["status"] != "ok":
-            continue
+    ok = [t for t in trials if t["status"] == "ok"]
+    if device is not None:  # one at a time; a trial with the same bytes as one timed takes its timing
+        while todo := shared(ok, out, device.timing_file):
+            log(f"  timing trial {todo[0]['id']} ({todo[0]['artifact']}) on {device.conn.host} ...")
+            device.measure(Path(todo[0]["bundle"]), todo[0]["artifact"], out / TRIALS_DIR / todo[0]["id"] /
+                           device.timing_file)
+    elif tgt.runs_here:
+        time_here(shared(ok, out), out, log)
+        time_edge(ok, out, budget_ms, log)
+    for t in ok:
         if device is not None or tgt.runs_here:
             saved = out / TRIALS_DIR / t["id"] / (device.timing_file if device else TIMING_FILE)
-            if device and not saved.is_file():
-                log(f"  timing trial {t['id']} ({t['artifact']}) on {device.conn.host} ...")
-                device.measure(Path(t["bundle"]), t["artifact"], saved)
             result = json.loads(saved.read_text())
             where = f"measured on {device.conn.host}" if device else "measured here"
             t.update(latency_p50_ms=result["latency_ms"]["p50"], latency_p90_ms=result["latency_ms"]["p90"],
@@ -603,18 +604,19 @@ def time_edge(trials: list[dict], out: Path, budget_ms: float | None, log) -> No
         time_here(near, out, log, EDGE_ROUNDS, add=True)
 
 
-def shared(trials: list[dict], out: Path) -> list[dict]:
-    """The trials of `trials` still to time: one whose artifact is the same bytes as a trial timed already (in an
-    earlier round, or before --resume) takes that timing (`same_bytes_as`) instead of being timed apart from it,
-    which would let noise put one copy within the budget and the other over it."""
+def shared(trials: list[dict], out: Path, name: str = TIMING_FILE) -> list[dict]:
+    """The trials of `trials` still to time (into their `name`: here, or a device's file): one whose artifact is
+    the same bytes as a trial timed already (in an earlier round, or before --resume) takes that timing
+    (`same_bytes_as`) instead of being timed apart from it, which would let noise put one copy within the budget
+    and the other over it."""
     timed: dict[tuple, tuple[str, Path]] = {}
     for t in trials:
-        path = out / TRIALS_DIR / t["id"] / TIMING_FILE
+        path = out / TRIALS_DIR / t["id"] / name
         if t.get("sha256") and path.is_file():
             timed.setdefault((t["sha256"], t["artifact"]), (t["id"], path))
     todo = []
     for t in trials:
-        path = out / TRIALS_DIR / t["id"] / TIMING_FILE
+        path = out / TRIALS_DIR / t["id"] / name
         if path.is_file():
             continue
         source = timed.get((t["sha256"], t["artifact"])) if t.get("sha256") else None
