@@ -72,6 +72,22 @@ def test_local_run_results(e2e_build):
         assert r["accuracy"] == pytest.approx(verified[name], abs=1e-9)  # same data, same code path
 
 
+def test_running_one_artifact_again_keeps_the_others_measurements(e2e_build, tmp_path):
+    """`edgekit run BUNDLE --artifact X` rewrites X's result in BUNDLE/results.json and keeps the others' (while
+    their bytes are still the bundle's), so `edgekit report` still shows every artifact measured."""
+    bundle = tmp_path / "x86-64"
+    shutil.copytree(e2e_build[0] / "bundles" / "x86-64", bundle)
+    before = json.loads((bundle / "results.json").read_text())["artifacts"]
+    measure.run_bundle(bundle, None, ["onnx_fp32"], mode="accuracy", log=lambda _: None)
+    after = json.loads((bundle / "results.json").read_text())["artifacts"]
+    assert list(after) == list(before) and after["onnx_int8"] == before["onnx_int8"]
+    assert after["onnx_fp32"]["mode"] == "accuracy" != before["onnx_fp32"]["mode"]
+    stale = {**after, "onnx_int8": {**after["onnx_int8"], "artifact_sha256": "0" * 64}}  # another build's file
+    (bundle / "results.json").write_text(json.dumps({**after, "artifacts": stale}))
+    measure.run_bundle(bundle, None, ["onnx_fp32"], mode="accuracy", log=lambda _: None)
+    assert set(json.loads((bundle / "results.json").read_text())["artifacts"]) == {"tflite_int8", "onnx_fp32"}
+
+
 def test_runner_imports_neither_torch_nor_tensorflow(e2e_build, tmp_path):
     out, _ = e2e_build
     bundle = out / "bundles" / "x86-64"
