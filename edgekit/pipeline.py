@@ -250,6 +250,9 @@ def check_resumable(out: Path) -> None:
         raise BuildDirError(f"--resume '{out}': the folder does not exist; {again}")
     if not out.is_dir():
         raise BuildDirError(f"--resume '{out}' is a file, not a build folder; {again}")
+    if _holds_search(out):
+        raise BuildDirError(f"'{out}' holds a search, not a build; continue it with `edgekit search --target "
+                            f"TARGET --resume --out {out}`")
     if not (out / CONFIG_FILE).is_file():
         raise BuildDirError(f"'{out}' has no {CONFIG_FILE} from an earlier build; nothing to resume ({again})")
 
@@ -264,9 +267,15 @@ def changed_sections(cfg: Config, out: Path) -> list[str]:
     return [key for key in new if new[key] != saved.get(key)]
 
 
+def _holds_search(out: Path) -> bool:
+    return (out / "trials").is_dir()  # edgekit.search.run.TRIALS_DIR, beside its config.yaml
+
+
 def _check_empty(out: Path) -> None:
     if not out.is_dir() or not [p for p in out.iterdir() if p.name != LOCK_FILE]:
         return
+    if _holds_search(out):
+        raise BuildDirError(f"'{out}' holds a search (edgekit search), not a build; pick another --out")
     if (out / CONFIG_FILE).exists():
         raise BuildDirError(f"'{out}' already holds a build; use --resume to continue it or pick another --out")
     raise BuildDirError(f"'{out}' is not empty; pick a new or empty --out (a build never writes among other files)")
@@ -342,7 +351,7 @@ def _lock(held: Claim) -> None:
             held.fd = os.open(path, os.O_RDWR)
         fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
-        raise BuildDirError(f"another edgekit build is writing into '{held.out}' (it holds {path}); "
+        raise BuildDirError(f"another edgekit build or search is writing into '{held.out}' (it holds {path}); "
                             "wait for it to end or pick another --out") from exc
     except OSError as exc:
         raise BuildDirError(f"cannot write into '{held.out}': {exc.strerror}; pick a writable --out") from exc

@@ -332,6 +332,10 @@ OUT_CASES = [
     ("resume-missing", {}, ["build", "--resume", "gone"], "--resume 'gone': the folder does not exist; pass the --out"),
     ("resume-file", {"gone": "x"}, ["build", "--resume", "gone"], "--resume 'gone' is a file, not a build folder"),
     ("resume-not-a-build", {"gone/x": "1"}, ["build", "--resume", "gone"], "'gone' has no config.yaml"),
+    ("resume-a-search", {"s/config.yaml": "{}\n", "s/trials/x/trial.json": "{}"}, ["build", "--resume", "s"],
+     "'s' holds a search, not a build; continue it with `edgekit search --target TARGET --resume --out s`"),
+    ("out-holds-search", {"c.yaml": "{}\n", "out/config.yaml": "{}\n", "out/trials/x/trial.json": "{}"}, BUILD,
+     "'out' holds a search (edgekit search), not a build; pick another --out"),
     ("resume-changed-config", {"b": lambda p: saved_build(p.parent),
                                "new.yaml": "train: {epochs: 2}\nprune: {ratio: 0.3}\n"},
      ["build", "new.yaml", "--resume", "b"], "the config differs from the one 'b' was built with in train, prune"),
@@ -439,20 +443,20 @@ def held_lock(tmp_path):
 def test_second_build_into_a_locked_folder(tmp_path, monkeypatch, capsys, held_lock):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text("{}\n")
-    refused(capsys, ["build", "c.yaml", "--out", "b"], tmp_path, "another edgekit build is writing into 'b'")
+    refused(capsys, ["build", "c.yaml", "--out", "b"], tmp_path, "another edgekit build or search is writing into 'b'")
 
 
 def test_resume_of_a_locked_folder(tmp_path, monkeypatch, capsys, held_lock):
     monkeypatch.chdir(tmp_path)
     saved_build(tmp_path)
-    refused(capsys, ["build", "--resume", "b"], tmp_path, "another edgekit build is writing into 'b'")
+    refused(capsys, ["build", "--resume", "b"], tmp_path, "another edgekit build or search is writing into 'b'")
 
 
 def test_racing_builds_one_wins(tmp_path):
     """Both pass the checks; the claim (mkdir + flock, then the emptiness check again) lets one through."""
     out = tmp_path / "b"
     with pipeline.claim(out, resume=False) as first:
-        with pytest.raises(BuildDirError, match="another edgekit build is writing into"):
+        with pytest.raises(BuildDirError, match="another edgekit build or search is writing into"):
             with pipeline.claim(out, resume=False):
                 pass
         first.started = True

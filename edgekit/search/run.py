@@ -70,9 +70,7 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
     if total < 1:
         raise ConfigError(f"--trials is {total}; give at least 1")
     base = config.to_dict(config.absolute(cfg))
-    _claim(out, base, resume)
-    lock = _lock(out)  # held while this search writes into `out`
-    try:
+    with _claimed(out, base, resume):
         finished = load_trials(out)
         todo = total - len(finished)
         workers = workers or os.cpu_count() or 1
@@ -112,8 +110,22 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
                   "recommended": recommended["id"] if recommended else None, "trials": done}
         write_outputs(out, result, base, cfg.base_dir, target_arg, recommended)
         return result
+
+
+@contextlib.contextmanager
+def _claimed(out: Path, base: dict, resume: bool):
+    """`out` claimed for this search (_claim) and locked while it writes there (_lock); the lock is taken first
+    where a search may hold it, so a running search is what a second one is told of."""
+    from edgekit.pipeline import LOCK_FILE
+
+    lock = _lock(out) if (out / LOCK_FILE).is_file() else None
+    try:
+        _claim(out, base, resume)
+        lock = _lock(out) if lock is None else lock
+        yield
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def _claim(out: Path, base: dict, resume: bool) -> None:
