@@ -65,6 +65,7 @@ def _cmd_debug(args: argparse.Namespace) -> int:
     import json
 
     from edgekit import config, fidelity, pipeline
+    from edgekit.files import write_json
     from edgekit.stages import verify
 
     out = Path(args.build_dir)
@@ -75,6 +76,9 @@ def _cmd_debug(args: argparse.Namespace) -> int:
     print(f"{record['artifact']} ({record['numerics']['name']} numerics): "
           f"{', '.join(record['misses']) or 'meets its thresholds'}; {record['rule']}")
     print(fidelity.table(record["layers"], args.top, record["thresholds"]["min_sqnr_db"]))
+    saved = out / "fidelity" / f"{record['artifact']}.json"  # `edgekit report` shows its layers
+    write_json(saved, record)
+    print(f"written: {saved}")
     return 0
 
 

@@ -162,18 +162,24 @@ def test_gate_judges_accuracy_and_confident_samples_not_near_ties():
 
 
 @pytest.mark.parametrize("artifact", ["tflite_int8", "tflite_int8_int8io", "onnx_int8"])
-def test_debug_on_a_healthy_build_shows_every_layer(e2e_build, capsys, artifact):
+def test_debug_on_a_healthy_build_shows_every_layer(e2e_build, capsys, artifact, tmp_path):
     """The README's `edgekit debug DIR --artifact tflite_int8`: the verdict of the verification, and every
-    compute layer (it printed an empty table: the two converter runs name their tensors apart)."""
+    compute layer (it printed an empty table: the two converter runs name their tensors apart); the record is
+    written to DIR/fidelity/<artifact>.json, where `edgekit report` finds it."""
+    import shutil
+
     import onnx as onnx_lib
 
     from edgekit import cli
 
-    out, _ = e2e_build
+    out = tmp_path / "build"
+    shutil.copytree(e2e_build[0], out)
     assert cli.main(["debug", str(out), "--artifact", artifact, "--top", "50"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(f"{artifact} (kernels numerics): meets its thresholds; pass = logit SQNR >= 15 dB")
-    rows = lines[2:]
+    saved = out / "fidelity" / f"{artifact}.json"
+    assert lines[-1] == f"written: {saved}" and json.loads(saved.read_text())["artifact"] == artifact
+    rows = lines[2:-1]
     if artifact.startswith("tflite"):
         assert sum(r.startswith("CONV_2D") for r in rows) >= 2 and any(r.startswith("FULLY_CONNECTED") for r in rows)
     else:
