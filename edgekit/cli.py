@@ -6,14 +6,12 @@ import argparse
 import dataclasses
 import json
 import shlex
-import signal
 import sys
-import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
 
-from edgekit import quiet
+from edgekit import quiet, stop
 from edgekit.errors import BuildDirError, BundleError, ConfigError, EdgekitError, NothingFeasible, UsageError
 
 quiet.setup()  # before anything imports tensorflow
@@ -486,27 +484,19 @@ def _interrupted(args: argparse.Namespace) -> str:
     return "edgekit: interrupted before the build started; nothing was written"
 
 
-def _terminated(_signum, _frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (timeout, kill, a cancelled job) ends a command as Ctrl-C does
-
-
 def main(argv: list[str] | None = None) -> int:
     args = argparse.Namespace()
     warnings.filterwarnings("ignore")  # library deprecation chatter is not the user's business
-    main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
-    try:
-        args = parser().parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # for the interrupt message
-        if args.command == "config" and not (args.default or args.file):
-            args.default = True
-        return args.func(args)
-    except EdgekitError as exc:
-        print(f"edgekit: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(_interrupted(args), file=sys.stderr)
-        return 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, before)
+    with stop.handled():  # SIGTERM (timeout, kill, a cancelled job) ends a command as Ctrl-C does
+        try:
+            args = parser().parse_args(argv)
+            args.argv = list(sys.argv[1:] if argv is None else argv)  # for the interrupt message
+            if args.command == "config" and not (args.default or args.file):
+                args.default = True
+            return args.func(args)
+        except EdgekitError as exc:
+            print(f"edgekit: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(_interrupted(args), file=sys.stderr)
+            return 130

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit import config, ddp, models, onnx_int8, prunable, targets
+from edgekit import config, ddp, models, onnx_int8, prunable, stop, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
@@ -73,6 +73,7 @@ def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -
     (ctx.stage_dir(name) / METRICS_FILE).unlink(missing_ok=True)  # not finished until it is written again
     t0, loops = time.perf_counter(), ddp.loops_run()
     result = run_guarded(module, ctx)
+    stop.check()  # a Ctrl-C or SIGTERM a library swallowed: the stage stays unfinished (no metrics.json)
     if ddp.loops_since(loops):  # how it trained: train.workers, gloo or in-process, the workers' pids
         result["training"] = ddp.loops_since(loops)
         kept = [loop["warning"] if loop["loop"] == name else f"{loop['loop']}: {loop['warning']}"

@@ -535,6 +535,32 @@ def test_corrected_rerun_into_the_same_out(tmp_path, monkeypatch, capsys):
     assert err == "edgekit: interrupted; continue with `edgekit build --resume out`"
 
 
+def test_an_interrupt_a_library_swallows_still_stops_the_build(tmp_path, monkeypatch, capsys):
+    """onnx2tf wraps steps in bare `except:`, which swallowed the KeyboardInterrupt of a SIGTERM and the build ran
+    to the end (exit 0): the stop is remembered, and the stage ends unfinished."""
+    import signal
+    import time
+
+    from edgekit.stages import train
+
+    def swallowing(ctx):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+        except:  # noqa: E722 -- as the library does
+            pass
+        return {"name": "train"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "run", swallowing)
+    (tmp_path / "c.yaml").write_text("{}\n")
+    assert cli.main(BUILD) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "edgekit: interrupted; continue with `edgekit build --resume out`"
+    assert (tmp_path / "out" / "stages" / "train").is_dir()
+    assert not (tmp_path / "out" / "stages" / "train" / "metrics.json").exists()  # unfinished: resume runs it
+
+
 def test_sigterm_ends_a_build_as_ctrl_c_does(tmp_path):
     """SIGTERM (timeout, kill, a cancelled CI job) while a stage runs: one line with the resume command, exit 130,
     not a silent exit 143."""

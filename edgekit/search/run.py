@@ -19,14 +19,13 @@ import os
 import shutil
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from edgekit import config, quiet, targets
+from edgekit import config, quiet, stop, targets
 from edgekit.errors import BuildDirError, ConfigError
 from edgekit.files import write_bytes, write_json
 from edgekit.search import latency, memory, pareto, space, squeeze, trial
@@ -286,19 +285,12 @@ def ray_session(workers: int, address: str | None):
                  logging_level=level)
     # ray.init installs a handler that answers SIGTERM (timeout, kill, a cancelled CI job) with a C++ stack dump
     # and exit 1; stopped that way, the search ends as on Ctrl-C: one line with the command that resumes it
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
-        yield
+        with stop.handled(signal.SIGTERM):
+            yield
     finally:
         if owned:
             ray.shutdown()
-        if main:  # None: a handler not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
-
-
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
 
 
 def tune_trials(base: dict, base_dir: str, search_cfg, target: str, out: Path, n: int, finished: list[dict],
