@@ -156,6 +156,7 @@ class BuildConfig:
 
 
 MAX_CHANNEL_RATIO = 0.9  # no layer loses more of its channels (torch-pruning's max_pruning_ratio in stages/prune)
+BUNDLE_ONLY = ("primary",)  # export keys only the bundle stage reads: the stages before it keep their keys
 NO_EFFECT = ("allow_fidelity_miss", "stage_cache")  # build keys that change how a build goes, not what it makes
 
 
@@ -278,13 +279,13 @@ def _counts_and_rates(cfg: Config) -> list[tuple[str, bool]]:
     non_negative = ["train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs",
                     "quantize.qat_epochs", "train.weight_decay", "distill.feature_weight", "distill.relation_weight",
                     "run.warmup_runs", "run.min_seconds"]
-    size = cfg.data.image_size if isinstance(cfg.data.image_size, list) else [cfg.data.image_size or 1]
+    size = cfg.data.image_size if isinstance(cfg.data.image_size, list) else [cfg.data.image_size or 1] * 2
     optional_positive = ["data.limit", "data.copies", "prune.round_to",
                          "quantize.mixed_precision_tolerance"]
     return ([(k, _value(cfg, k) > 0) for k in positive] + [(k, _value(cfg, k) >= 0) for k in non_negative]
             + [(k, _value(cfg, k) is None or _value(cfg, k) > 0) for k in optional_positive]
             + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds),
-               ("data.image_size", len(size) in (1, 2) and min(size) > 0)])  # N, or [height, width]
+               ("data.image_size", len(size) == 2 and min(size) > 0)])  # N, or [height, width]
 
 
 def _value(cfg: Config, key: str) -> object:
@@ -397,6 +398,7 @@ def default_yaml() -> str:
                 listed = tuple(targets.available())
             if section == "data" and top and key in SOURCE_KEYS:  # null here: the demo's source does not read it
                 sources, default, _ = SOURCE_KEYS[key]
-                listed = (f"{' and '.join(sources)} only ({str(default).lower()} when not set)",)
+                listed = (f"{' and '.join(sources)} only ({str(default).lower()} when not set)"
+                          + ("; N or [height, width]" if key == "image_size" else ""),)
             lines.append(f"{line}  # {' | '.join(map(str, listed))}" if listed else line)
     return "\n".join(lines) + "\n"

@@ -176,7 +176,8 @@ def build_view(source: Source) -> dict:
     rep = source.report
     view = {"label": source.label, "path": str(source.path), "runs": _run_rows(source),
             "fidelity": _fidelity(source), "sensitivity": _sensitivity(source.sensitivity), "stages": [],
-            "targets": [], "config_yaml": None, "versions": {}, "model": None}
+            "targets": [], "config_yaml": None, "versions": {}, "model": None,
+            "over_budget": [], "warnings": [], "cached_stages": {}}  # a results file or bundle has no build report
     if rep:
         view.update(stages=_stage_rows(rep, source.path), targets=_targets(rep, source.budgets),
                     model=report.model_line(rep["config"]),

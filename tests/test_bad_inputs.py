@@ -178,6 +178,8 @@ CONFIG_CASES = [
      "config: export.primary 'onnx_fp32' is not among what rpi5 ships (tflite_int8, tflite_fp32); pick one of those"),
     ("image-size-three-numbers", {"c.yaml": "data: {source: imagefolder, path: imgs, image_size: [8, 8, 8]}\n"},
      BUILD, "'data.image_size' is out of range (got [8, 8, 8])"),
+    ("image-size-one-number-listed", {"c.yaml": "data: {source: imagefolder, path: imgs, image_size: [24]}\n"},
+     BUILD, "'data.image_size' is out of range (got [24])"),
     ("val-fraction", {"c.yaml": "data: {val_fraction: 0.7}\n"}, BUILD, "'data.val_fraction' is out of range"),
     ("max-below-min-seconds", {"c.yaml": "run: {min_seconds: 5, max_seconds: 1}\n"}, BUILD,
      "'run.max_seconds' is out of range"),

@@ -49,7 +49,7 @@ def test_source_keys_shown_as_the_source_reads_them(source):
     assert (shown["image_size"], shown["grayscale"]) == ((32, False) if source == "imagefolder" else (None, None))
     assert shown["copies"] == (3 if source == "digits32" else None)
     assert config.from_dict(yaml.safe_load(config.dump(cfg))) == cfg
-    assert "  image_size: null  # imagefolder only (32 when not set)\n" in config.default_yaml()
+    assert "  image_size: null  # imagefolder only (32 when not set); N or [height, width]\n" in config.default_yaml()
 
 
 def test_int_accepted_for_float_and_paths_resolved(tmp_path):

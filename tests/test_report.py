@@ -267,6 +267,10 @@ def test_two_builds_side_by_side_with_a_device_run_and_layer_fidelity(e2e_build,
              if e["attrs"]["data-key"] == "drop_0.5" and e["ctx"].get("data-source") == "a"}
     assert drops == {"features.0": 0.031, "features.3": 0.002}  # the sensitivity curves of build a
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a results file or a bundle folder beside (or without) a build: no build report of its own (it crashed)
+    for inputs in ([a, b / "bundles" / "x86-64" / "results-pi.local.json"], [b / "bundles" / "x86-64"]):
+        assert cli.main(["report", *map(str, inputs), "--out", str(tmp_path / "r.html")]) == 0, capsys.readouterr()
+        assert "@pi.local" in (tmp_path / "r.html").read_text()
 
 
 def test_report_refuses_what_it_cannot_show(tmp_path, capsys):

@@ -30,6 +30,11 @@ def test_key_follows_the_config_sections_a_stage_reads(tmp_path):
     assert _key(later, train) == _key(base, train) and _key(later, prune) == _key(base, prune)
     assert _key(later, quantize) != _key(base, quantize)
     assert _key(_ctx(tmp_path, train={"epochs": 3}), train) != _key(base, train)
+    from edgekit.stages import bundle  # export.primary orders the bundle only: quantize and export are reused
+
+    first = _ctx(tmp_path, export={"primary": "onnx_fp32"})
+    assert _key(first, quantize) == _key(base, quantize) and _key(first, export) == _key(base, export)
+    assert _key(first, bundle) != _key(base, bundle)
 
 
 def test_key_follows_data_targets_upstream_and_libraries(tmp_path, monkeypatch):

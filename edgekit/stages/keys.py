@@ -180,6 +180,8 @@ def inputs(ctx, stage, upstream: dict[str, str]) -> dict[str, str]:
     """A digest of each kind of input of `stage` in the build `ctx`, given the keys of the stages before it."""
     cfg = config.to_dict(config.absolute(ctx.cfg))  # as saved in the build folder, so --resume sees the same
     cfg["build"] = {k: v for k, v in cfg["build"].items() if k not in config.NO_EFFECT}
+    if stage.name != "bundle":  # export.primary orders the bundle; quantize and export make the same files
+        cfg["export"] = {k: v for k, v in cfg["export"].items() if k not in config.BUNDLE_ONLY}
     return {
         # torch's thread count: training sums in another order on another count (search trials train on one)
         "edgekit and libraries": _digest([stage.name, __version__, edgekit_code(), library_versions(),
