@@ -16,7 +16,7 @@ import shutil
 import sysconfig
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgekit import config, ddp, models, onnx_int8, prunable, stop, targets
@@ -374,6 +374,9 @@ def build(cfg: Config, out: Path, target_names: list[str] | None = None, *, resu
     """Check everything, then run every stage into `out`: the model stages, export, verify and bundle, then run
     the bundles this machine can run, check every artifact with its target's pinned runtime (aarch64 also under
     qemu) and write report.json and report.html. Returns the report."""
+    if target_names:  # DIR/config.yaml records what was built: --resume continues these targets, not the file's
+        built_for = [str(Path(t).resolve()) if targets.is_path(t) else t for t in target_names]
+        cfg = replace(cfg, build=replace(cfg.build, targets=built_for))
     check_out(cfg, out, resume)
     chosen, data = validate(cfg, target_names)
     with claim(out, resume) as held:

@@ -317,9 +317,12 @@ MODEL_CASES = [
      "size; layer '1' (AdaptiveAvgPool2d) pools 8x8 to 3x3: use an output size that divides 8x8, or "
      "nn.AdaptiveAvgPool2d(1)"),
     ("model-groupnorm-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GROUPNORM_NET},
-     BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' has 1 (GroupNorm), which the TFLite export (onnx2tf) "
-     "cannot convert for the TFLite artifacts of rpi5: use BatchNorm2d there, or build for a target whose profile "
-     "ships ONNX only"),
+     BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' has layer '1' (GroupNorm), which the TFLite export "
+     "(onnx2tf) cannot convert for the TFLite artifacts of rpi5: use BatchNorm2d there, or build for a target whose "
+     "profile ships ONNX only"),
+    ("search-primary-the-target-lacks", {"c.yaml": "search: {space: {export.primary: [null, tflite_fp32]}}\n"},
+     ["search", "c.yaml", "--target", "x86-64", "--out", "s"],
+     "config: export.primary 'tflite_fp32' is not among what x86-64 ships"),
     ("model-not-exportable-functional", {"c.yaml": "model: {factory: 'net.py:make'}\n",
                                          "net.py": POOL_NET.replace("nn.AdaptiveAvgPool2d((3, 3))", "Pool()")},
      BUILD, "input size; rewrite that part of the model with ops torch.onnx exports (or try another export.opset)"),
@@ -535,6 +538,24 @@ def test_corrected_rerun_into_the_same_out(tmp_path, monkeypatch, capsys):
     assert started == [[pipeline.LOCK_FILE, "config.yaml"]]
     err = capsys.readouterr().err.strip()
     assert err == "edgekit: interrupted; continue with `edgekit build --resume out`"
+
+
+def test_resume_continues_the_targets_the_build_was_given(tmp_path, monkeypatch, capsys):
+    """`--target x86-64` over a config listing two targets, interrupted: `--resume` builds x86-64 only (it built
+    every target of the config file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("build: {targets: [x86-64, rpi5]}\n")
+    built_for = []
+
+    def first_stage(ctx, log=print):
+        built_for.append([t.name for t in ctx.targets])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stages", first_stage)
+    assert cli.main(BUILD + ["--target", "x86-64"]) == 130
+    assert cli.main(["build", "--resume", "out"]) == 130
+    assert built_for == [["x86-64"], ["x86-64"]]
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["build"]["targets"] == ["x86-64"]
 
 
 def test_an_interrupt_a_library_swallows_still_stops_the_build(tmp_path, monkeypatch, capsys):

@@ -189,7 +189,7 @@ def test_a_model_with_group_and_layer_norm_quantizes_with_per_channel_conv_weigh
     from edgekit.formats import tflite
 
     tflite.check_convertible(Normed(), targets.get(["jetson-orin-nano"]), "m")
-    with pytest.raises(ModelError, match="m has gn \\(GroupNorm\\), which the TFLite export"):
+    with pytest.raises(ModelError, match="m has layer 'gn' \\(GroupNorm\\), which the TFLite export"):
         tflite.check_convertible(Normed(), targets.get(["x86-64"]), "m")
 
 

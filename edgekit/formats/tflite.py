@@ -57,7 +57,8 @@ def check_convertible(model, chosen: list, what: str) -> None:
     """Before the build starts: a model with a layer the TFLite path cannot convert, for targets that ship
     TFLite, is a one-line error now rather than a failed export after the training."""
     shipping = [t.name for t in chosen if any(a.format == FORMAT.name for a in t.artifacts)]
-    bad = [f"{name} ({type(m).__name__})" for name, m in model.named_modules() if type(m).__name__ in UNCONVERTIBLE]
+    bad = [f"layer '{name}' ({type(m).__name__})" for name, m in model.named_modules()
+           if type(m).__name__ in UNCONVERTIBLE]
     if shipping and bad:
         from edgekit.errors import ModelError
 

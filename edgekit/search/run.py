@@ -68,6 +68,7 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
     total = trials if trials is not None else cfg.search.trials
     if total < 1:
         raise ConfigError(f"--trials is {total}; give at least 1")
+    _check_for(tgt, cfg.search.space)
     base = config.to_dict(config.absolute(cfg))
     with _claimed(out, base, resume):
         finished = load_trials(out)
@@ -109,6 +110,12 @@ def search(cfg: config.Config, target: str, out: Path, *, trials: int | None = N
                   "recommended": recommended["id"] if recommended else None, "trials": done}
         write_outputs(out, result, base, cfg.base_dir, target_arg, recommended)
         return result
+
+
+def _check_for(tgt: targets.Target, space_: dict) -> None:
+    """Choices `tgt` cannot build, refused before any trial (each trial would fail on them): export.primary."""
+    for choice in space_.get("export.primary", []):
+        targets.primary(tgt, choice)
 
 
 @contextlib.contextmanager
