@@ -600,8 +600,9 @@ def test_sigterm_ends_a_build_as_ctrl_c_does(tmp_path):
         time.sleep(0.2)  # until the train stage has started
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    # 130, or killed by SIGINT (-2; a shell's $? is 130 either way): CPython ends itself with SIGINT when a
-    # KeyboardInterrupt left code run by exec() on the way (a dataclass's generated __init__, say), caught or not
+    # 130, or killed by SIGINT (-2; a shell's $? is 130 either way): once, in CI under load, the process printed
+    # this line and then ended by SIGINT; not reproduced, cause not found (CPython ends itself so after a
+    # KeyboardInterrupt it counts as unhandled)
     assert proc.returncode in (130, -2) and err.strip().splitlines()[-1] == \
         "edgekit: interrupted; continue with `edgekit build --resume out`", err[-2000:]
 
