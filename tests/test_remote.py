@@ -25,14 +25,10 @@ pytestmark = pytest.mark.system  # sshd, dockerd, qemu or pinned-runtime venvs: 
 FAST = {"warmup_runs": 2, "warmup_seconds": 0.0, "min_runs": 20, "min_seconds": 0.0, "max_seconds": 5.0}
 
 
-def _remote_folders() -> set[str]:
-    return {p.name for p in Path("/tmp").glob("edgekit-??????")}
-
-
 @pytest.fixture()
 def device_tmp(tmp_path, monkeypatch):
     """The device's $TMPDIR, where edgekit makes its remote folder: private to the test, so that the cleanup is
-    checked without seeing the folders of other runs."""
+    checked without seeing the folders of other runs (a search test in another worker times trials over ssh too)."""
     folder = tmp_path / "device-tmp"
     folder.mkdir()
     options = remote.Connection.options
@@ -40,8 +36,7 @@ def device_tmp(tmp_path, monkeypatch):
     return folder
 
 
-def test_run_over_ssh_brings_back_schema_valid_results_and_cleans_up(sshd, pinned, bundle, capsys):
-    before = _remote_folders()
+def test_run_over_ssh_brings_back_schema_valid_results_and_cleans_up(sshd, pinned, bundle, device_tmp, capsys):
     conn = sshd.connection(pinned)
     data, path = remote.run_remote(bundle, conn, python=sys.executable, artifacts=["onnx_int8", "tflite_int8"],
                                    overrides=FAST, log=lambda *_: None)
@@ -55,9 +50,8 @@ def test_run_over_ssh_brings_back_schema_valid_results_and_cleans_up(sshd, pinne
         spec = next(a for a in manifest["artifacts"] if a["name"] == name)
         assert r["artifact_sha256"] == spec["sha256"] and r["latency_ms"]["runs"] >= 20
         assert r["accuracy"] == pytest.approx(spec["reference"]["accuracy"], abs=1e-9)
-    # the remote folder this run made is gone (compared as "none new": an earlier test's remote folder can still
-    # be being removed when `before` is read, and vanish meanwhile)
-    assert not _remote_folders() - before
+    assert Path(on_disk["remote"]["remote_dir"]).parent == device_tmp
+    assert list(device_tmp.iterdir()) == []  # the remote folder this run made is gone
     local = measure.run_bundle(bundle, artifacts=["onnx_int8"], overrides=FAST, log=lambda *_: None)
     assert local["accuracy"] == on_disk["accuracy"]
     csv_path = bundle.parent / "cmp.csv"
