@@ -36,12 +36,15 @@ def _int8_summary(artifact: dict) -> dict | None:
 
 
 def _side_by_side(rows: list[dict], bundles: list[dict]) -> None:
-    """The bundle stage's alternating timing (int8/fp32 ratio) and its recommendation, onto each row."""
-    recs = {b["target"]: b.get("recommended") or {} for b in bundles}
+    """The bundle stage's alternating timing (int8/fp32 ratio), its recommendation and its primary artifact (what
+    `edgekit run` and a search time and score), onto each row."""
+    by_target = {b["target"]: b for b in bundles}
     for row in rows:
-        rec = recs.get(row["target"], {})
+        bundle = by_target.get(row["target"], {})
+        rec = bundle.get("recommended") or {}
         cand = {c["artifact"]: c for c in rec.get("candidates", [])}.get(row["name"])
         row["recommended"] = rec.get("artifact") == row["name"]
+        row["primary"] = bundle.get("primary") == row["name"]
         if cand:
             keys = ("p50_ms", "p90_ms", "vs_fp32", "vs_fp32_ci", "fp32_artifact")
             row["side_by_side"] = {k: cand.get(k) for k in keys}
@@ -127,7 +130,7 @@ def summary_table(report: dict) -> str:
                  f"{'SQNR dB':>7} {'p50 ms':>7} {'p90 ms':>7} {'int8/fp32':>9} {'fused':>7} {'budget':>6}")
     for r in report["artifacts"]:
         lat = _latency(r)[0] or {}
-        name = r["name"] + ("*" if r.get("recommended") else "")
+        name = r["name"] + ("+" if r.get("primary") else "") + ("*" if r.get("recommended") else "")
         int8 = r.get("int8")
         fused = f"{int8['fused_count']}/{int8['unfused_count']}" if int8 else None
         lines.append(f"{r['target']:<17} {name:<19} {r['runtime']:<12} {r['size_bytes'] / 1024:>7.1f} "
@@ -137,7 +140,8 @@ def summary_table(report: dict) -> str:
                      f"{budget_cell(r.get('budget')):>6}")
     lines.append("p50, p90, int8/fp32: one side-by-side run per target (artifacts timed alternately at the "
                  "target's threads, in blocks above one; else the runner's runs); int8/fp32 = p50 / p50 of the "
-                 "same-format fp32 row, else the fastest fp32 row; * recommended")
+                 "same-format fp32 row, else the fastest fp32 row; * recommended; + primary (the bundle's first "
+                 "artifact: what `edgekit run` times and scores)")
     lines.append("fused: int8 ops / float ops left unfused in onnxruntime's optimized graph; budget: the target's "
                  "latency_ms (against p90) and memory_mb (against the runner's peak RSS), - where not measured here")
     for line in report.get("over_budget", []):

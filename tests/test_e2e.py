@@ -1,6 +1,7 @@
 """One real build of the default pipeline (small subset), then its report, bundles, runner and resume."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -8,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from edgekit import config, pipeline
+from edgekit import config, pipeline, report, report_html
 from edgekit.device import measure
 from edgekit.errors import BundleError
 from edgekit.runner.runner import sha256
+from edgekit.stages import MODEL_STAGES
 
 STAGE_KEYS = {"name", "accuracy", "params", "macs", "size_bytes"}
 ARTIFACT_KEYS = {"target", "format", "precision", "path", "size_bytes", "accuracy", "top1_agreement",
@@ -149,6 +151,14 @@ def test_export_primary_puts_that_artifact_first_in_the_bundle(e2e_build, tmp_pa
     assert manifest["primary"] == manifest["artifacts"][0]["name"] == "onnx_fp32"
     assert sorted(a["name"] for a in manifest["artifacts"]) == sorted(
         a["name"] for a in json.loads((out / "bundles" / "x86-64" / "manifest.json").read_text())["artifacts"])
+    ctx = pipeline.make_context(cfg, copy, ["x86-64"])  # the report and its page mark it
+    rep = report.build_report(cfg, [ctx.metrics(n) for n in MODEL_STAGES + ("verify", "bundle")], ctx.targets, {},
+                              MODEL_STAGES)
+    assert [r["name"] for r in rep["artifacts"] if r["primary"]] == ["onnx_fp32"]
+    assert re.search(r"^x86-64 +onnx_fp32\+", report.summary_table(rep), re.M)
+    (copy / "report.json").write_text(json.dumps(rep))
+    report_html.write([copy], copy / "report.html")
+    assert "onnx_fp32 <span class=\"muted\"" in (copy / "report.html").read_text()
     with pytest.raises(ConfigError, match="^config: export.primary 'onnx_fp32' is not among what rpi5 ships "
                                           r"\(tflite_int8, tflite_fp32\)"):
         targets.primary(targets.get(["rpi5"])[0], "onnx_fp32")

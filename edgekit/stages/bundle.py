@@ -145,9 +145,10 @@ def run(ctx: Context) -> dict:
         dest = ctx.out / "bundles" / target.name
         archive = build_bundle(ctx, target, dest)
         size = sum(p.stat().st_size for p in dest.iterdir())
-        rec = json.loads((dest / "manifest.json").read_text())["recommended"]
+        manifest = json.loads((dest / "manifest.json").read_text())
+        rec = manifest["recommended"]
         out.append({"target": target.name, "path": str(dest), "archive": str(archive), "size_bytes": size,
-                    "recommended": rec})
+                    "primary": manifest["primary"], "recommended": rec})
         print(f"  {target.name:<18} {dest}  ({size / 1024:.0f} KB)")
         print(f"  {'':<18} recommended: {rec['artifact'] or '-'} ({rec['reason']})")
     return {"name": name, "bundles": out}
