@@ -19,6 +19,9 @@ from edgekit.targets import Int8Settings
 
 ORT = {"runtime": "onnxruntime", "engine": "onnxruntime"}  # ONNX int8 is repaired with onnxruntime's numerics
 MAX_KEPT_FLOAT = 3  # beyond a few layers float, the artifact is no longer the int8 model the user asked for
+# What keeping float changes: a node with weights computes in float. Pooling, activations and reshapes between
+# two quantized nodes are requantized either way, so a drop seen there is blamed on the weighted node before them.
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _verdict(payload: bytes, x: np.ndarray, y: np.ndarray, reference: np.ndarray, hows: list[str],
@@ -62,10 +65,21 @@ def _host_p50_ms(payloads: list[bytes], x: np.ndarray, runs: int = 200) -> list[
     return [round(float(np.median(t)) * 1e3, 4) for t in times]
 
 
-def _next_layer(layers: list[dict], kept: list[str]) -> str | None:
-    """The node where the error starts that quantization can still leave float."""
-    return next((lay["node"] for lay in layers if lay["node"] and lay["node"] not in kept and lay["drop_db"] > 0),
-                None)
+def _next_layer(layers: list[dict], kept: list[str], payload: bytes) -> str | None:
+    """The weighted node where the error starts (edgekit.fidelity's worst drop, or the nearest weighted node
+    upstream of it) that quantization can still leave float."""
+    import onnx
+
+    graph = onnx.load_from_string(payload).graph
+    nodes = {n.name: n for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    for lay in layers:
+        node = nodes.get(lay["node"]) if lay["node"] and lay["drop_db"] > 0 else None
+        while node is not None and node.op_type not in WEIGHTED_OPS:  # up its first input, through Q/DQ too
+            node = producer.get(node.input[0]) if node.input else None
+        if node is not None and node.name not in kept:
+            return node.name
+    return None
 
 
 def quantize(fp32: Path, calib: np.ndarray, settings: Int8Settings, float_modules: list[str], *,
@@ -81,7 +95,7 @@ def quantize(fp32: Path, calib: np.ndarray, settings: Int8Settings, float_module
         return payload, {**info, "repair": None}
     twin, kept, first = onnx_int8.float_twin(fp32), [], (payload, info, _summary(result, payload))
     while found and len(kept) < MAX_KEPT_FLOAT:
-        node = _next_layer(fidelity.onnx_layers(payload, twin, x, how), kept)
+        node = _next_layer(fidelity.onnx_layers(payload, twin, x, how), kept, payload)
         if node is None:
             break
         kept.append(node)

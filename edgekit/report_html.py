@@ -18,6 +18,7 @@ import yaml
 from edgekit import report, report_plots
 from edgekit.errors import EdgekitError
 from edgekit.files import stage_files
+from edgekit.runner.runner import latency_of
 
 TEMPLATE = "report.html.j2"
 FIDELITY_TOP = 10  # layers shown per int8 artifact
@@ -145,15 +146,15 @@ def _run_rows(source: Source) -> list[dict]:
         emulated = (data.get("environment") or {}).get("emulated")
         where = f"@{host}" if host else ("emulated" if emulated else "here")
         for name, r in (data.get("artifacts") or {data["artifact"]: data}).items():
-            check = report.budget_check(source.budgets.get(r.get("target"), {}), r["latency_ms"]["p90"],
-                                        r.get("peak_rss_mb"))
+            latency = latency_of(r) or dict.fromkeys(("p50", "p90", "p99", "max", "runs"))  # None: accuracy only
+            check = report.budget_check(source.budgets.get(r.get("target"), {}), latency["p90"], r.get("peak_rss_mb"))
             rows.append({"id": f"{source.label}/{file_label}/{name}", "file": file_label, "artifact": name,
                          "target": r.get("target"), "where": where, "host": host, "valid": r.get("valid", True),
                          "invalid_reasons": r.get("invalid_reasons") or [], "runtime": r["runtime"],
-                         "accuracy": r.get("accuracy"), "latency": r["latency_ms"], "peak_rss_mb": r.get("peak_rss_mb"),
+                         "accuracy": r.get("accuracy"), "latency": latency, "peak_rss_mb": r.get("peak_rss_mb"),
                          "device": (r.get("environment") or {}).get("device_model")
                          or (r.get("environment") or {}).get("cpu"),
-                         "samples": r.get("latency_samples_ms") or [], "budget": check,
+                         "samples": (latency_of(r) and r.get("latency_samples_ms")) or [], "budget": check,
                          "budget_cell": report.budget_cell(check)})
     return rows
 
@@ -214,7 +215,7 @@ def _points(views: list[dict]) -> tuple[list[dict], list[dict]]:
                 lat.append({"label": run["id"], "short": _short(v["label"], f"{run['artifact']}{run['where']}", many),
                             "x": run["latency"]["p90"], "y": run["accuracy"], "kind": kind, "source": "run",
                             "series": series})
-    lat = [p for p in lat if p["y"] is not None]
+    lat = [p for p in lat if p["y"] is not None and p["x"] is not None]
     for prefix, points in (("lat", lat), ("size", size)):
         front = set(report_plots.pareto_front([{**p, "id": i} for i, p in enumerate(points)]))
         for i, p in enumerate(points):

@@ -102,3 +102,18 @@ def test_int8_miss_is_repaired_by_keeping_the_culprit_float(signal_net):
     assert fix["kept_float"] and set(fix["kept_float"]) <= set(info["kept_float"])
     assert fix["after"]["size_bytes"] == len(payload) > len(plain) == fix["before"]["size_bytes"]
     assert fix["before"]["host_p50_ms"] > 0 and fix["after"]["host_p50_ms"] > 0  # what it costs in time, here
+
+
+def test_repair_blames_a_drop_at_a_node_without_weights_on_the_weighted_node_before_it(signal_net):
+    """Pooling, activations and reshapes are requantized whether or not they are kept float: a drop seen at one
+    makes the repair try the conv that feeds it, not the pooling (which changed nothing, a user's build showed)."""
+    model, x, _, tmp = signal_net
+    fp32 = _export(model, x, tmp / "blame.onnx")
+    payload, _ = onnx_int8.quantize(fp32, x[:64], targets.get(["x86-64"])[0].int8)
+    graph = onnx.load_from_string(payload).graph
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    gap = next(n.name for n in graph.node if n.op_type == "GlobalAveragePool")
+    layers = [{"node": gap, "drop_db": 20.0}, {"node": convs[0], "drop_db": 3.0}]
+    assert repair._next_layer(layers, [], payload) == convs[-1]
+    assert repair._next_layer(layers, [convs[-1]], payload) == convs[0]
+    assert repair._next_layer([{"node": gap, "drop_db": 0.0}], [], payload) is None  # no drop: nothing to blame

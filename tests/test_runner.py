@@ -150,6 +150,10 @@ def test_accuracy_mode_matches_predict_on_every_sample(bundle):
     expected = float((art.predict(x).argmax(1) == y).mean())
     assert result["accuracy"] == pytest.approx(expected, abs=1e-12)
     assert result["eval_samples"] == len(x) and result["mode"] == "accuracy"
+    # its one token timed run is no latency: the tables show none and the latency model does not fit it
+    assert runner.latency_of(result) is None
+    row = measure.compare_table(json.loads((bundle / "results.json").read_text())).splitlines()[1].split()
+    assert row[0] == "tflite_int8" and row[-5:-2] == ["-", "-", "-"]
 
 
 def test_gpu_provider_without_cuda_is_an_error_not_a_cpu_fallback(bundle):

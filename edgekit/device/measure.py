@@ -19,6 +19,7 @@ from edgekit.device.manifest import read_manifest
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.files import write_bytes
 from edgekit.runner import RUNNER, error_line, runner
+from edgekit.runner.runner import latency_of
 from edgekit.targets import host_arch
 
 SCHEMA_PATH = RUNNER.with_name(runner.SCHEMA_FILE)
@@ -140,12 +141,12 @@ COLUMNS = (  # header, number format (None: text), value from one artifact's res
     ("acc", ".4f", lambda r: r.get("accuracy")),
     ("load_ms", ".2f", lambda r: r["load_ms"]),
     ("first_ms", ".3f", lambda r: r["first_inference_ms"]),
-    ("p50_ms", ".4f", lambda r: r["latency_ms"]["p50"]),
-    ("p90_ms", ".4f", lambda r: r["latency_ms"]["p90"]),
-    ("p99_ms", ".4f", lambda r: r["latency_ms"]["p99"]),
-    ("mean_ms", ".4f", lambda r: r["latency_ms"]["mean"]),
-    ("std_ms", ".4f", lambda r: r["latency_ms"]["std"]),
-    ("runs", "d", lambda r: r["latency_ms"]["runs"]),
+    ("p50_ms", ".4f", lambda r: (latency_of(r) or {}).get("p50")),
+    ("p90_ms", ".4f", lambda r: (latency_of(r) or {}).get("p90")),
+    ("p99_ms", ".4f", lambda r: (latency_of(r) or {}).get("p99")),
+    ("mean_ms", ".4f", lambda r: (latency_of(r) or {}).get("mean")),
+    ("std_ms", ".4f", lambda r: (latency_of(r) or {}).get("std")),
+    ("runs", "d", lambda r: (latency_of(r) or {}).get("runs")),
     ("per_s", ".1f", lambda r: r.get("throughput_per_s")),
     ("rss_d_mb", ".1f", lambda r: r.get("peak_rss_delta_mb")),
     ("valid", None, lambda r: _validity(r)),
@@ -267,9 +268,9 @@ def compare_table(result: dict) -> str:
              f"{'RSS +MB':>7} valid"]
     for name, r in result["artifacts"].items():
         rt = f"{r['runtime']['name']} {r['runtime']['version']}"
-        lat, acc = r["latency_ms"], r["accuracy"]
+        lat, acc = latency_of(r) or {}, r["accuracy"]
         acc_text = f"{acc:>6.3f}" if acc is not None else f"{'-':>6}"
-        lines.append(f"{name:<20} {rt:<22} {acc_text} {r['load_ms']:>8.1f} {lat['p50']:>8.4f} {lat['p90']:>8.4f} "
-                     f"{lat['p99']:>8.4f} {r['peak_rss_delta_mb']:>7.1f} "
+        ms = " ".join(f"{_text(lat.get(k), '.4f'):>8}" for k in ("p50", "p90", "p99"))
+        lines.append(f"{name:<20} {rt:<22} {acc_text} {r['load_ms']:>8.1f} {ms} {r['peak_rss_delta_mb']:>7.1f} "
                      + ("yes" if r["valid"] else "NO: " + "; ".join(r["invalid_reasons"])))
     return "\n".join(lines)

@@ -438,6 +438,12 @@ def _memory(load: dict, sampler: MemorySampler) -> dict:
             "samples": sampler.samples}
 
 
+def latency_of(result: dict) -> dict | None:
+    """One artifact's latency_ms; None after `--mode accuracy`, whose one token run (kept for the record's shape)
+    times nothing."""
+    return None if result.get("mode") == "accuracy" else result["latency_ms"]
+
+
 def measure(bundle: Path, spec: dict, run_cfg: dict, threads: int | None, mode: str = "all") -> dict:
     """Load, then accuracy on every bundled sample and/or the timed runs, with memory sampled throughout."""
     path = bundle / spec["file"]
@@ -455,7 +461,7 @@ def measure(bundle: Path, spec: dict, run_cfg: dict, threads: int | None, mode: 
         result["accuracy"] = accuracy(artifact, x, y)
     if mode in ("all", "latency"):
         result.update(_timing(artifact, x, settings, sampler))
-    else:  # accuracy only: a token timed run keeps the record's shape
+    else:  # accuracy only: a token timed run keeps the record's shape (latency_of reads it as none)
         result.update(_timing(artifact, x, settings | {"warmup_runs": 0, "warmup_seconds": 0.0, "min_runs": 1,
                                                        "min_seconds": 0.0, "max_seconds": 0.0}, sampler))
     sampler(time.perf_counter() + sampler.interval)

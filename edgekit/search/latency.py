@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import ConfigError
-from edgekit.runner.runner import SCHEMA_FILE
+from edgekit.runner.runner import SCHEMA_FILE, latency_of
 
 MIN_LINE_POINTS = 3
 GMACS_PER_S = {"x86_64": 20.0, "aarch64": 4.0}  # rough int8 throughput, for the MACs-based estimate
@@ -116,7 +116,7 @@ def load(paths: list[str], target: str) -> list[Point]:
             p90 = (r.get("latency_ms") or {}).get("p90") if isinstance(r, dict) else None
             if not isinstance(p90, (int, float)) or not isinstance(name, str):
                 raise _fail(path, f"has no latency_ms.p90 for artifact '{name}'")
-            if r.get("valid") is False:  # e.g. throttled while timing: not a number to fit
+            if r.get("valid") is False or latency_of(r) is None:  # throttled while timing, or accuracy only
                 continue
             entry = entry_of(path, result, name)
             peak = r.get("peak_rss_mb")
