@@ -147,7 +147,7 @@ COLUMNS = (  # header, number format (None: text), value from one artifact's res
     ("mean_ms", ".4f", lambda r: (latency_of(r) or {}).get("mean")),
     ("std_ms", ".4f", lambda r: (latency_of(r) or {}).get("std")),
     ("runs", "d", lambda r: (latency_of(r) or {}).get("runs")),
-    ("per_s", ".1f", lambda r: r.get("throughput_per_s")),
+    ("per_s", ".1f", lambda r: r.get("throughput_per_s") if latency_of(r) else None),
     ("rss_d_mb", ".1f", lambda r: r.get("peak_rss_delta_mb")),
     ("valid", None, lambda r: _validity(r)),
 )
