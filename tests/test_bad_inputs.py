@@ -316,6 +316,11 @@ MODEL_CASES = [
      "from: Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are not factor of input "
      "size; layer '1' (AdaptiveAvgPool2d) pools 8x8 to 3x3: use an output size that divides 8x8, or "
      "nn.AdaptiveAvgPool2d(1)"),
+    ("model-conv2d-on-signals", {"c.yaml": "data: {path: d.npz}\nmodel: {factory: 'net.py:make'}\n",
+                                 "net.py": GROUPNORM_NET, "d.npz": lambda p: npz(p, x=np.zeros((80, 2, 64), np.float32),
+                                                                                  y=np.arange(80) % 2)},
+     BUILD, "samples of shape (2, 64) are read as (channels, length) signals, which need Conv1d layers: for "
+            "one-channel images save x as (N, 1, H, W)"),
     ("model-groupnorm-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GROUPNORM_NET},
      BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' has layer '1' (GroupNorm), which the TFLite export "
      "(onnx2tf) cannot convert for the TFLite artifacts of rpi5: use BatchNorm2d there, or build for a target whose "

@@ -148,7 +148,8 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *,
         with torch.no_grad():
             out = model(torch.zeros(2, *sample_shape))
     except Exception as exc:
-        hint = ("; the samples have no channel axis: save x as (N, 1, H, W)" if len(sample_shape) == 2 else "")
+        hint = (f"; samples of shape {sample_shape} are read as (channels, length) signals, which need Conv1d "
+                "layers: for one-channel images save x as (N, 1, H, W)" if len(sample_shape) == 2 else "")
         raise ModelError(f"the model cannot take samples of shape {sample_shape}: {type(exc).__name__}: {exc}"
                          f"{hint}") from exc
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
