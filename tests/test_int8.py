@@ -159,7 +159,7 @@ def test_build_ships_fused_int8_and_a_measured_recommendation(e2e_build):
     assert "BatchNormalization" not in _ops(payload)
     rows = {(r["target"], r["name"]): r for r in report["artifacts"]}
     assert rows[("x86-64", "onnx_int8")]["side_by_side"]["vs_fp32"] > 0
-    table = {c[1].rstrip("*"): c for c in (line.split() for line in summary_table(report).splitlines())
+    table = {c[1].rstrip("*+"): c for c in (line.split() for line in summary_table(report).splitlines())
              if c and c[0] == "x86-64"}
     for name in ("onnx_int8", "tflite_int8"):  # the ratio column is the ratio of the p50 column beside it
         p50, base = float(table[name][7]), float(table[rows[("x86-64", name)]["side_by_side"]["fp32_artifact"]][7])

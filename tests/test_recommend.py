@@ -108,7 +108,7 @@ def _columns(table: str) -> dict[str, tuple[float, float, str]]:
     for line in table.splitlines():
         cells = line.split()
         if cells and cells[0] == "x86-64":
-            out[cells[1].rstrip("*")] = (float(cells[7]), float(cells[8]), cells[9])
+            out[cells[1].rstrip("*+")] = (float(cells[7]), float(cells[8]), cells[9])
     return out
 
 
