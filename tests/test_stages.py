@@ -62,6 +62,33 @@ def test_nncf_quantize_exports_qdq_onnx_that_onnxruntime_runs(tmp_path):
     assert metrics.fidelity(ref, out)["top1_agreement"] >= 0.9
 
 
+class _SkipToInput(torch.nn.Module):
+    """A user's tabular net: a residual, then the features concatenated with the raw input. NNCF's strip left the
+    quantizer it shares across that concat as its own FakeQuantize, which onnxruntime cannot load."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(features, 32), torch.nn.Linear(32, 32)
+        self.out = torch.nn.Linear(32 + features, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = torch.relu(h + torch.relu(self.fc2(h)))
+        return self.out(torch.cat([h, x], dim=1))
+
+
+def test_a_quantizer_shared_with_the_input_exports_as_qdq_that_onnxruntime_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 12)).astype(np.float32)
+    qmodel = quantize.calibrate(_SkipToInput(12, 3).eval(), x, 32)
+    path = tmp_path / "q.onnx"
+    quantize.export_qdq(qmodel, torch.from_numpy(x[:1]), path, 17)
+    graph = onnx.load(path).graph
+    assert not any(n.domain == "org.openvinotoolkit" for n in graph.node)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert metrics.sqnr_db(metrics.logits(qmodel, x), out) > 30  # the same fake quantization as NNCF's
+
+
 def test_train_with_no_epochs_and_no_checkpoint_says_the_weights_are_the_factorys(tmp_path, capsys):
     from edgekit import config, data
     from edgekit.stages import train

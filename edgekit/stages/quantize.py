@@ -23,7 +23,7 @@ import torch
 
 from edgekit import metrics, models, quiet, tolerance, training
 from edgekit.config import Config, QuantizeConfig
-from edgekit.errors import ConfigError
+from edgekit.errors import ConfigError, ModelError
 from edgekit.files import stage_files
 from edgekit.stages.base import LOGITS_FILE, MODEL_FILE, Context
 
@@ -295,8 +295,53 @@ def export_qdq(qmodel: torch.nn.Module, example: torch.Tensor, path, opset: int)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.onnx.export(native, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    fake_quantize_as_qdq(tmp)
     tmp.replace(path)
     return native
+
+
+def fake_quantize_as_qdq(path: Path) -> None:
+    """Rewrite each NNCF FakeQuantize the strip left (a quantizer shared across a concat with the model's input
+    was seen to stay) as the QuantizeLinear -> DequantizeLinear pair it equals: 256 levels over [low, high]
+    with zero exactly on the grid, as NNCF's ranges keep it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    consts |= {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes, changed = [], False
+    for node in graph.node:
+        if node.op_type != "FakeQuantize":
+            nodes.append(node)
+            continue
+        scale, zero = _qdq_params(node, consts)
+        names = [f"{node.name}/{n}" for n in ("scale", "zero_point", "quantized")]
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), names[0]),
+                                  numpy_helper.from_array(np.array(zero, np.uint8), names[1])])
+        nodes += [helper.make_node("QuantizeLinear", [node.input[0], *names[:2]], [names[2]], f"{node.name}/q"),
+                  helper.make_node("DequantizeLinear", [names[2], *names[:2]], list(node.output), f"{node.name}/dq")]
+        changed = True
+    if changed:
+        used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+        del graph.node[:]
+        graph.node.extend(n for n in nodes if n.op_type != "Constant" or n.output[0] in used)
+        onnx.save(model, str(path))
+
+
+def _qdq_params(node, consts: dict) -> tuple[float, int]:
+    """(scale, uint8 zero point) of a per-tensor 256-level FakeQuantize whose output range is its input range."""
+    levels = next((a.i for a in node.attribute if a.name == "levels"), None)
+    low, high, out_low, out_high = (consts.get(i) for i in node.input[1:5])
+    if levels == 256 and all(v is not None and v.size == 1 for v in (low, high, out_low, out_high)) and \
+            np.array_equal(low, out_low) and np.array_equal(high, out_high):
+        scale = float((high - low).reshape(())) / (levels - 1)
+        zero = round(-float(low.reshape(())) / scale)
+        if scale > 0 and 0 <= zero <= 255 and abs(zero * scale + float(low.reshape(()))) <= 1e-3 * scale:
+            return scale, zero
+    raise ModelError(f"NNCF left a quantizer ({node.name}, {levels} levels) that edgekit cannot write as "
+                     "QuantizeLinear/DequantizeLinear; keep the layer before it float (quantize.keep_float)")
 
 
 def save_tuned_weights(ctx: Context, source: str, native: torch.nn.Module, out_dir: Path) -> None:
