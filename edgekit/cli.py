@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -12,7 +13,15 @@ from datetime import datetime
 from pathlib import Path
 
 from edgekit import quiet, stop
-from edgekit.errors import BuildDirError, BundleError, ConfigError, EdgekitError, NothingFeasible, UsageError
+from edgekit.errors import (
+    WRITE_ERRORS,
+    BuildDirError,
+    BundleError,
+    ConfigError,
+    EdgekitError,
+    NothingFeasible,
+    UsageError,
+)
 
 quiet.setup()  # before anything imports tensorflow
 
@@ -114,9 +123,15 @@ def check_bundle(path: str) -> Path:
     if not manifest_path.is_file():
         raise BundleError(f"'{bundle}' is not a bundle (no manifest.json); pass a folder from DIR/bundles/")
     again = "rebuild the bundle or copy it again"
-    problem = _manifest_problem(_json_file(manifest_path, "manifest", again))
+    manifest = _json_file(manifest_path, "manifest", again)
+    problem = _manifest_problem(manifest)
     if problem:
         raise BundleError(f"'{manifest_path}' is not an edgekit manifest: {problem}; {again}")
+    from edgekit.runner import runner
+
+    problem = runner.file_problem(bundle, manifest)  # a damaged copy is said to be one, before any runtime runs
+    if problem:
+        raise BundleError(f"'{bundle}': {problem}")
     return bundle
 
 
@@ -130,7 +145,15 @@ def _check_out_file(path: str | None, option: str, example: str = "results.json"
     parent = next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir():
         raise ConfigError(f"{option} '{out}': '{parent}' is a file, not a folder; pick another path")
+    _check_writable(out if out.exists() else parent, option, out)
     return out
+
+
+def _check_writable(place: Path, option: str, out: Path) -> None:
+    """Before the work, not after it: a read-only file system or a place this user may not write."""
+    if not os.access(place, os.W_OK):
+        raise ConfigError(f"{option} '{out}': '{place}' is not writable (read-only, or no permission); "
+                          "pick a writable path")
 
 
 def _check_run_numbers(args: argparse.Namespace) -> None:
@@ -139,14 +162,17 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, key)
         if value is not None and value < least:
             raise ConfigError(f"--{key.replace('_', '-')} is {value}; give at least {least}")
+    if args.max_seconds is not None and args.min_seconds is not None and args.max_seconds < args.min_seconds:
+        raise ConfigError(f"--max-seconds {args.max_seconds:g} is below --min-seconds {args.min_seconds:g}; the "
+                          "timing stops at --max-seconds, so give it at least --min-seconds")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgekit.device import measure
 
-    check_bundle(args.bundle)
     _check_run_numbers(args)
     _check_out_file(args.out, "--out")
+    check_bundle(args.bundle)
     overrides = {k: getattr(args, k) for k in ("warmup_runs", "warmup_seconds", "min_runs", "min_seconds",
                                                "max_seconds")}
     out = Path(args.out) if args.out else None
@@ -221,7 +247,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.sources]
     default = paths[0] / "report.html" if len(paths) == 1 and paths[0].is_dir() else Path("report.html")
-    out = report_html.write(paths, Path(args.out) if args.out else default)
+    _check_out_file(args.screenshot, "--screenshot", "report.png")
+    out = report_html.write(paths, _check_out_file(args.out, "--out", "report.html") or default)
     print(f"report: {out}")
     if args.screenshot:
         print(f"screenshot: {browser.screenshot(out, Path(args.screenshot))}")
@@ -293,8 +320,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from edgekit.device import bundle_check, runtime_check
     from edgekit.files import write_json
 
-    bundle = check_bundle(args.bundle)
     _check_out_file(args.out, "--out")
+    bundle = check_bundle(args.bundle)
     result = bundle_check.verify_bundle(bundle, args.emulate)
     out = Path(args.out) if args.out else bundle / "check.json"
     write_json(out, result)
@@ -350,6 +377,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file; pass the folder for sensitivity.json and sensitivity.png")
+    _check_writable(next(p for p in (out, *out.parents) if p.exists()), "--out", out)
     cfg = config.load(args.config)
     data = load_dataset(cfg)
     training.seed_everything(cfg.train.seed)
@@ -500,3 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(_interrupted(args), file=sys.stderr)
             return 130
+        except OSError as exc:  # a full disk or an unwritable place the checks up front could not foresee
+            if exc.errno not in WRITE_ERRORS:
+                raise
+            print(f"edgekit: error: cannot write '{exc.filename}': {exc.strerror}; {WRITE_ERRORS[exc.errno]}",
+                  file=sys.stderr)
+            return 2

@@ -1,8 +1,15 @@
 """Errors a user can act on. Only the CLI turns them into an exit code."""
 
+import errno
 import re
 
 SENTENCE_END = re.compile(r"[.!?;](?=\s)")  # a dot inside a URL or a file name is not followed by a space
+
+
+# an OSError that a full disk or an unwritable place raises, and what to do about it
+WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EROFS: "pick a writable --out", errno.EACCES: "pick a writable --out",
+                errno.EPERM: "pick a writable --out"}
 
 
 class EdgekitError(Exception):

@@ -8,7 +8,6 @@ a build writes into it, and a build that fails before its first stage leaves not
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from edgekit import config, ddp, models, onnx_int8, prunable, stop, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
-from edgekit.errors import BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
+from edgekit.errors import WRITE_ERRORS, BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
 from edgekit.files import write_bytes, write_json
 from edgekit.formats import onnx, tflite
 from edgekit.stages import (
@@ -48,9 +47,6 @@ _MODULES = (train, prune, distill, quantize, export, verify, bundle, measure, ch
 STAGES = [{m.name: m for m in _MODULES}[n] for n in ORDER]
 LOCK_FILE = ".edgekit.lock"  # flock'ed by the build writing into the folder
 CONFIG_FILE = "config.yaml"
-WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-                errno.EROFS: "pick a writable --out", errno.EACCES: "pick a writable --out",
-                errno.EPERM: "pick a writable --out"}
 
 
 def stage(name: str):

@@ -389,6 +389,8 @@ BUNDLE_CASES = [
     ("run-manifest-binary", {"b/manifest.json": b"\xff\xfe"}, ["run", "b"], "cannot be read as JSON"),
     ("run-threads-negative", {"b/manifest.json": manifest()}, ["run", "b", "--threads", "-4"],
      "--threads is -4; give at least 1"),
+    ("run-max-below-min", {"b/manifest.json": manifest()}, ["run", "b", "--min-seconds", "1", "--max-seconds", "0.2"],
+     "--max-seconds 0.2 is below --min-seconds 1; the timing stops at --max-seconds"),
     ("run-min-runs-zero", {"b/manifest.json": manifest()}, ["run", "b", "--min-runs", "0"], "--min-runs is 0"),
     ("run-out-is-folder", {"b/manifest.json": manifest(), "r/x": "1"}, ["run", "b", "--out", "r"],
      "--out 'r' is a folder"),
@@ -401,6 +403,12 @@ BUNDLE_CASES = [
      "'target' is missing"),
     ("docker-bundle-tar-gz", {"b.tar.gz": b"\x1f\x8b"}, ["docker", "rpi5", "--bundle", "b.tar.gz"],
      "unpack it (tar xzf b.tar.gz)"),
+    ("check-damaged", {"b/manifest.json": manifest(files={"m.onnx": "0" * 64}), "b/m.onnx": "x"}, ["check", "b"],
+     "'b': m.onnx does not match its sha256 in manifest.json; the copy is damaged: copy the bundle again"),
+    ("docker-bundle-damaged", {"b/manifest.json": manifest(files={"m.onnx": "0" * 64}), "b/m.onnx": "x"},
+     ["docker", "x86-64", "--bundle", "b"], "'b': m.onnx does not match its sha256 in manifest.json"),
+    ("run-file-missing", {"b/manifest.json": manifest(files={"m.onnx": "0" * 64})}, ["run", "b"],
+     "'b': m.onnx is missing from the bundle; copy the whole bundle again"),
     ("docker-unknown-target", {}, ["docker", "toaster"], "unknown target 'toaster'"),
     ("docker-no-target", {}, ["docker"], "name a target"),
     ("compare-csv-folder", {"r.json": {}, "cmp/x": "1"}, ["compare", "r.json", "--csv", "cmp"],
@@ -514,6 +522,11 @@ def test_out_on_a_read_only_filesystem(tmp_path, monkeypatch, capsys, mounted):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text("{}\n")
     refused(capsys, ["build", "c.yaml", "--out", str(ro / "b")], tmp_path, "Read-only file system; pick a writable")
+    # the other commands that write a file say so before their work (a measurement, a training), not after it
+    for argv in (["run", "b", "--out", str(ro / "r.json")], ["report", "b", "--out", str(ro / "x.html")],
+                 ["sensitivity", "c.yaml", "--out", str(ro / "s")], ["compare", "r.json", "--csv", str(ro / "c.csv")],
+                 ["check", "b", "--out", str(ro / "check.json")]):
+        refused(capsys, argv, tmp_path, f"'{ro}' is not writable (read-only, or no permission); pick a writable path")
 
 
 def test_out_on_a_full_filesystem(tmp_path, monkeypatch, capsys, mounted):

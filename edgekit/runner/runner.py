@@ -499,20 +499,28 @@ def damage(path: Path, rel: str) -> str:
     return f"{rel} does not match its sha256 in manifest.json; the copy is damaged: copy the bundle again"
 
 
-def check_files(bundle: Path, manifest: dict) -> None:
-    """Every file listed in the manifest must be inside the bundle and match its sha256 before anything is loaded."""
+def file_problem(bundle: Path, manifest: dict) -> str | None:
+    """What is wrong with the files the manifest lists (outside the bundle, missing, not their sha256, loaded but
+    not listed), or None: checked before anything is loaded or copied."""
     for rel, digest in manifest["files"].items():
         try:
             path = bundle_path(bundle, rel)
         except UnsafePath as exc:
-            raise SystemExit(f"runner: error: {exc}") from exc
+            return str(exc)
         if not path.is_file():
-            raise SystemExit(f"runner: error: {rel} is missing from the bundle; copy the whole bundle again")
+            return f"{rel} is missing from the bundle; copy the whole bundle again"
         if sha256(path) != digest:
-            raise SystemExit(f"runner: error: {damage(path, rel)}")
+            return damage(path, rel)
     for rel in {EVAL_FILE, *(spec["file"] for spec in manifest["artifacts"])}:  # what is loaded is what was checked
         if rel not in manifest["files"]:
-            raise SystemExit(f"runner: error: {rel} is not listed in manifest.json with a sha256; rebuild the bundle")
+            return f"{rel} is not listed in manifest.json with a sha256; rebuild the bundle"
+    return None
+
+
+def check_files(bundle: Path, manifest: dict) -> None:
+    problem = file_problem(bundle, manifest)
+    if problem:
+        raise SystemExit(f"runner: error: {problem}")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
