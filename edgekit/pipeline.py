@@ -24,6 +24,7 @@ from edgekit.data import Dataset, load_dataset
 from edgekit.errors import WRITE_ERRORS, BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
 from edgekit.files import write_bytes, write_json
 from edgekit.formats import onnx, tflite
+from edgekit.runner import runner
 from edgekit.stages import (
     ORDER,
     bundle,
@@ -76,9 +77,24 @@ def run_stage(ctx: Context, name: str, upstream: dict[str, str] | None = None) -
                 for loop in result["training"] if loop.get("warning")]
         if kept:  # a loop that kept its starting weights (edgekit.training.fit): the report shows it
             result["warnings"] = result.get("warnings", []) + kept
-    result.update(key=keys.key_of(parts), inputs=parts, seconds=round(time.perf_counter() - t0, 2))
+    result.update(key=keys.key_of(parts), inputs=parts, seconds=round(time.perf_counter() - t0, 2),
+                  outputs=_digests(ctx.stage_dir(name)))
     write_json(ctx.stage_dir(name) / METRICS_FILE, result)
     return result
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file a stage left in its folder (not its metrics.json): what --resume checks is still there."""
+    return {p.relative_to(folder).as_posix(): runner.sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != METRICS_FILE}
+
+
+def damaged(ctx: Context, module, record: StageRecord) -> list[str]:
+    """What a finished stage made that is no longer as it left it (edited, truncated or deleted since)."""
+    folder = ctx.out / "stages" / module.name
+    changed = [f"stages/{module.name}/{rel} changed" for rel, digest in record.get("outputs", {}).items()
+               if not (folder / rel).is_file() or runner.sha256(folder / rel) != digest]
+    return changed + (module.damaged(ctx) if hasattr(module, "damaged") else [])  # what it wrote outside it
 
 
 def run_stages(ctx: Context, log=print) -> list[StageRecord]:
@@ -92,13 +108,14 @@ def run_stages(ctx: Context, log=print) -> list[StageRecord]:
         parts = keys.inputs(ctx, module, upstream)
         if ctx.done(module.name):
             record = ctx.metrics(module.name)
-            if record.get("key") == keys.key_of(parts) and not ran:
+            broken = [] if ran else damaged(ctx, module, record)
+            if record.get("key") == keys.key_of(parts) and not ran and not broken:
                 log(f"[{module.name}] finished earlier, kept (resume)")
                 say_warnings(record, log)
                 done.append(record)
                 upstream[module.name] = record["key"]
                 continue
-            log(f"[{module.name}] finished earlier, running again ({_why_again(record, parts, ran)})")
+            log(f"[{module.name}] finished earlier, running again ({_why_again(record, parts, ran, broken)})")
             shutil.rmtree(ctx.stage_dir(module.name))
         ran = True
         key = keys.key_of(parts)
@@ -108,9 +125,11 @@ def run_stages(ctx: Context, log=print) -> list[StageRecord]:
     return done
 
 
-def _why_again(record: StageRecord, parts: dict[str, str], ran: bool) -> str:
+def _why_again(record: StageRecord, parts: dict[str, str], ran: bool, broken: list[str]) -> str:
     if ran:
         return "an earlier stage ran again"
+    if broken:
+        return f"what it made is damaged: {', '.join(broken)}"
     if "inputs" not in record:
         return "an older edgekit made it, without an input key"
     return f"its inputs changed since: {', '.join(keys.changed(record['inputs'], parts))}"

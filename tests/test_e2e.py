@@ -133,6 +133,29 @@ def test_resume_reruns_only_unfinished_stages(e2e_build, tmp_path):
     assert (copy / "bundles" / "rpi5" / "manifest.json").is_file()
 
 
+def test_resume_makes_a_damaged_bundle_again(e2e_build, tmp_path):
+    """A finished stage is kept by --resume only while what it made is as it left it: a bundle file edited since
+    makes the bundle (and what follows) again; an edited file in a stage's folder is found by its recorded sha256."""
+    out, _ = e2e_build
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    art = copy / "bundles" / "x86-64" / "onnx_int8.onnx"
+    art.write_bytes(art.read_bytes()[:-1] + bytes([art.read_bytes()[-1] ^ 1]))
+    messages = []
+    pipeline.build(config.load(copy / "config.yaml"), copy, resume=True, log=messages.append)
+    assert "[export] finished earlier, kept (resume)" in messages
+    assert "[bundle] finished earlier, running again (what it made is damaged: bundles/x86-64: onnx_int8.onnx does " \
+           "not match its sha256 in manifest.json)" in messages
+    manifest = json.loads((copy / "bundles" / "x86-64" / "manifest.json").read_text())
+    assert sha256(art) == manifest["files"]["onnx_int8.onnx"]
+    ctx = pipeline.make_context(config.load(copy / "config.yaml"), copy, None)
+    record = ctx.metrics("export")
+    assert pipeline.damaged(ctx, pipeline.stage("export"), record) == []
+    (copy / "stages" / "export" / next(iter(record["outputs"]))).write_bytes(b"")
+    assert pipeline.damaged(ctx, pipeline.stage("export"), record) == [
+        f"stages/export/{next(iter(record['outputs']))} changed"]
+
+
 def test_export_primary_puts_that_artifact_first_in_the_bundle(e2e_build, tmp_path):
     """export.primary: the artifact each bundle leads with (what `edgekit run` and a search time); a target that
     does not ship it is refused before anything runs."""

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from edgekit import config, data, pipeline, targets
 from edgekit.stages import ORDER, export, keys, prune, quantize, train
@@ -199,6 +200,39 @@ def test_stage_cache_reuses_stages_with_the_same_inputs_and_only_those(tmp_path,
     said = build("c", 0.25)  # another pruning ratio: the trained model is the same, the pruned one is not
     assert any(line.startswith("[train] reused from the stage cache") for line in said)
     assert "[prune] running" in said and "[export] running" in said
+
+
+def test_a_full_disk_while_a_stage_comes_from_the_cache_leaves_it_unfinished(tmp_path, monkeypatch):
+    """A copy from the stage cache cut short (a full disk) is one line, and leaves no half-copied stage that
+    --resume would take as finished: the stage is copied beside its folder, then renamed, its record written last."""
+    import errno
+
+    from edgekit.errors import BuildDirError
+    from edgekit.stages import cache
+
+    monkeypatch.setenv("EDGEKIT_STAGE_CACHE", str(tmp_path / "cache"))
+    cfg = config.from_dict(tiny(data={"limit": 160}, train={"epochs": 1}, prune={"enabled": False},
+                                distill={"enabled": False}, quantize={"enabled": False},
+                                build={"targets": [_onnx_only_target(tmp_path)], "run_local": False,
+                                       "stage_cache": True}))
+    pipeline.build(cfg, tmp_path / "a", log=lambda _: None)
+    copied, copy2 = [], shutil.copy2
+
+    def full_after_one(src, dest):
+        if copied:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+        copied.append(copy2(src, dest))
+
+    monkeypatch.setattr(cache.shutil, "copy2", full_after_one)
+    with pytest.raises(BuildDirError, match="No space left on device; free some space, then `edgekit build --resume"):
+        pipeline.build(cfg, tmp_path / "b", log=lambda _: None)
+    assert not (tmp_path / "b" / "stages" / "train" / "metrics.json").exists()
+    assert [p.name for p in (tmp_path / "b" / "stages").iterdir()] in ([], ["train"])  # no half copy beside it
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEKIT_STAGE_CACHE", str(tmp_path / "cache"))
+    said = []
+    pipeline.build(cfg, tmp_path / "b", resume=True, log=said.append)
+    assert any(line.startswith("[train] reused from the stage cache") for line in said)
 
 
 def test_two_builds_at_once_compute_a_shared_stage_once(tmp_path):

@@ -139,6 +139,21 @@ def pack(bundle_dir: Path) -> Path:
     return archive
 
 
+def damaged(ctx: Context) -> list[str]:
+    """What is wrong with the finished bundles (a file edited, truncated or deleted since): --resume makes them
+    again."""
+    found = []
+    for target in ctx.targets:
+        folder = ctx.out / "bundles" / target.name
+        try:
+            problem = runner.file_problem(folder, json.loads((folder / "manifest.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            problem = "manifest.json is missing or unreadable"
+        if problem:
+            found.append(f"bundles/{target.name}: {problem.split(';')[0]}")
+    return found
+
+
 def run(ctx: Context) -> dict:
     out = []
     for target in ctx.targets:

@@ -55,9 +55,31 @@ def lookup(name: str, key: str) -> dict | None:
 
 
 def restore(key: str, stage_dir: Path) -> None:
-    """Replace a stage's folder with the cached one."""
+    """Replace a stage's folder with the cached one, without its metrics.json (the caller writes it last): copied
+    beside it and renamed, so a copy cut short (a full disk) leaves no stage that looks finished."""
+    tmp = stage_dir.with_name(f".{stage_dir.name}.restoring")
+    _copy(folder(key), tmp, skip=(READY, METRICS_FILE))
     shutil.rmtree(stage_dir, ignore_errors=True)
-    shutil.copytree(folder(key), stage_dir, ignore=shutil.ignore_patterns(READY))
+    tmp.rename(stage_dir)
+
+
+def _copy(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a folder; the first failed write raises its OSError (a full disk says so in one line, where
+    shutil.copytree gathers them into one shutil.Error) and removes the partial copy."""
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        dest.mkdir(parents=True)
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            if rel.parts[-1] in skip or any(part.startswith(".tmp-") for part in rel.parts):
+                continue
+            if path.is_dir():
+                (dest / rel).mkdir(exist_ok=True)
+            else:
+                shutil.copy2(path, dest / rel)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def store(name: str, key: str, stage_dir: Path, out: Path) -> None:
@@ -68,9 +90,8 @@ def store(name: str, key: str, stage_dir: Path, out: Path) -> None:
     with locked(entry):
         if (entry / READY).is_file():
             return
-        shutil.rmtree(entry, ignore_errors=True)
-        shutil.copytree(stage_dir, entry, ignore=shutil.ignore_patterns(".tmp-*", "error.log"))
-        (entry / READY).write_text(f"{out.resolve()}\n")  # which build made it
+        _copy(stage_dir, entry, skip=("error.log",))
+        (entry / READY).write_text(f"{out.resolve()}\n")  # which build made it, written last
 
 
 def made_by(key: str) -> str:

@@ -27,6 +27,10 @@ def add_checks(result: dict, checked: dict) -> None:
             result["emulated"][target] = check["emulation"]
 
 
+def damaged(ctx: Context) -> list[str]:
+    return [f"{name} is missing" for name in FILES if not (ctx.out / name).is_file()]
+
+
 def run(ctx: Context) -> dict:
     records = [ctx.metrics(n) for n in needs if ctx.done(n)]
     runs = ctx.metrics("measure")["runs"] if ctx.done("measure") else {}
