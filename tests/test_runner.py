@@ -75,6 +75,18 @@ def test_validity_marks_emulated_runs_invalid_and_warns_on_governor():
     assert "ondemand" in warnings[0]
 
 
+@pytest.mark.parametrize("machine, arch, valid", [("x86_64", "aarch64", False), ("aarch64", "aarch64", True),
+                                                  ("arm64", "aarch64", True), ("AMD64", "x86_64", True)])
+def test_a_run_on_another_architecture_than_the_targets_is_invalid(machine, arch, valid):
+    """runner.py alone (no edgekit to refuse it): an aarch64 bundle unpacked and run on an x86 machine."""
+    cool = {"throttled": None, "temperature_c": 40.0, "cpu_freq_mhz": None}
+    reasons, _ = runner.validity(cool, cool, {"emulated": False, "machine": machine}, target_arch=arch)
+    assert (not reasons) is valid
+    if not valid:
+        assert reasons == ["not the target's architecture: an aarch64 bundle run on x86_64; its numbers are not the "
+                           "device's (run it on the device)"]
+
+
 def test_environment_records_what_makes_results_comparable():
     env = runner.environment()
     for key in ("device_model", "os", "kernel", "cpu", "cores", "governor", "cpu_freq_mhz", "temperature_c",

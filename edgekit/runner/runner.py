@@ -365,9 +365,17 @@ def throttle_flags(text: str | None) -> int | None:
         return None
 
 
-def validity(before: dict, after: dict, env: dict, max_temp_c: float = MAX_TEMP_C) -> tuple[list[str], list[str]]:
+ARCH_NAMES = {"arm64": "aarch64", "amd64": "x86_64"}  # what some systems call them
+
+
+def validity(before: dict, after: dict, env: dict, max_temp_c: float = MAX_TEMP_C,
+             target_arch: str | None = None) -> tuple[list[str], list[str]]:
     """Reasons that make the timings untrustworthy (-> valid: false), and warnings that do not."""
     reasons, warnings = [], []
+    machine = str(env.get("machine") or "").lower()
+    if target_arch and machine and ARCH_NAMES.get(machine, machine) != target_arch:
+        reasons.append(f"not the target's architecture: an {target_arch} bundle run on {env['machine']}; its numbers "
+                       "are not the device's (run it on the device)")
     for when, state in (("before", before), ("after", after)):
         flags = throttle_flags(state.get("throttled"))
         now = [name for bit, name in THROTTLE_NOW.items() if flags and flags & bit]
@@ -558,7 +566,7 @@ def run(args: argparse.Namespace) -> dict:
     except RuntimeError as exc:  # a runtime that is missing, or one that would silently fall back
         raise SystemExit(f"runner: error: {exc}") from exc
     after = thermal()
-    reasons, warnings = validity(before, after, env, args.max_temp)
+    reasons, warnings = validity(before, after, env, args.max_temp, manifest["target"].get("arch"))
     result.update(schema_version=SCHEMA_VERSION, runner_version=RUNNER_VERSION, started_utc=started,
                   valid=not reasons, invalid_reasons=reasons, warnings=warnings,
                   environment=env | {"before": before, "after": after}, target=manifest["target"]["name"],
