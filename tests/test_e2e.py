@@ -83,7 +83,10 @@ def test_running_one_artifact_again_keeps_the_others_measurements(e2e_build, tmp
     measure.run_bundle(bundle, None, ["onnx_fp32"], mode="accuracy", log=lambda _: None)
     after = json.loads((bundle / "results.json").read_text())["artifacts"]
     assert list(after) == list(before) and after["onnx_int8"] == before["onnx_int8"]
-    assert after["onnx_fp32"]["mode"] == "accuracy" != before["onnx_fp32"]["mode"]
+    # an accuracy-only run keeps the earlier timing of the same bytes (it times nothing itself)
+    assert after["onnx_fp32"]["combined"] == {"timing_from": before["onnx_fp32"]["started_utc"]}
+    assert after["onnx_fp32"]["latency_ms"] == before["onnx_fp32"]["latency_ms"] and after["onnx_fp32"]["mode"] == "all"
+    assert after["onnx_fp32"]["started_utc"] >= before["onnx_fp32"]["started_utc"]
     stale = {**after, "onnx_int8": {**after["onnx_int8"], "artifact_sha256": "0" * 64}}  # another build's file
     (bundle / "results.json").write_text(json.dumps({**after, "artifacts": stale}))
     measure.run_bundle(bundle, None, ["onnx_fp32"], mode="accuracy", log=lambda _: None)

@@ -111,10 +111,30 @@ def run_bundle(bundle: Path, out: Path | None = None, artifacts: list[str] | Non
         log(f"  measuring {manifest['target']['name']}/{name} ...")
         results[name] = run_artifact(bundle, name, threads, mode, overrides)
     if out is None:  # some artifacts run again: the bundle's results file keeps the others' measurements
-        results = {**_earlier(bundle / "results.json", manifest), **results}
+        earlier = _earlier(bundle / "results.json", manifest)
+        results = {**earlier, **{name: combined(r, earlier.get(name)) for name, r in results.items()}}
     data = summary(manifest, {a["name"]: results[a["name"]] for a in manifest["artifacts"] if a["name"] in results})
     write_results(out or bundle / "results.json", data)
     return data
+
+
+TIMED = ("latency_ms", "latency_samples_ms", "throughput_per_s", "timing", "memory", "peak_rss_mb",
+         "peak_rss_after_load_mb", "peak_rss_delta_mb", "valid", "invalid_reasons")  # what a timing run says
+
+
+def combined(new: dict, old: dict | None) -> dict:
+    """A `--mode accuracy` run keeps the earlier timing of the same bytes, a `--mode latency` run their earlier
+    accuracy: the bundle's results file then holds both (mode all), and `combined` says which came from before."""
+    if old is None or new.get("mode") in (None, "all"):
+        return new
+    before = old.get("combined") or {}  # an earlier combined record: its parts' own runs
+    if new["mode"] == "accuracy" and latency_of(old) is not None:
+        return {**new, **{k: old[k] for k in TIMED if k in old}, "mode": "all",
+                "combined": {"timing_from": before.get("timing_from") or old.get("started_utc")}}
+    if new["mode"] == "latency" and old.get("accuracy") is not None:
+        return {**new, "accuracy": old["accuracy"], "mode": "all",
+                "combined": {"accuracy_from": before.get("accuracy_from") or old.get("started_utc")}}
+    return new
 
 
 def _earlier(path: Path, manifest: dict) -> dict:
