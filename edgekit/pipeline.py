@@ -219,7 +219,7 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     data = load_dataset(cfg)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
     what = f"model.factory '{cfg.model.factory}'" if cfg.model.factory else f"model.name '{cfg.model.name}'"
-    onnx.check_exportable(model, data.calib.x[:1], cfg.export.opset, what)  # once per build; 0.05-1 s
+    onnx.check_exportable(model, data.calib.x[:8], cfg.export.opset, what)  # once per build; 0.05-1 s
     tflite.check_convertible(model, chosen, what)
     if prune.enabled(cfg):
         prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)

@@ -132,6 +132,37 @@ def make(num_classes, in_channels):
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 """
+NUMPY_NET = """import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.fc = nn.Linear(64, k)
+
+    def forward(self, x):  # through numpy: the trace records the input as a constant
+        return self.fc(torch.from_numpy(x.flatten(1).numpy() * 2.0))
+
+
+def make(num_classes):
+    return Net(num_classes)
+"""
+BRANCH_NET = """from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, k), nn.Linear(64, k)
+
+    def forward(self, x):  # a Python branch on the data: the trace keeps the one its example took
+        return self.a(x.flatten(1)) if x.shape[0] == 1 else self.b(x.flatten(1))
+
+
+def make(num_classes):
+    return Net(num_classes)
+"""
 POOL_NET = """import torch
 from torch import nn
 
@@ -321,6 +352,10 @@ MODEL_CASES = [
                                                                                   y=np.arange(80) % 2)},
      BUILD, "samples of shape (2, 64) are read as (channels, length) signals, which need Conv1d layers: for "
             "one-channel images save x as (N, 1, H, W)"),
+    ("model-forward-through-numpy", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": NUMPY_NET}, BUILD,
+     "model.factory 'net.py:make': the ONNX export does not read its input: forward turns the input into numpy"),
+    ("model-forward-branches-on-data", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": BRANCH_NET}, BUILD,
+     "model.factory 'net.py:make': the ONNX export computes other outputs than the torch model on the same samples"),
     ("model-groupnorm-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GROUPNORM_NET},
      BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' has layer '1' (GroupNorm), which the TFLite export "
      "(onnx2tf) cannot convert for the TFLite artifacts of rpi5: use BatchNorm2d there, or build for a target whose "

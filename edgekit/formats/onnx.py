@@ -64,17 +64,23 @@ def torch_to_onnx(model, example: np.ndarray, path: Path | io.BytesIO, opset: in
     return path
 
 
-def check_exportable(model, example: np.ndarray, opset: int, what: str) -> None:
-    """Export the (untrained) model once, into memory, as the export stage will: an op torch.onnx cannot export
-    stops the build before it trains, in one line, rather than at quantize or export."""
+def check_exportable(model, samples: np.ndarray, opset: int, what: str) -> None:
+    """Export the (untrained) model once, into memory, as the export stage will, and run it on a few samples
+    against torch: an op torch.onnx cannot export, or a forward the trace does not follow, stops the build before
+    it trains, in one line, rather than at quantize or export."""
+    example, buffer = samples[:1], io.BytesIO()
     try:
         with quiet.silenced():  # torch.onnx prints the whole graph when it fails
-            torch_to_onnx(model, example, io.BytesIO(), opset, dynamic_batch=True)
+            torch_to_onnx(model, example, buffer, opset, dynamic_batch=True)
     except Exception as exc:  # torch.onnx raises its own types (SymbolicValueError, UnsupportedOperatorError...)
         fix = _pool_misfit(model, example) or ("rewrite that part of the model with ops torch.onnx exports "
                                                "(or try another export.opset)")
         raise ModelError(f"{what} cannot be exported to ONNX (torch.onnx, opset {opset}), which every artifact "
                          f"starts from: {first_line(exc)}; {fix}") from exc
+    try:
+        check_against_torch(buffer.getvalue(), model, samples)
+    except EdgekitError as exc:
+        raise ModelError(f"{what}: {exc}") from exc
 
 
 def _pool_misfit(model, example: np.ndarray) -> str | None:
@@ -164,12 +170,17 @@ def session(model: Path | bytes, what: str):
         raise EdgekitError(f"onnxruntime cannot load {what}: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def check_against_torch(path: Path, model, x: np.ndarray) -> None:
-    """The fp32 ONNX loads in onnxruntime, takes a whole batch and matches torch."""
+def check_against_torch(source: Path | bytes, model, x: np.ndarray) -> None:
+    """The fp32 ONNX loads in onnxruntime, reads its input, takes a whole batch and matches torch."""
     import torch
 
+    sess = session(source, "the fp32 ONNX export")
+    if not sess.get_inputs():
+        raise EdgekitError("the ONNX export does not read its input: forward turns the input into numpy or Python "
+                           "values (x.numpy(), .item(), .tolist()), which the exporter records as constants; keep "
+                           "forward in torch ops")
     try:
-        got = session(path, "the fp32 ONNX export").run(None, {"input": x})[0]
+        got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     except Exception as exc:  # onnxruntime's own exception types
         raise EdgekitError(f"the fp32 ONNX export cannot run a batch of {len(x)} "
                            f"({first_line(exc)}); the model must not fix the batch size "
@@ -177,8 +188,12 @@ def check_against_torch(path: Path, model, x: np.ndarray) -> None:
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     if got.shape != want.shape or not close(got, want):
-        raise EdgekitError(f"the ONNX export differs from the torch model (max abs diff "
-                           f"{np.abs(got - want).max():.3g}); the model has an op the exporter mistranslates")
+        diff = f"max abs diff {np.abs(got - want).max():.3g}" if got.shape == want.shape else \
+            f"shape {got.shape} against {want.shape}"
+        raise EdgekitError(f"the ONNX export computes other outputs than the torch model on the same samples "
+                           f"({diff}): forward may branch on the data in Python (the trace keeps one branch of an "
+                           "`if` on a tensor: use torch.where) or compute with numpy or Python values; else an op "
+                           "the exporter mistranslates")
 
 
 def close(got: np.ndarray, want: np.ndarray, rel: float = 1e-3) -> bool:
