@@ -221,6 +221,7 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     what = f"model.factory '{cfg.model.factory}'" if cfg.model.factory else f"model.name '{cfg.model.name}'"
     onnx.check_exportable(model, data.calib.x[:8], cfg.export.opset, what)  # once per build; 0.05-1 s
     tflite.check_convertible(model, chosen, what)
+    tflite.check_converts(model, data.calib.x[:20], chosen, what, keys.model_structure(cfg, data), cfg.export.opset)
     if prune.enabled(cfg):
         prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
     if distill.enabled(cfg):

@@ -163,6 +163,12 @@ class Net(nn.Module):
 def make(num_classes):
     return Net(num_classes)
 """
+GELU_NET = """from torch import nn
+
+
+def make(num_classes):  # exact GELU exports Erf, which TFLite has no builtin op for
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, num_classes))
+"""
 POOL_NET = """import torch
 from torch import nn
 
@@ -356,6 +362,10 @@ MODEL_CASES = [
      "model.factory 'net.py:make': the ONNX export does not read its input: forward turns the input into numpy"),
     ("model-forward-branches-on-data", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": BRANCH_NET}, BUILD,
      "model.factory 'net.py:make': the ONNX export computes other outputs than the torch model on the same samples"),
+    ("model-gelu-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GELU_NET},
+     BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' cannot be converted to TFLite, which rpi5 ships: the "
+     "TFLite converter failed: TFLite has no builtin op for TensorFlow's Erf (nn.GELU() exports Erf: use "
+     "nn.GELU(approximate='tanh'))"),
     ("model-groupnorm-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GROUPNORM_NET},
      BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' has layer '1' (GroupNorm), which the TFLite export "
      "(onnx2tf) cannot convert for the TFLite artifacts of rpi5: use BatchNorm2d there, or build for a target whose "

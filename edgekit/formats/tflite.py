@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import socket
 import sys
 import time
@@ -69,6 +70,60 @@ def check_convertible(model, chosen: list, what: str) -> None:
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")  # float <-> int8 at the edges of a float-I/O int8 model
 RANGE_SAMPLES = 8  # calibration samples that pair NNCF's quantizers with TFLite tensors
+
+
+TRIAL_SECTION = "tflite-converts"  # cache_dir()/<this>/: graphs the float TFLite conversion was seen to take
+
+
+def check_converts(model, samples: np.ndarray, chosen: list, what: str, structure: str, opset: int) -> None:
+    """For targets that ship TFLite: convert the untrained model to a float TFLite before training (onnx2tf and
+    TensorFlow's converter, in a child process so that TensorFlow's threads never live in the process that forks
+    the training workers), so a layer they cannot convert (a GRU, an exact GELU's Erf) is one line now, not an
+    error after the training. Passes are remembered per graph (`structure`, edgekit.stages.keys) and library
+    versions: some seconds, once per model."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    from edgekit.errors import ModelError
+    from edgekit.files import cache_dir, cached_record, store_record
+    from edgekit.versions import library_versions
+
+    shipping = [t.name for t in chosen if any(a.format == FORMAT.name for a in t.artifacts)]
+    versions = {k: v for k, v in library_versions().items() if k in ("onnx2tf", "tensorflow", "torch", "onnx")}
+    key = hashlib.sha256(f"{structure} {opset} {sorted(versions.items())}".encode()).hexdigest()[:32]
+    if not shipping or cached_record(TRIAL_SECTION, key):
+        return
+    print(f"checking that {what} converts to TFLite (once per model graph) ...", flush=True)
+    log = cache_dir() / TRIAL_SECTION / f"{key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgekit-trial-") as tmp:
+        onnx.torch_to_onnx(model, samples[:1], Path(tmp) / "static.onnx", opset, dynamic_batch=False)
+        np.save(Path(tmp) / "samples.npy", samples)
+        proc = subprocess.run([sys.executable, "-m", __name__, tmp, str(log)], capture_output=True, text=True)
+        said = Path(tmp) / "error.txt"
+        why = said.read_text() if said.is_file() else \
+            (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    if proc.returncode != 0:
+        ship = f"{', '.join(shipping)} ship{'' if len(shipping) > 1 else 's'}"
+        raise ModelError(f"{what} cannot be converted to TFLite, which {ship}: {why}; build for a target whose "
+                         "profile ships ONNX only (jetson-orin-nano, or a copy of a target's YAML without its tflite "
+                         "artifacts), or replace that layer")
+    store_record(TRIAL_SECTION, key, {"what": what, "versions": versions})
+
+
+def _trial(folder: Path, log: Path) -> None:
+    """The child of check_converts: the float conversion the export stage will make, on the untrained model."""
+    from edgekit.errors import first_line
+
+    samples = np.load(folder / "samples.npy")
+    try:
+        convert(onnx_to_saved_model(folder / "static.onnx", folder, samples, log), None, int8_io=False, log=log)
+    except Exception as exc:  # onnx2tf raises what Keras or TensorFlow raised
+        said = str(exc) if isinstance(exc, EdgekitError) else \
+            f"onnx2tf failed: {type(exc).__name__}: {first_line(exc)}; see {log}"
+        (folder / "error.txt").write_text(" ".join(said.split()))
+        raise SystemExit(1) from None
 
 
 def export(job: formats.ExportJob, specs: list) -> list[tuple[dict, bytes]]:
@@ -184,8 +239,18 @@ def convert(saved: Path, calib: np.ndarray | None, int8_io: bool, log: Path,
             return bytes(mlir_quantize(calibrated, input_data_type=io_type, output_data_type=io_type))
         except Exception as exc:  # ConverterError and friends; the full text is in the log
             print(exc, file=sys.stderr)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EdgekitError(f"the TFLite converter failed: {first[:300]}; see {log}") from exc
+            raise EdgekitError(f"the TFLite converter failed: {_converter_reason(exc)}; see {log}") from exc
+
+
+def _converter_reason(exc: Exception) -> str:
+    """The converter's reason in a few words: the TensorFlow ops TFLite has no builtin for (its MLIR error buries
+    them in call-site locations), else the first line of what it said."""
+    text = str(exc).strip()
+    missing = sorted(set(re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text)))
+    if missing:
+        hint = " (nn.GELU() exports Erf: use nn.GELU(approximate='tanh'))" if "Erf" in missing else ""
+        return f"TFLite has no builtin op for TensorFlow's {', '.join(missing)}{hint}"
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def interpreter(payload: bytes):
@@ -271,3 +336,7 @@ def assert_full_int8(ops: list[dict], key: str) -> None:
         if floats and op["op_name"] not in BOUNDARY_OPS:
             raise EdgekitError(f"{key}: {op['op_name']} (op {op['index']}) still computes in float, so the "
                                "model is not full-int8; replace that op or pick targets without int8 TFLite")
+
+
+if __name__ == "__main__":  # check_converts' child: python -m edgekit.formats.tflite FOLDER LOG
+    _trial(Path(sys.argv[1]), Path(sys.argv[2]))
