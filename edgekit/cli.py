@@ -427,13 +427,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if best is not None:
         print(f"recommended: {best['id']} ({', '.join(f'{k}={v}' for k, v in best['overrides'].items())}): "
               f"accuracy {best['accuracy']:.4f}, p90 {best['latency_p90_ms']:.3g} ms ({best['latency_source']}), "
-              f"{best['size_bytes'] / 1024:.1f} KB")
+              f"{best['size_bytes'] / 1024:.1f} KB{_guarded(best.get('prune_kept'))}")
         print(f"  OMP_NUM_THREADS=1 edgekit build {out / 'best.yaml'} --target {args.target}   # the trial's bytes")
     print(f"trials: {out / 'trials.csv'} (and .json); plot: {out / 'pareto.png'}")
     if best is None:  # the outputs are written; the goal is missed, like a build that misses its fidelity
         raise NothingFeasible(f"no trial fits the budgets, nothing recommended: see {out / 'trials.csv'} for how "
                               "far each one is, then widen search.space, loosen --budget or run more --trials")
     return 0
+
+
+def _guarded(kept: dict | None) -> str:
+    """What the prune stage's accuracy guard kept, when it undid rounds the trial's settings asked for."""
+    if not kept or kept.get("round") == kept.get("of"):
+        return ""
+    what = f"round {kept['round']} of {kept['of']}" if kept["round"] else "the unpruned model"
+    return f"; its pruning was undone by the accuracy guard, which kept {what} ({kept['macs_kept']:.0%} of the MACs)"
 
 
 def _add_search(sub) -> None:

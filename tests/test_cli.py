@@ -88,3 +88,11 @@ def test_run_command_on_built_bundle(e2e_build, tmp_path, capsys):
     assert json.loads(dest.read_text())["artifact"] == "onnx_int8"
     code, err = _err(capsys, ["run", str(tmp_path)])
     assert code == 2 and "is not a bundle" in err
+
+
+def test_a_search_recommendation_says_when_the_accuracy_guard_undid_its_pruning():
+    """A trial asked for prune.ratio 0.6, the guard kept the unpruned model: the line must not read as pruned."""
+    assert cli._guarded(None) == "" and cli._guarded({"round": 2, "of": 2, "macs_kept": 0.5}) == ""
+    assert cli._guarded({"round": 0, "of": 1, "macs_kept": 1.0}) == (
+        "; its pruning was undone by the accuracy guard, which kept the unpruned model (100% of the MACs)")
+    assert cli._guarded({"round": 1, "of": 3, "macs_kept": 0.8}).endswith("kept round 1 of 3 (80% of the MACs)")

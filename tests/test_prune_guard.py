@@ -132,7 +132,8 @@ def test_a_ratio_round_that_rounding_leaves_unchanged_is_not_fine_tuned(trained,
     rounds = result["rounds"]
     idle = [r for r in rounds if r["channels_removed"] == 0]
     assert idle and all(r["finetune_epochs"] == 0 for r in idle if r is not rounds[-1])
-    assert all(r["nothing_removed"] == "every layer's count rounded to a multiple of 8 stayed the same" for r in idle)
+    assert all(r["nothing_removed"].startswith("every layer's count rounded to a multiple of 8 stayed the same, or the "
+                                               "layers left are tied") for r in idle)
     # trailing rounds that removed nothing: the last one fine-tunes the last cut for their epochs, none lost
     assert rounds[-1] in idle and sum(r["finetune_epochs"] for r in rounds) == 4
 

@@ -83,7 +83,7 @@ def metrics(report: dict, build_dir: Path, target: str) -> dict:
     return {"artifact": primary, "bundle": str(build_dir / "bundles" / manifest["target"]["name"]),
             "accuracy": row["accuracy"], "size_bytes": row["size_bytes"], "sha256": manifest["files"][file],
             "macs": source.get("macs"), "params": source.get("params"), "fidelity_miss": row["fidelity_miss"],
-            "cached_stages": cached_stages(build_dir)}
+            "cached_stages": cached_stages(build_dir), "prune_kept": (stages.get("prune") or {}).get("kept")}
 
 
 def cached_stages(build_dir: Path) -> list[str]:

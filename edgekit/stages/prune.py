@@ -302,13 +302,16 @@ def round_line(record: dict, k: int, n: int, undone: bool = False) -> str:
 
 
 def _why_nothing(info: dict, plan: Plan) -> str:
-    """Why a round removed no channel: its target was already met, or rounding kept every layer's count."""
+    """Why a round removed no channel: its target was already met, rounding kept every layer's count, or the
+    layers left are tied to a protected one (a residual add or concat couples their channels)."""
     if info.get("pruner_steps") == 0:
         what = {"macs": "MACs", "params": "parameters"}[info["measure"]]
         return f"already at {info['reached']:.0%} of the unpruned {what}, under this round's {info['target']:.0%}"
+    coupled = ("the layers left are tied (through a residual add or a concat) to a protected one: the stem "
+               "(prune.protect_stem: false frees it), prune.ignore or the classifier")
     if plan.round_to and plan.round_to > 1:
-        return f"every layer's count rounded to a multiple of {plan.round_to} stayed the same"
-    return "the pruner found none to remove at this round's ratio"
+        return f"every layer's count rounded to a multiple of {plan.round_to} stayed the same, or {coupled}"
+    return f"the pruner found none to remove at this round's ratio (too small for any layer, or {coupled})"
 
 
 def iterative_prune(ctx: Context, model: nn.Module, plan: Plan, p: PruneConfig,
