@@ -73,6 +73,10 @@ def load(path: Path, label: str) -> Source:
         source.sensitivity = _read(found[0]) if found else None
     elif (path / "manifest.json").is_file():
         _bundle_results(path, source)
+    elif (path / "config.yaml").is_file() and (path / "stages").is_dir():  # a build that stopped before its report
+        raise EdgekitError(f"'{path}' is a build that did not finish (no report.json yet): continue it with "
+                           f"`edgekit build --resume {path}` (--allow-fidelity-miss when it stopped at the fidelity "
+                           "gate), then report it")
     else:
         raise EdgekitError(f"'{path}' is neither a build folder (report.json), a bundle folder (manifest.json) "
                            "nor a results file")

@@ -454,6 +454,8 @@ BUNDLE_CASES = [
      ["docker", "x86-64", "--bundle", "b"], "'b': m.onnx does not match its sha256 in manifest.json"),
     ("run-file-missing", {"b/manifest.json": manifest(files={"m.onnx": "0" * 64})}, ["run", "b"],
      "'b': m.onnx is missing from the bundle; copy the whole bundle again"),
+    ("report-unfinished-build", {"b/config.yaml": "{}\n", "b/stages/train/model.pt": b"x"}, ["report", "b"],
+     "'b' is a build that did not finish (no report.json yet): continue it with `edgekit build --resume b`"),
     ("docker-unknown-target", {}, ["docker", "toaster"], "unknown target 'toaster'"),
     ("docker-no-target", {}, ["docker"], "name a target"),
     ("compare-csv-folder", {"r.json": {}, "cmp/x": "1"}, ["compare", "r.json", "--csv", "cmp"],
