@@ -156,13 +156,10 @@ def _artifact(raw: object, versions: dict, where: str) -> ArtifactSpec:
 def parse(raw: object, source: str) -> Target:
     if not isinstance(raw, dict):
         raise TargetError(f"{source}: a target file must hold a mapping")
-    for key, kind in REQUIRED.items():
-        if not isinstance(raw.get(key), kind):
-            raise TargetError(f"{source}: '{key}' is missing or has the wrong type")
-    unknown = set(raw) - set(REQUIRED) - set(OPTIONAL)
-    if unknown:
-        raise TargetError(f"{source}: unknown key '{sorted(unknown)[0]}'; valid keys: "
-                          + ", ".join([*REQUIRED, *OPTIONAL]))
+    problems = _key_problems(raw)
+    if problems:
+        raise TargetError(f"{source}: {'; '.join(problems)} (every key: targets/x86-64.yaml, or "
+                          "`edgekit targets --check FILE`)")
     _round_to(raw, source)
     for key, kind in OPTIONAL.items():
         if key in raw and not isinstance(raw[key], kind):
@@ -179,6 +176,21 @@ def parse(raw: object, source: str) -> Target:
                   int(budgets["memory_mb"]), float(budgets["latency_ms"]),
                   float(raw["accuracy_tolerance_pp"]), raw["docker_base"], source,
                   **_fidelity(raw.get("fidelity") or {}, source), int8=int8, round_to=raw.get("round_to"))
+
+
+def _key_problems(raw: dict) -> list[str]:
+    """Every unknown (with the key it likely means), missing and wrongly typed top-level key at once."""
+    import difflib
+
+    valid = [*REQUIRED, *OPTIONAL]
+    unknown = [f"'{k}'" + "".join(f" (did you mean '{m}'?)" for m in difflib.get_close_matches(str(k), valid, n=1))
+               for k in sorted(set(raw) - set(valid), key=str)]
+    missing = [k for k in REQUIRED if k not in raw]
+    names = {str: "text", list: "a list", int: "a whole number", dict: "a mapping", (int, float): "a number"}
+    wrong = [f"{k} (give {names[kind]})" for k, kind in REQUIRED.items()
+             if k in raw and (not isinstance(raw[k], kind) or isinstance(raw[k], bool))]
+    return ([f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}"] if unknown else []) + \
+        ([f"missing {', '.join(missing)}"] if missing else []) + ([f"wrong type: {', '.join(wrong)}"] if wrong else [])
 
 
 def _round_to(raw: dict, source: str) -> None:

@@ -77,3 +77,19 @@ def test_the_built_in_profiles_ship_inside_the_package(tmp_path):
         shipped = {Path(n).name: z.read(n) for n in z.namelist() if n.startswith("edgekit/profiles/")}
     expected = {p.name: p.read_bytes() for p in (ROOT / "targets").glob("*.yaml")}
     assert shipped == expected and len(expected) >= 5
+
+
+def test_a_profile_with_several_key_problems_is_told_them_all_at_once(tmp_path):
+    """A user's copy of a profile with a typo, two keys left out and a list for a mapping: one line with every
+    problem and the key a typo likely means, not one problem per run."""
+    raw = yaml.safe_load((ROOT / "targets" / "x86-64.yaml").read_text())
+    raw["thread"] = raw.pop("threads")
+    del raw["description"], raw["python"]
+    raw["budgets"] = [1, 2]
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(TargetError) as caught:
+        targets.get([str(path)])
+    assert str(caught.value) == (f"{path}: unknown key 'thread' (did you mean 'threads'?); missing description, "
+                                 "python, threads; wrong type: budgets (give a mapping) (every key: "
+                                 "targets/x86-64.yaml, or `edgekit targets --check FILE`)")
