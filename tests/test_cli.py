@@ -48,7 +48,7 @@ def test_targets_list_and_check(tmp_path, capsys):
     bad = tmp_path / "t.yaml"
     bad.write_text("name: x\n")
     code, err = _err(capsys, ["targets", "--check", str(bad)])
-    assert code == 2 and "'description' is missing" in err
+    assert code == 2 and "missing description, arch" in err
 
 
 def test_targets_listing_is_an_aligned_table(tmp_path, monkeypatch, capsys):
