@@ -330,10 +330,12 @@ def _compute_producer(producer: dict, tensor: str):
 
 def table(layers: list[dict], top: int = 5, min_sqnr_db: float | None = None) -> str:
     """Worst layers first; `<` marks a layer below the artifact's SQNR threshold."""
-    lines = [f"{'layer':<48} {'SQNR dB':>8} {'drop dB':>8} {'float range':>22}   (SQNR of the worst channel)"]
+    lines = [f"{'layer':<48} {'SQNR dB*':>8} {'drop dB':>8} {'float range':>22}"]
     for lay in layers[:top]:
         lo, hi = lay["ref_range"]
         below = " <" if min_sqnr_db is not None and lay["sqnr_db"] < min_sqnr_db else ""
         lines.append(f"{lay['layer'][:48]:<48} {lay['sqnr_db']:>8.1f} {lay['drop_db']:>8.1f} "
                      f"{f'[{lo:.3g}, {hi:.3g}]':>22}{below}")
+    lines.append("* of the layer's worst channel; drop: against its worst input" + (
+        f"; < below the artifact's {min_sqnr_db:g} dB" if min_sqnr_db is not None else ""))
     return "\n".join(lines)
