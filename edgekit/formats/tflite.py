@@ -96,7 +96,10 @@ def check_converts(model, samples: np.ndarray, chosen: list, what: str, structur
         return
     print(f"checking that {what} converts to TFLite (once per model graph) ...", flush=True)
     log = cache_dir() / TRIAL_SECTION / f"{key}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable cache is no error (nothing is remembered then): the log goes to the temp folder
+        log = Path(tempfile.gettempdir()) / f"edgekit-tflite-trial-{key}.log"
     with tempfile.TemporaryDirectory(prefix="edgekit-trial-") as tmp:
         onnx.torch_to_onnx(model, samples[:1], Path(tmp) / "static.onnx", opset, dynamic_batch=False)
         np.save(Path(tmp) / "samples.npy", samples)
