@@ -539,6 +539,6 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # a full disk or an unwritable place the checks up front could not foresee
             if exc.errno not in WRITE_ERRORS:
                 raise
-            print(f"edgekit: error: cannot write '{exc.filename}': {exc.strerror}; {WRITE_ERRORS[exc.errno]}",
-                  file=sys.stderr)
+            where = f" '{exc.filename}'" if exc.filename else ""  # a write to an open file names none
+            print(f"edgekit: error: cannot write{where}: {exc.strerror}; {WRITE_ERRORS[exc.errno]}", file=sys.stderr)
             return 2
