@@ -10,7 +10,8 @@ an hour on one core), `full` on the whole training split (all 60 000 images but 
 longer ones, so that the fp32 models reach the published range (several hours per model: it resumes row by row,
 into its own results file). One fp32 model per zoo model; the pruning-method comparison at 70 % MACs removed and the KD
 study run SEEDS on ResNet-8 (the seed drives fine-tuning, batch order and the random baseline's channels) and
-one seed on the others. int8 TFLite: rpi5's full-int8 artifact with int8 I/O, checked on all 10 000 test images.
+one seed on the others (`--seeds N`: N on every model). int8 TFLite: rpi5's full-int8 artifact with int8 I/O,
+checked on all 10 000 test images.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import shutil
 import statistics
 import time
@@ -63,6 +65,12 @@ LITERATURE = ("What the literature finds on ranking vs random: Liu et al. 2019 (
 
 def seeds(model: str) -> list[int]:
     return SEEDS.get(model, [0])
+
+
+def seeds_in(rows: dict, model: str) -> list[int]:
+    """The seeds a model's rows were measured with (whatever --seeds the runs that made them had)."""
+    found = {int(m.group(1)) for key in rows if key.startswith(f"{model}:") and (m := re.search(r" seed (\d+)$", key))}
+    return sorted(found)
 
 
 def make_cfg(model: str, width: float, seed: int = 0, epochs: dict = SCALES["cpu"].epochs,
@@ -236,8 +244,8 @@ def report(rows: dict, seconds: float, command: str, note: str = "", scale: Scal
             f"`{command}` ({sum(r.get('seconds', 0) for r in rows.values()) / 60:.0f} min of measuring, summed over "
             f"the rows; a rerun resumes, skipping the rows in the JSON). Scale: {_train_images(scale)}, 28x28, "
             f"the full 10 000-image test set (one image = 0.01 pp); epochs: train {e['train']}, prune fine-tune "
-            f"{e['finetune']}, distill {e['distill']}, QAT {e['qat']}; one fp32 model per zoo model; seeds {SEEDS} "
-            "(others: one seed). "
+            f"{e['finetune']}, distill {e['distill']}, QAT {e['qat']}; one fp32 model per zoo model; seeds measured "
+            f"{ {n: seeds_in(rows, n) for n, _ in MODELS if seeds_in(rows, n)} }. "
             f"Published for comparison: {PUBLISHED}. int8 TFLite = full int8 with int8 I/O (rpi5); "
             "'carried' = NNCF's activation ranges written into the TFLite converter's calibration, "
             "'recalibrated' = the converter's own ranges from the calibration split."
@@ -295,9 +303,10 @@ def model_goals(rows: dict, name: str) -> list[str]:
         out.append(goal(name, f"{label}: ≥ 12× smaller than the fp32 TFLite within 1 pp", ratio >= 12 and d >= -0.01,
                         f"{ratio:.1f}× ({_kb(fp32['tflite_fp32_bytes'])} → {_kb(f['tflite_int8_bytes'])} KB), "
                         f"{100 * d:+.2f} pp"))
-    accs = {m: [rows[f"{k}prune {m} 70% seed {s}"]["accuracy"] for s in seeds(name)
+    measured = seeds_in(rows, name)
+    accs = {m: [rows[f"{k}prune {m} 70% seed {s}"]["accuracy"] for s in measured
                 if f"{k}prune {m} 70% seed {s}" in rows] for m, _ in METHODS}
-    early = {m: [rows[f"{k}prune {m} 70% seed {s}"]["before_ft"] for s in seeds(name)
+    early = {m: [rows[f"{k}prune {m} 70% seed {s}"]["before_ft"] for s in measured
                  if f"{k}prune {m} 70% seed {s}" in rows] for m, _ in METHODS}
     rand = accs["random"]
     for m in ("l1", "slimming", "taylor"):
@@ -310,9 +319,9 @@ def model_goals(rows: dict, name: str) -> list[str]:
                         d > spread if len(accs[m]) > 1 else None,
                         f"{m} {ms(accs[m])}, random {ms(rand)}: {100 * d:+.2f} pp vs std {100 * spread:.2f}; "
                         f"right after pruning (val) {100 * d0:+.1f} pp"))
-    ce = [rows[f"{k}distill 70% alpha 0.0 seed {s}"]["accuracy"] for s in seeds(name)
+    ce = [rows[f"{k}distill 70% alpha 0.0 seed {s}"]["accuracy"] for s in measured
           if f"{k}distill 70% alpha 0.0 seed {s}" in rows]
-    kd = [rows[f"{k}distill 70% alpha 0.7 seed {s}"]["accuracy"] for s in seeds(name)
+    kd = [rows[f"{k}distill 70% alpha 0.7 seed {s}"]["accuracy"] for s in measured
           if f"{k}distill 70% alpha 0.7 seed {s}" in rows]
     if ce and kd and len(ce) == len(kd):
         d = statistics.mean(kd) - statistics.mean(ce)
@@ -340,9 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="*", help="zoo model names (default: all, in priority order)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     ap.add_argument("--note", default="", help="a sentence about this run for the markdown (wall time, restarts)")
+    ap.add_argument("--seeds", type=int, help="seeds for the seed comparisons, every model (default: 3 for ResNet-8, "
+                    "1 for the others); a later run with more adds the missing seeds' rows")
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                     help="cpu: 5 000 training images, short schedules; full: the whole training split, longer ones")
     args = ap.parse_args(argv)
+    if args.seeds:
+        SEEDS.update({name: list(range(args.seeds)) for name, _ in MODELS})
     scale = SCALES[args.scale]
     torch.set_num_threads(1)  # the study shares the machine; one thread is also the fastest per CPU here
     out, t0 = Path(args.out), time.perf_counter()
