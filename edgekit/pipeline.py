@@ -223,7 +223,8 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     tflite.check_convertible(model, chosen, what)
     tflite.check_converts(model, data.calib.x[:20], chosen, what, keys.model_structure(cfg, data), cfg.export.opset)
     if prune.enabled(cfg):
-        prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem)
+        prunable.protected_layers(model, list(cfg.prune.ignore), data.num_classes, protect_stem=cfg.prune.protect_stem,
+                                  shape=data.sample_shape)
     if distill.enabled(cfg):
         distill._pairs(cfg.distill.feature_layers)  # the form of each entry; the layers are found in the stage
         for path in cfg.distill.teachers:

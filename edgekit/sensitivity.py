@@ -11,28 +11,27 @@ import copy
 from pathlib import Path
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from edgekit import metrics
 from edgekit.data import Dataset
-from edgekit.prunable import L1_FILTER_NORM, protected_layers, weighted_layers
+from edgekit.prunable import L1_FILTER_NORM, Pruner, protected_layers, weighted_layers
 
 RATIOS = (0.25, 0.5, 0.75)
 TOLERANCE = 0.02  # accuracy drop (absolute) a layer may cost without fine-tuning
 
 
-def prunable_layers(model: nn.Module, num_classes: int, protect_stem: bool = True) -> list[str]:
-    protected = set(map(id, protected_layers(model, [], num_classes, protect_stem=protect_stem)))
+def prunable_layers(model: nn.Module, num_classes: int, shape: tuple[int, ...], protect_stem: bool = True) -> list[str]:
+    protected = set(map(id, protected_layers(model, [], num_classes, protect_stem=protect_stem, shape=shape)))
     return [n for n, m in weighted_layers(model) if id(m) not in protected]
 
 
 def _prune_one(model: nn.Module, layer: str, ratio: float, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     m = copy.deepcopy(model)
     modules = dict(m.named_modules())
-    ignored = protected_layers(m, [], num_classes, protect_stem=False)
-    pruner = tp.pruner.MetaPruner(m, torch.zeros(1, *shape), importance=L1_FILTER_NORM, pruning_ratio=0.0,
-                                  pruning_ratio_dict={modules[layer]: ratio}, ignored_layers=ignored)
+    ignored = protected_layers(m, [], num_classes, protect_stem=False, shape=shape)
+    pruner = Pruner(m, torch.zeros(1, *shape), importance=L1_FILTER_NORM, pruning_ratio=0.0,
+                    pruning_ratio_dict={modules[layer]: ratio}, ignored_layers=ignored)
     pruner.step()
     return m
 
@@ -42,7 +41,7 @@ def analyse(model: nn.Module, data: Dataset, ratios: tuple[float, ...] = RATIOS,
     """{"baseline": acc, "layers": {name: {ratio: accuracy drop}}} on the validation split, L1 ranking."""
     base = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
     layers = {}
-    for name in prunable_layers(model, data.num_classes, protect_stem):
+    for name in prunable_layers(model, data.num_classes, data.sample_shape, protect_stem):
         drops = {}
         for r in ratios:
             pruned = _prune_one(model, name, r, data.sample_shape, data.num_classes)

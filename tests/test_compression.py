@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgekit import config, data, metrics, models, pipeline, targets
+from edgekit import config, data, metrics, models, pipeline, prunable, targets
 from edgekit.errors import ConfigError
 from edgekit.stages import distill, prune, quantize
 from edgekit.stages.base import Context
@@ -56,6 +56,65 @@ def test_target_params_round_to_and_ignore():
     assert p1 <= 0.6 * p0
     assert model[0][0].out_channels % 4 == 0 and model[0][0].out_channels < 16
     assert model[2][0].out_channels == 32  # ignored layer keeps its outputs
+
+
+class _Shuffled(torch.nn.Module):
+    """conv a -> a channel-mixing op -> conv b -> conv c: the unit of a ShuffleNet, as users write it."""
+
+    def __init__(self, mix: str):
+        super().__init__()
+        self.mix = mix
+        self.a, self.b = torch.nn.Conv2d(3, 16, 1), torch.nn.Conv2d(16, 16, 1)
+        self.c, self.fc = torch.nn.Conv2d(16 // 4 if mix == "pixel" else 16, 16, 1), torch.nn.Linear(16, 2)
+        self.pixel, self.channel = torch.nn.PixelShuffle(2), torch.nn.ChannelShuffle(4)
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.mix == "view":
+            n, c, h, w = x.shape
+            x = x.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+        elif self.mix == "channel":
+            x = self.channel(x)
+        x = torch.relu(self.b(x))
+        x = self.c(self.pixel(x)) if self.mix == "pixel" else self.c(x)
+        return self.fc(torch.flatten(x.mean((2, 3)), 1))
+
+
+@pytest.mark.parametrize("mix", ["view", "channel", "pixel"])
+def test_the_layer_before_a_channel_shuffle_is_kept_whole(mix):
+    """torch-pruning takes a shuffle for an element-wise op and cuts channel k on both sides of it, which after
+    the shuffle is another channel: the model would silently compute something else. The producer is kept."""
+    torch.manual_seed(0)
+    model = _Shuffled(mix)
+    shuffled = {"view": ["a"], "channel": ["a"], "pixel": ["b"]}[mix]
+    assert prunable.shuffled_layers(model, (3, 4, 4)) == shuffled
+    prune.prune_model(model, (3, 4, 4), 2, prune.Plan(method="l1", ratio=0.5, protect_stem=False))
+    widths = {n: getattr(model, n).out_channels for n in "abc"}
+    assert all(widths[n] == 16 for n in shuffled) and any(widths[n] < 16 for n in "abc" if n not in shuffled)
+    model(torch.zeros(2, 3, 4, 4))
+
+
+def test_without_a_shuffle_nothing_is_kept_whole():
+    torch.manual_seed(0)
+    model = _Shuffled("none")
+    assert prunable.shuffled_layers(model, (3, 4, 4)) == []
+    assert prunable.shuffled_layers(_model("resnet8"), SHAPE) == []
+    prune.prune_model(model, (3, 4, 4), 2, prune.Plan(method="l1", ratio=0.5, protect_stem=False))
+    assert model.a.out_channels == 8
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("round_to", [None, 8, 16])
+def test_round_to_counts_the_whole_grouped_layer(groups, round_to):
+    """torch-pruning 1.6 rounded one group's cut as the layer's: 4 groups, round_to 8 kept 32 of 64, 16 kept 64."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d
+    model = torch.nn.Sequential(conv(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                                conv(64, 64, 3, padding=1, groups=groups), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    prune.prune_model(model, (3, 8, 8), 4, prune.Plan(method="l1", ratio=0.25, round_to=round_to, protect_stem=False))
+    assert model[3].out_channels == 48 and model[0].out_channels == 48
+    model(torch.zeros(2, 3, 8, 8))
 
 
 def test_unreachable_target_is_a_clear_error():

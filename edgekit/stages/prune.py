@@ -40,7 +40,15 @@ from edgekit import metrics, tolerance, training
 from edgekit.config import MAX_CHANNEL_RATIO, Config, PruneConfig
 from edgekit.errors import ConfigError
 from edgekit.files import write_json
-from edgekit.prunable import L1_FILTER_NORM, layer_channels, output_channels, protected_layers
+from edgekit.prunable import (
+    L1_FILTER_NORM,
+    SHUFFLED,
+    Pruner,
+    layer_channels,
+    output_channels,
+    protected_layers,
+    shuffled_layers,
+)
 from edgekit.stages.base import Context, finish_torch_stage
 from edgekit.tolerance import Guard
 
@@ -120,7 +128,7 @@ def _pruner(model: nn.Module, shape: tuple[int, ...], plan: Plan, ignored: list[
     global_rank = plan.scope == "global"
     modules = dict(model.named_modules())
     ratio_dict = {modules[n]: r for n, r in plan.layer_ratios if n in modules} or None
-    return tp.pruner.MetaPruner(
+    return Pruner(
         model, torch.zeros(1, *shape), importance=method(plan.method).importance(global_rank),
         global_pruning=global_rank, pruning_ratio=ratio, pruning_ratio_dict=ratio_dict,
         max_pruning_ratio=MAX_LAYER_RATIO, iterative_steps=steps, ignored_layers=ignored, round_to=plan.round_to,
@@ -140,7 +148,7 @@ def prune_model(model: nn.Module, shape: tuple[int, ...], num_classes: int, plan
 
     Returns what was done: the measure targeted, reached fraction and number of pruner steps.
     """
-    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem)
+    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem, shape=shape)
     grads = _grad_fn(calib) if method(plan.method).needs_grad else None
     what = "macs" if plan.target_macs is not None else "params" if plan.target_params is not None else None
     if what is None:  # one shot at a channel ratio
@@ -218,7 +226,7 @@ def ratio_rounds(model: nn.Module, shape: tuple[int, ...], num_classes: int, pla
     of every layer's *unpruned* channels (torch-pruning's own iterative schedule). Rounding to `round_to` then
     never compounds across rounds (a new pruner each round would round the remaining channels down every time
     and overshoot: 32 channels at ratio 0.5 in 4 rounds of round_to 8 ended at 8)."""
-    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem)
+    ignored = protected_layers(model, list(plan.ignore), num_classes, protect_stem=plan.protect_stem, shape=shape)
     grads = _grad_fn(calib) if method(plan.method).needs_grad else None
     pruner = _pruner(model, shape, plan, ignored, ratio=plan.ratio, steps=steps)
     for k in range(1, steps + 1):
@@ -308,7 +316,7 @@ def _why_nothing(info: dict, plan: Plan) -> str:
         what = {"macs": "MACs", "params": "parameters"}[info["measure"]]
         return f"already at {info['reached']:.0%} of the unpruned {what}, under this round's {info['target']:.0%}"
     coupled = ("the layers left are tied (through a residual add or a concat) to a protected one: the stem "
-               "(prune.protect_stem: false frees it), prune.ignore or the classifier")
+               "(prune.protect_stem: false frees it), prune.ignore, the classifier or a layer before a channel shuffle")
     if plan.round_to and plan.round_to > 1:
         return f"every layer's count rounded to a multiple of {plan.round_to} stayed the same, or {coupled}"
     return f"the pruner found none to remove at this round's ratio (too small for any layer, or {coupled})"
@@ -417,6 +425,10 @@ def run(ctx: Context) -> dict:
         layer_ratios = sensitivity.to_ratios(result)
         extra["layer_ratios"] = layer_ratios
     round_to, round_to_from = round_to_for(p, ctx.targets)
+    shuffled = shuffled_layers(model, data.sample_shape)
+    if shuffled:
+        extra["kept_whole"] = {"layers": shuffled, "why": SHUFFLED}
+        print(f"[{name}] kept whole: {', '.join(shuffled)} ({SHUFFLED})", flush=True)
     baseline = metrics.accuracy(metrics.logits(model, data.val.x), data.val.y)
     guard = guard_for(p, ctx.targets, baseline, len(data.val.y))
     plan = replace(plan_from_config(p, layer_ratios), round_to=round_to)
