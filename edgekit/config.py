@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,6 +218,9 @@ def _build_section(cls: type, values: object, where: str) -> object:
             raise ConfigError(
                 f"config: '{where}.{key}' is {value!r}; expected {_describe(hints[key])}"
             )
+        if isinstance(value, float) and not math.isfinite(value):  # .inf passes every lower bound, .nan every bound
+            raise ConfigError(f"config: '{where}.{key}' is {value!r}; give a finite number "
+                              "(see `edgekit config --default` for sane values)")
     return cls(**values)
 
 

@@ -31,6 +31,9 @@ def test_default_config_round_trips():
         ({"data": {"source": "digits", "image_size": 16}}, "data.source 'digits' ignores it"),
         ({"data": {"source": "npy", "path": "d", "grayscale": True}}, "only imagefolder converts images"),
         ({"data": {"source": "digits", "copies": 2}}, "only digits32 makes augmented copies"),
+        ({"train": {"lr": float("inf")}}, "config: 'train.lr' is inf; give a finite number"),  # passed '> 0'
+        ({"prune": {"ratio": float("-inf")}}, "config: 'prune.ratio' is -inf; give a finite number"),
+        ({"search": {"refine": float("nan")}}, "config: 'search.refine' is nan; give a finite number"),
     ],
 )
 def test_bad_config_names_key_and_valid_choices(raw, needle):
