@@ -132,7 +132,7 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int = 17
+    opset: int = 17  # 13 (per-channel int8 Q/DQ) .. 21 (int4; the newest edgekit writes)
     # the artifact every bundle puts first, its primary (what `edgekit run` and a search time and score), as
     # format_precision (onnx_int8, onnx_fp32, onnx_fp16, tflite_int8, tflite_fp32); null: each target's first
     primary: str | None = None
@@ -156,6 +156,15 @@ class BuildConfig:
     stage_cache: bool = True  # reuse a stage that an earlier build finished with the same inputs (its input key)
 
 
+EPOCH_KEYS = ("train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs", "quantize.qat_epochs")
+# keys whose range the refusal states: (least, most, what). An image of 100 000 pixels a side took 5.8 GB in PIL's
+# resize before it stopped answering Ctrl-C; per-channel int8 (QuantizeLinear's axis, NNCF's and onnxruntime's Q/DQ)
+# needs opset 13, and 21 is the newest edgekit writes (int4's DequantizeLinear; torch.onnx exports up to 23)
+RANGES = {
+    "data.image_size": (1, 4096, "pixels a side (N, or [height, width])"),
+    "export.opset": (13, 21, "(per-channel int8 needs opset 13, and 21 is the newest edgekit writes)"),
+    **dict.fromkeys(EPOCH_KEYS, (0, 10_000, "epochs")),
+}
 MAX_CHANNEL_RATIO = 0.9  # no layer loses more of its channels (torch-pruning's max_pruning_ratio in stages/prune)
 BUNDLE_ONLY = ("primary",)  # export keys only the bundle stage reads: the stages before it keep their keys
 NO_EFFECT = ("allow_fidelity_miss", "stage_cache")  # build keys that change how a build goes, not what it makes
@@ -253,8 +262,9 @@ def _check_ranges(cfg: Config) -> None:
     for key, ok in checks:
         if not ok:
             value = _value(cfg, key)
-            raise ConfigError(f"config: '{key}' is out of range (got {value!r}); "
-                              "see `edgekit config --default` for sane values")
+            least, most, what = RANGES.get(key, (None, None, None))
+            valid = f"give {least}..{most} {what}" if what else "see `edgekit config --default` for sane values"
+            raise ConfigError(f"config: '{key}' is out of range (got {value!r}); {valid}")
     if cfg.prune.method != "magnitude" and cfg.prune.ratio > MAX_CHANNEL_RATIO:  # 0.95 kept more channels than 0.85
         raise ConfigError(f"config: 'prune.ratio' is {cfg.prune.ratio}, over {MAX_CHANNEL_RATIO}: channel pruning "
                           f"keeps at least {1 - MAX_CHANNEL_RATIO:.0%} of every layer's channels, and past that limit "
@@ -277,19 +287,21 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _counts_and_rates(cfg: Config) -> list[tuple[str, bool]]:
-    """Epochs, counts and learning rates: a negative epoch count would ship untrained weights."""
-    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "model.width", "export.opset",
-                "run.max_seconds"]
-    non_negative = ["train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs",
-                    "quantize.qat_epochs", "train.weight_decay", "distill.feature_weight", "distill.relation_weight",
-                    "run.warmup_runs", "run.min_seconds"]
-    size = cfg.data.image_size if isinstance(cfg.data.image_size, list) else [cfg.data.image_size or 1] * 2
+    """Epochs, counts and learning rates: a negative epoch count would ship untrained weights. The keys of RANGES
+    within their range (an image size, when set, as N or [height, width])."""
+    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "model.width", "run.max_seconds"]
+    non_negative = ["train.weight_decay", "distill.feature_weight", "distill.relation_weight", "run.warmup_runs",
+                    "run.min_seconds"]
     optional_positive = ["data.limit", "data.copies", "prune.round_to",
                          "quantize.mixed_precision_tolerance"]
+    size = cfg.data.image_size
+    sides = [] if size is None else size if isinstance(size, list) else [size, size]
+    ranged = {**{k: [_value(cfg, k)] for k in RANGES}, "data.image_size": sides}
     return ([(k, _value(cfg, k) > 0) for k in positive] + [(k, _value(cfg, k) >= 0) for k in non_negative]
             + [(k, _value(cfg, k) is None or _value(cfg, k) > 0) for k in optional_positive]
             + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds),
-               ("data.image_size", len(size) == 2 and min(size) > 0)])  # N, or [height, width]
+               ("data.image_size", size is None or len(sides) == 2)]
+            + [(k, all(RANGES[k][0] <= v <= RANGES[k][1] for v in values)) for k, values in ranged.items()])
 
 
 def _value(cfg: Config, key: str) -> object:

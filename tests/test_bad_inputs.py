@@ -212,6 +212,11 @@ CONFIG_CASES = [
     ("limit-zero", {"c.yaml": "data: {limit: 0}\n"}, BUILD, "'data.limit' is out of range (got 0)"),
     ("width-zero", {"c.yaml": "model: {width: 0}\n"}, BUILD, "'model.width' is out of range"),
     ("image-size-negative", {"c.yaml": "data: {image_size: -8}\n"}, BUILD, "'data.image_size' is out of range"),
+    # once blamed on the first image ("'imgs/cat/0.png' is not a readable image (height and width must be > 0)")
+    ("image-size-zero", {"c.yaml": "data: {path: imgs, image_size: 0}\n", "imgs": lambda p: images(p, 30)}, BUILD,
+     "config: 'data.image_size' is out of range (got 0); give 1..4096 pixels a side"),
+    ("image-size-huge", {"c.yaml": "data: {path: imgs, image_size: 100000}\n"}, BUILD,
+     "config: 'data.image_size' is out of range (got 100000); give 1..4096 pixels a side"),
     ("export-primary-not-shipped", {"c.yaml": "export: {primary: onnx_fp32}\n"}, BUILD + ["--target", "rpi5"],
      "config: export.primary 'onnx_fp32' is not among what rpi5 ships (tflite_int8, tflite_fp32); pick one of those"),
     ("image-size-three-numbers", {"c.yaml": "data: {source: imagefolder, path: imgs, image_size: [8, 8, 8]}\n"},

@@ -34,6 +34,18 @@ def test_default_config_round_trips():
         ({"train": {"lr": float("inf")}}, "config: 'train.lr' is inf; give a finite number"),  # passed '> 0'
         ({"prune": {"ratio": float("-inf")}}, "config: 'prune.ratio' is -inf; give a finite number"),
         ({"search": {"refine": float("nan")}}, "config: 'search.refine' is nan; give a finite number"),
+        # upper bounds, with the range in the error: 100 000 took 5.8 GB in PIL's resize; 1e20 epochs ran forever
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": 100000}},
+         "config: 'data.image_size' is out of range (got 100000); give 1..4096 pixels a side (N, or [height, width])"),
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": [64, 5000]}}, "(got [64, 5000]); give 1..4096"),
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": 0}},
+         "'data.image_size' is out of range (got 0)"),
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": [0, 8]}}, "'data.image_size' is out of range"),
+        ({"train": {"epochs": 10**20}}, "'train.epochs' is out of range (got 100000000000000000000); give 0..10000"),
+        ({"quantize": {"qat_epochs": 10001}}, "'quantize.qat_epochs' is out of range (got 10001); give 0..10000"),
+        ({"export": {"opset": 5}}, "config: 'export.opset' is out of range (got 5); give 13..21 (per-channel int8 "
+         "needs opset 13"),
+        ({"export": {"opset": 22}}, "'export.opset' is out of range (got 22); give 13..21"),
     ],
 )
 def test_bad_config_names_key_and_valid_choices(raw, needle):
@@ -53,6 +65,12 @@ def test_source_keys_shown_as_the_source_reads_them(source):
     assert shown["copies"] == (3 if source == "digits32" else None)
     assert config.from_dict(yaml.safe_load(config.dump(cfg))) == cfg
     assert "  image_size: null  # imagefolder only (32 when not set); N or [height, width]\n" in config.default_yaml()
+
+
+def test_the_ends_of_each_range_are_accepted():
+    for raw in ({"export": {"opset": 13}}, {"export": {"opset": 21}}, {"train": {"epochs": 10_000}},
+                {"data": {"source": "imagefolder", "path": "d", "image_size": [1, 4096]}}):
+        config.from_dict(raw)
 
 
 def test_int_accepted_for_float_and_paths_resolved(tmp_path):
