@@ -230,6 +230,11 @@ CONFIG_CASES = [
     ("file-is-a-list", {"c.yaml": "- train\n- prune\n"}, BUILD, "must hold a mapping of sections"),
     ("section-not-mapping", {"c.yaml": "train: 5\n"}, BUILD, "'train' must be a mapping of keys"),
     ("invalid-yaml", {"c.yaml": "train: [epochs: 1\n"}, BUILD, "is not valid YAML at line"),
+    ("yaml-python-tag", {"c.yaml": "train: !!python/object/apply:os.system [echo hi]\n"}, BUILD,
+     "config file 'c.yaml' holds a Python object tag (!!python/object/apply:os.system) at line 1, which edgekit "
+     "never loads (it would run code); write plain values"),
+    ("yaml-section-twice", {"c.yaml": "data: {path: d.npz}\ntrain: {epochs: 1}\ntrain: {epochs: 2}\n"}, BUILD,
+     "config file 'c.yaml' gives 'train' twice in one mapping (lines 2 and 3)"),
     ("config-missing", {}, BUILD, "config file 'c.yaml' not found"),
     ("config-is-folder", {"c.yaml/x": "a"}, BUILD, "config file 'c.yaml' is a folder"),
     ("config-binary", {"c.yaml": b"\xff\xfe\x00\x01"}, BUILD, "cannot be read (UnicodeDecodeError)"),

@@ -88,3 +88,30 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("train: [epochs: 1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(bad)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    # refused by the safe loader, which is right, but was called a syntax error
+    ("train: {epochs: 1}\nprune: !!python/object/apply:os.system [echo hi]\n",
+     "holds a Python object tag (!!python/object/apply:os.system) at line 2, which edgekit never loads (it would run "
+     "code); write plain values (numbers, text, lists, mappings)"),
+    ("train: !!python/name:os.system\n", "holds a Python object tag (!!python/name:os.system) at line 1"),
+    ("train: !epochs 3\n", "holds a YAML tag (!epochs) at line 1, which edgekit does not load"),
+    # PyYAML keeps the last of a key given twice, silently: the first section was dropped
+    ("train: {epochs: 1}\nprune: {ratio: 0.3}\ntrain:\n  lr: 0.1\n",
+     "gives 'train' twice in one mapping (lines 1 and 3); YAML would keep the last silently: give it once"),
+    ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "gives 'lr' twice in one mapping (lines 2 and 4)"),
+])
+def test_tags_and_duplicate_keys_are_named(tmp_path, text, needle):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(tmp_path / "c.yaml")
+    assert str(err.value).startswith(f"config file '{tmp_path / 'c.yaml'}' ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    """`<<: *base` and a key beside it is YAML's way to override, not a key given twice."""
+    (tmp_path / "c.yaml").write_text("train: &t {lr: 0.01, epochs: 2}\ndistill: {<<: *t, lr: 0.002}\n")
+    cfg = config.load(tmp_path / "c.yaml")
+    assert (cfg.distill.epochs, cfg.distill.lr, cfg.train.lr) == (2, 0.002, 0.01)
