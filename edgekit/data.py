@@ -241,11 +241,21 @@ def _image(file: Path, height: int, width: int, grayscale: bool) -> np.ndarray:
 
     try:
         with Image.open(file) as img:
-            img = img.convert("L" if grayscale else "RGB").resize((width, height))
+            img = _eight_bit(img).convert("L" if grayscale else "RGB").resize((width, height))
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's damaged-file errors
         raise DataError(f"'{file}' is not a readable image ({_one_line(exc)}); replace or remove it") from exc
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
+
+
+def _eight_bit(img):
+    """A 16-bit greyscale image (a PNG opens as Pillow's I;16, I;16B or I) as the 8-bit image a copy saved at 8 bits
+    holds: value / 257, so 65535 is 255. Pillow's convert clips it at 255 instead: a 16-bit gradient went white."""
+    from PIL import Image
+
+    if not img.mode.startswith("I"):
+        return img
+    return Image.fromarray(np.clip(np.rint(np.asarray(img, np.float64) / 257), 0, 255).astype(np.uint8))  # mode L
 
 
 def _one_line(exc: BaseException) -> str:

@@ -138,6 +138,27 @@ def test_imagefolder(tmp_path):
     assert ds.sample_shape == (3, 12, 20) and "resized to 12x20" in ds.preprocessing
 
 
+@pytest.mark.parametrize("grayscale", [True, False])
+def test_a_16_bit_png_reads_as_its_8_bit_copy(tmp_path, grayscale):
+    """A 16-bit greyscale PNG (Pillow's mode I;16) is scaled to 8 bits, value / 257: Pillow's convert clipped it at
+    255, and a 16-bit gradient read as almost all white."""
+    rng = np.random.default_rng(0)
+    for cls, top in (("dark", 20000), ("light", 65535)):
+        for depth in (16, 8):
+            (tmp_path / f"{depth}-bit" / cls).mkdir(parents=True)
+        for i in range(30):
+            x = rng.integers(0, top + 1, (8, 8)).astype(np.uint16)
+            Image.fromarray(x).save(tmp_path / "16-bit" / cls / f"{i}.png")
+            Image.fromarray(np.rint(x / 257).astype(np.uint8)).save(tmp_path / "8-bit" / cls / f"{i}.png")
+    with Image.open(tmp_path / "16-bit" / "dark" / "0.png") as img:
+        assert img.mode.startswith("I")  # what Pillow opens a 16-bit PNG as
+    wide, narrow = (data.load_dataset(config.from_dict({"data": {"path": str(tmp_path / f"{depth}-bit"),
+                                                                 "image_size": 6, "grayscale": grayscale}}))
+                    for depth in (16, 8))
+    np.testing.assert_array_equal(wide.train.x, narrow.train.x)
+    assert wide.train.x.mean() < 0.5
+
+
 def test_missing_data_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "x.npz")}}))
