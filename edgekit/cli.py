@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -160,8 +161,9 @@ def _check_run_numbers(args: argparse.Namespace) -> None:
     limits = {"threads": 1, "warmup_runs": 0, "warmup_seconds": 0, "min_runs": 1, "min_seconds": 0, "max_seconds": 0}
     for key, least in limits.items():
         value = getattr(args, key)
-        if value is not None and value < least:
-            raise ConfigError(f"--{key.replace('_', '-')} is {value}; give at least {least}")
+        if value is not None and not (math.isfinite(value) and value >= least):  # argparse's float takes nan, inf
+            raise ConfigError(f"--{key.replace('_', '-')} is {value}; give "
+                              f"{'' if math.isfinite(value) else 'a finite number, '}at least {least}")
     if args.max_seconds is not None and args.min_seconds is not None and args.max_seconds < args.min_seconds:
         raise ConfigError(f"--max-seconds {args.max_seconds:g} is below --min-seconds {args.min_seconds:g}; the "
                           "timing stops at --max-seconds, so give it at least --min-seconds")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,7 +133,7 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int = 17
+    opset: int = 17  # 13 (per-channel int8 Q/DQ) .. 21 (int4; the newest edgekit writes)
     # the artifact every bundle puts first, its primary (what `edgekit run` and a search time and score), as
     # format_precision (onnx_int8, onnx_fp32, onnx_fp16, tflite_int8, tflite_fp32); null: each target's first
     primary: str | None = None
@@ -155,6 +157,15 @@ class BuildConfig:
     stage_cache: bool = True  # reuse a stage that an earlier build finished with the same inputs (its input key)
 
 
+EPOCH_KEYS = ("train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs", "quantize.qat_epochs")
+# keys whose range the refusal states: (least, most, what). An image of 100 000 pixels a side took 5.8 GB in PIL's
+# resize before it stopped answering Ctrl-C; per-channel int8 (QuantizeLinear's axis, NNCF's and onnxruntime's Q/DQ)
+# needs opset 13, and 21 is the newest edgekit writes (int4's DequantizeLinear; torch.onnx exports up to 23)
+RANGES = {
+    "data.image_size": (1, 4096, "pixels a side (N, or [height, width])"),
+    "export.opset": (13, 21, "(per-channel int8 needs opset 13, and 21 is the newest edgekit writes)"),
+    **dict.fromkeys(EPOCH_KEYS, (0, 10_000, "epochs")),
+}
 MAX_CHANNEL_RATIO = 0.9  # no layer loses more of its channels (torch-pruning's max_pruning_ratio in stages/prune)
 BUNDLE_ONLY = ("primary",)  # export keys only the bundle stage reads: the stages before it keep their keys
 NO_EFFECT = ("allow_fidelity_miss", "stage_cache")  # build keys that change how a build goes, not what it makes
@@ -217,6 +228,9 @@ def _build_section(cls: type, values: object, where: str) -> object:
             raise ConfigError(
                 f"config: '{where}.{key}' is {value!r}; expected {_describe(hints[key])}"
             )
+        if isinstance(value, float) and not math.isfinite(value):  # .inf passes every lower bound, .nan every bound
+            raise ConfigError(f"config: '{where}.{key}' is {value!r}; give a finite number "
+                              "(see `edgekit config --default` for sane values)")
     return cls(**values)
 
 
@@ -249,8 +263,9 @@ def _check_ranges(cfg: Config) -> None:
     for key, ok in checks:
         if not ok:
             value = _value(cfg, key)
-            raise ConfigError(f"config: '{key}' is out of range (got {value!r}); "
-                              "see `edgekit config --default` for sane values")
+            least, most, what = RANGES.get(key, (None, None, None))
+            valid = f"give {least}..{most} {what}" if what else "see `edgekit config --default` for sane values"
+            raise ConfigError(f"config: '{key}' is out of range (got {value!r}); {valid}")
     if cfg.prune.method != "magnitude" and cfg.prune.ratio > MAX_CHANNEL_RATIO:  # 0.95 kept more channels than 0.85
         raise ConfigError(f"config: 'prune.ratio' is {cfg.prune.ratio}, over {MAX_CHANNEL_RATIO}: channel pruning "
                           f"keeps at least {1 - MAX_CHANNEL_RATIO:.0%} of every layer's channels, and past that limit "
@@ -273,19 +288,21 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _counts_and_rates(cfg: Config) -> list[tuple[str, bool]]:
-    """Epochs, counts and learning rates: a negative epoch count would ship untrained weights."""
-    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "model.width", "export.opset",
-                "run.max_seconds"]
-    non_negative = ["train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs",
-                    "quantize.qat_epochs", "train.weight_decay", "distill.feature_weight", "distill.relation_weight",
-                    "run.warmup_runs", "run.min_seconds"]
-    size = cfg.data.image_size if isinstance(cfg.data.image_size, list) else [cfg.data.image_size or 1] * 2
+    """Epochs, counts and learning rates: a negative epoch count would ship untrained weights. The keys of RANGES
+    within their range (an image size, when set, as N or [height, width])."""
+    positive = ["train.lr", "prune.lr", "distill.lr", "quantize.lr", "model.width", "run.max_seconds"]
+    non_negative = ["train.weight_decay", "distill.feature_weight", "distill.relation_weight", "run.warmup_runs",
+                    "run.min_seconds"]
     optional_positive = ["data.limit", "data.copies", "prune.round_to",
                          "quantize.mixed_precision_tolerance"]
+    size = cfg.data.image_size
+    sides = [] if size is None else size if isinstance(size, list) else [size, size]
+    ranged = {**{k: [_value(cfg, k)] for k in RANGES}, "data.image_size": sides}
     return ([(k, _value(cfg, k) > 0) for k in positive] + [(k, _value(cfg, k) >= 0) for k in non_negative]
             + [(k, _value(cfg, k) is None or _value(cfg, k) > 0) for k in optional_positive]
             + [("run.max_seconds", cfg.run.max_seconds >= cfg.run.min_seconds),
-               ("data.image_size", len(size) == 2 and min(size) > 0)])  # N, or [height, width]
+               ("data.image_size", size is None or len(sides) == 2)]
+            + [(k, all(RANGES[k][0] <= v <= RANGES[k][1] for v in values)) for k, values in ranged.items()])
 
 
 def _value(cfg: Config, key: str) -> object:
@@ -324,6 +341,47 @@ def from_dict(raw: dict | None, base_dir: str | Path = ".", *, check_space: bool
     return cfg
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping, with the lines of both."""
+
+    def __init__(self, key: object, lines: tuple[int, int]) -> None:
+        super().__init__(f"{key!r} at lines {lines[0]} and {lines[1]}")
+        self.key, self.lines = key, lines
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    one silently (a second `train:` section replaced the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given beside it override it, as meant
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in first:  # an unhashable key: PyYAML's own error
+                raise DuplicateKey(key, (first[key], line))
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong with a config file PyYAML refused, and what to do."""
+    if isinstance(exc, DuplicateKey):
+        first, second = exc.lines
+        lines = f"lines {first} and {second}" if first != second else f"line {first}"
+        return f"gives {exc.key!r} twice in one mapping ({lines}); YAML would keep the last silently: give it once"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    tag = re.search(r"constructor for the tag '([^']+)'", str(getattr(exc, "problem", "")))
+    if not tag:
+        return f"is not valid YAML{where}; fix the syntax"
+    name = tag[1].replace("tag:yaml.org,2002:", "!!")  # a tag the safe loader refuses: not a syntax error
+    what, why = (("a Python object tag", "never loads (it would run code)") if name.startswith("!!python/")
+                 else ("a YAML tag", "does not load"))
+    return f"holds {what} ({name}){where}, which edgekit {why}; write plain values (numbers, text, lists, mappings)"
+
+
 def load(path: str | Path | None, log=None) -> Config:
     """Load a YAML config; None gives the built-in default. `log` is told when a file holds no settings."""
     if path is None:
@@ -334,11 +392,9 @@ def load(path: str | Path | None, log=None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; write one from `edgekit config --default`")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=StrictLoader)  # a SafeLoader: plain values only
     except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from exc
+        raise ConfigError(f"config file '{path}' {_yaml_problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file '{path}' cannot be read ({type(exc).__name__}); "
                           "write a YAML text file from `edgekit config --default`") from exc

@@ -23,6 +23,13 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where that Debi
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                         "Ankle boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+SKIPPED = {  # files an ImageFolder does not read that may have been meant as data: noun, why, what to do
+    "outside": ("image", "outside every class folder", "move each into its class's folder"),
+    "nested": ("image", "in a subfolder of a class folder, where edgekit does not look",
+               "move them up into the class folder"),
+    "type": ("file", f"of a type edgekit does not read (it reads {', '.join(sorted(IMAGE_SUFFIXES))})",
+             "convert the images among them to PNG"),
+}
 MIN_SPLIT = {"train": 10, "validation": 5, "test": 10}  # fewer gives accuracies that mean nothing
 MAX_ZIP_RATIO = 1100  # deflate cannot compress better than about 1032:1
 ZIP_MAGIC = b"PK\x03\x04"  # what every zip archive (a .npz) starts with
@@ -84,6 +91,7 @@ class Dataset:
     calib: Split  # a subset of train, for int8 calibration
     labels: list[str]
     preprocessing: str  # what was done to raw inputs, written into bundle manifests
+    warnings: tuple[str, ...] = ()  # files the source skipped that may have been meant as data (the train stage says)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -196,7 +204,8 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     return x, y, labels, f"{how} in the .npz, shape {x.shape[1:]}"
 
 
-def _imagefolder(root: Path, size: int | list[int], grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+def _imagefolder(root: Path, size: int | list[int],
+                 grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str, list[str]]:
     height, width = size if isinstance(size, list) else (size, size)
     if not root.is_dir():
         raise DataError(f"image folder '{root}' not found; set data.path to a folder with one subfolder per class")
@@ -205,13 +214,9 @@ def _imagefolder(root: Path, size: int | list[int], grayscale: bool) -> tuple[np
     if len(classes) < 2:
         raise DataError(_other_source(root) or f"'{root}' has {len(classes)} class folder"
                         f"{'' if len(classes) == 1 else 's'}; an ImageFolder needs at least two")
-    xs, ys = [], []
-    for class_id, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            xs.append(_image(file, height, width, grayscale))
-            ys.append(class_id)
+    files, skipped = _image_files(root, classes)
+    xs = [_image(file, height, width, grayscale) for file, _ in files]
+    ys = [class_id for _, class_id in files]
     if not xs:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under '{root}'")
     used = set(ys)
@@ -220,7 +225,37 @@ def _imagefolder(root: Path, size: int | list[int], grayscale: bool) -> tuple[np
         raise DataError(f"class folder '{root / empty[0]}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "add images of that class or remove the folder")
     mode = "grayscale" if grayscale else "RGB"
-    return np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {height}x{width}, pixel / 255, CHW"
+    return (np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {height}x{width}, pixel / 255, CHW",
+            skipped)
+
+
+def _image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The images directly in each class folder, with its class id, and a warning for each kind of file skipped
+    that may have been meant as data (SKIPPED: how many, one of them, why). Hidden files and folders (macOS's
+    ._x.png and .DS_Store, .ipynb_checkpoints) are metadata, skipped without a word."""
+    def image(path: Path) -> bool:  # a broken link is an image that cannot be read (_image says so)
+        return path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir()
+
+    def hidden(path: Path) -> bool:
+        return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+    found, skipped = [], {why: [] for why in SKIPPED}
+    skipped["outside"] = [p for p in sorted(root.iterdir()) if image(p) and not hidden(p)]
+    for class_id, name in enumerate(classes):
+        for path in sorted(p for p in (root / name).iterdir() if not hidden(p)):
+            if path.is_dir():
+                skipped["nested"] += [p for p in sorted(path.rglob("*")) if image(p) and not hidden(p)]
+            elif image(path):
+                found.append((path, class_id))
+            else:
+                skipped["type"].append(path)
+    warnings = []
+    for why, paths in skipped.items():
+        noun, reason, fix = SKIPPED[why]
+        if paths:
+            warnings.append(f"'{root}': {len(paths)} {noun}{'s' * (len(paths) > 1)} not read (e.g. "
+                            f"'{paths[0].relative_to(root)}'): {reason}; {fix}")
+    return found, warnings
 
 
 def _other_source(root: Path) -> str | None:
@@ -241,11 +276,21 @@ def _image(file: Path, height: int, width: int, grayscale: bool) -> np.ndarray:
 
     try:
         with Image.open(file) as img:
-            img = img.convert("L" if grayscale else "RGB").resize((width, height))
+            img = _eight_bit(img).convert("L" if grayscale else "RGB").resize((width, height))
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's damaged-file errors
         raise DataError(f"'{file}' is not a readable image ({_one_line(exc)}); replace or remove it") from exc
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
+
+
+def _eight_bit(img):
+    """A 16-bit greyscale image (a PNG opens as Pillow's I;16, I;16B or I) as the 8-bit image a copy saved at 8 bits
+    holds: value / 257, so 65535 is 255. Pillow's convert clips it at 255 instead: a 16-bit gradient went white."""
+    from PIL import Image
+
+    if not img.mode.startswith("I"):
+        return img
+    return Image.fromarray(np.clip(np.rint(np.asarray(img, np.float64) / 257), 0, 255).astype(np.uint8))  # mode L
 
 
 def _one_line(exc: BaseException) -> str:
@@ -529,7 +574,7 @@ def load_dataset(cfg: Config) -> Dataset:
 
 def _memory_dataset(cfg: Config) -> Dataset:
     """The sources read whole into memory: the built-in digits, a .npz, an ImageFolder."""
-    d, groups = cfg.data, None
+    d, groups, skipped = cfg.data, None, []
     if d.source == "digits":
         x, y, labels, prep = _digits()
     elif d.source == "digits32":
@@ -537,9 +582,9 @@ def _memory_dataset(cfg: Config) -> Dataset:
     elif d.source == "npz":
         x, y, labels, prep = _npz(cfg.resolve(d.path))
     else:
-        x, y, labels, prep = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
+        x, y, labels, prep, skipped = _imagefolder(cfg.resolve(d.path), d.image_size, d.grayscale)
     where = f"'{cfg.resolve(d.path)}'" if d.path else f"data.source {d.source}"
     _check_finite(x, where)
     _check_classes(y, labels, where)
     train, val, test, calib = _split(x, y, d, groups)
-    return Dataset(train, val, test, calib, labels, prep)
+    return Dataset(train, val, test, calib, labels, prep, tuple(skipped))

@@ -7,6 +7,7 @@ folder (`$EDGEKIT_TARGETS`, several separated by `:`, and `~/.config/edgekit/tar
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -200,7 +201,8 @@ def _round_to(raw: dict, source: str) -> None:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite number (.nan passes every bound, .inf every lower one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _budgets(raw: dict, source: str) -> dict:
@@ -240,8 +242,8 @@ def _thresholds(raw: dict, defaults: dict, where: str, source: str, extra: tuple
         raise TargetError(f"{source}: unknown {where} key '{sorted(unknown)[0]}'; valid: "
                           + ", ".join([*defaults, *extra]))
     merged = defaults | raw
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in merged.values()):
-        raise TargetError(f"{source}: {where} thresholds must be numbers")
+    if not all(_number(v) for v in merged.values()):
+        raise TargetError(f"{source}: {where} thresholds must be finite numbers")
     if not 0 <= merged["min_agreement"] <= 1:
         raise TargetError(f"{source}: {where}.min_agreement must be between 0 and 1")
     return {k: float(v) for k, v in merged.items()}

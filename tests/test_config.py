@@ -31,6 +31,21 @@ def test_default_config_round_trips():
         ({"data": {"source": "digits", "image_size": 16}}, "data.source 'digits' ignores it"),
         ({"data": {"source": "npy", "path": "d", "grayscale": True}}, "only imagefolder converts images"),
         ({"data": {"source": "digits", "copies": 2}}, "only digits32 makes augmented copies"),
+        ({"train": {"lr": float("inf")}}, "config: 'train.lr' is inf; give a finite number"),  # passed '> 0'
+        ({"prune": {"ratio": float("-inf")}}, "config: 'prune.ratio' is -inf; give a finite number"),
+        ({"search": {"refine": float("nan")}}, "config: 'search.refine' is nan; give a finite number"),
+        # upper bounds, with the range in the error: 100 000 took 5.8 GB in PIL's resize; 1e20 epochs ran forever
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": 100000}},
+         "config: 'data.image_size' is out of range (got 100000); give 1..4096 pixels a side (N, or [height, width])"),
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": [64, 5000]}}, "(got [64, 5000]); give 1..4096"),
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": 0}},
+         "'data.image_size' is out of range (got 0)"),
+        ({"data": {"source": "imagefolder", "path": "d", "image_size": [0, 8]}}, "'data.image_size' is out of range"),
+        ({"train": {"epochs": 10**20}}, "'train.epochs' is out of range (got 100000000000000000000); give 0..10000"),
+        ({"quantize": {"qat_epochs": 10001}}, "'quantize.qat_epochs' is out of range (got 10001); give 0..10000"),
+        ({"export": {"opset": 5}}, "config: 'export.opset' is out of range (got 5); give 13..21 (per-channel int8 "
+         "needs opset 13"),
+        ({"export": {"opset": 22}}, "'export.opset' is out of range (got 22); give 13..21"),
     ],
 )
 def test_bad_config_names_key_and_valid_choices(raw, needle):
@@ -52,6 +67,12 @@ def test_source_keys_shown_as_the_source_reads_them(source):
     assert "  image_size: null  # imagefolder only (32 when not set); N or [height, width]\n" in config.default_yaml()
 
 
+def test_the_ends_of_each_range_are_accepted():
+    for raw in ({"export": {"opset": 13}}, {"export": {"opset": 21}}, {"train": {"epochs": 10_000}},
+                {"data": {"source": "imagefolder", "path": "d", "image_size": [1, 4096]}}):
+        config.from_dict(raw)
+
+
 def test_int_accepted_for_float_and_paths_resolved(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("distill: {temperature: 2}\ndata: {source: npz, path: d.npz}\n")
@@ -67,3 +88,30 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("train: [epochs: 1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(bad)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    # refused by the safe loader, which is right, but was called a syntax error
+    ("train: {epochs: 1}\nprune: !!python/object/apply:os.system [echo hi]\n",
+     "holds a Python object tag (!!python/object/apply:os.system) at line 2, which edgekit never loads (it would run "
+     "code); write plain values (numbers, text, lists, mappings)"),
+    ("train: !!python/name:os.system\n", "holds a Python object tag (!!python/name:os.system) at line 1"),
+    ("train: !epochs 3\n", "holds a YAML tag (!epochs) at line 1, which edgekit does not load"),
+    # PyYAML keeps the last of a key given twice, silently: the first section was dropped
+    ("train: {epochs: 1}\nprune: {ratio: 0.3}\ntrain:\n  lr: 0.1\n",
+     "gives 'train' twice in one mapping (lines 1 and 3); YAML would keep the last silently: give it once"),
+    ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "gives 'lr' twice in one mapping (lines 2 and 4)"),
+])
+def test_tags_and_duplicate_keys_are_named(tmp_path, text, needle):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(tmp_path / "c.yaml")
+    assert str(err.value).startswith(f"config file '{tmp_path / 'c.yaml'}' ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    """`<<: *base` and a key beside it is YAML's way to override, not a key given twice."""
+    (tmp_path / "c.yaml").write_text("train: &t {lr: 0.01, epochs: 2}\ndistill: {<<: *t, lr: 0.002}\n")
+    cfg = config.load(tmp_path / "c.yaml")
+    assert (cfg.distill.epochs, cfg.distill.lr, cfg.train.lr) == (2, 0.002, 0.01)

@@ -138,6 +138,61 @@ def test_imagefolder(tmp_path):
     assert ds.sample_shape == (3, 12, 20) and "resized to 12x20" in ds.preprocessing
 
 
+@pytest.mark.parametrize("grayscale", [True, False])
+def test_a_16_bit_png_reads_as_its_8_bit_copy(tmp_path, grayscale):
+    """A 16-bit greyscale PNG (Pillow's mode I;16) is scaled to 8 bits, value / 257: Pillow's convert clipped it at
+    255, and a 16-bit gradient read as almost all white."""
+    rng = np.random.default_rng(0)
+    for cls, top in (("dark", 20000), ("light", 65535)):
+        for depth in (16, 8):
+            (tmp_path / f"{depth}-bit" / cls).mkdir(parents=True)
+        for i in range(30):
+            x = rng.integers(0, top + 1, (8, 8)).astype(np.uint16)
+            Image.fromarray(x).save(tmp_path / "16-bit" / cls / f"{i}.png")
+            Image.fromarray(np.rint(x / 257).astype(np.uint8)).save(tmp_path / "8-bit" / cls / f"{i}.png")
+    with Image.open(tmp_path / "16-bit" / "dark" / "0.png") as img:
+        assert img.mode.startswith("I")  # what Pillow opens a 16-bit PNG as
+    wide, narrow = (data.load_dataset(config.from_dict({"data": {"path": str(tmp_path / f"{depth}-bit"),
+                                                                 "image_size": 6, "grayscale": grayscale}}))
+                    for depth in (16, 8))
+    np.testing.assert_array_equal(wide.train.x, narrow.train.x)
+    assert wide.train.x.mean() < 0.5
+
+
+def test_imagefolder_skips_metadata_unsaid_and_says_what_else_it_skipped(tmp_path):
+    """macOS's AppleDouble ._x.png (metadata, not an image) stopped the build; nested, top-level and unread-type
+    files were dropped without a word. Metadata is skipped as hidden folders are; the rest is one warning per kind:
+    how many, one of them, why."""
+    for cls, value in (("cat", 30), ("dog", 220)):
+        (tmp_path / cls / "more").mkdir(parents=True)
+        for i in range(30):
+            Image.new("RGB", (8, 8), (value, i, 0)).save(tmp_path / cls / f"{i}.png")
+            (tmp_path / cls / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "more" / "0.png")
+        (tmp_path / cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "more" / "1.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "scan.tif")
+    (tmp_path / "cat" / "notes.txt").write_text("collected 2024")
+    Image.new("RGB", (8, 8)).save(tmp_path / "unsorted.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".ipynb_checkpoints" / "x.png")
+    ds = data.load_dataset(config.from_dict({"data": {"path": str(tmp_path), "image_size": 8}}))
+    assert len(ds.train.y) + len(ds.val.y) + len(ds.test.y) == 60
+    assert ds.warnings == (
+        f"'{tmp_path}': 1 image not read (e.g. 'unsorted.png'): outside every class folder; move each into its "
+        "class's folder",
+        f"'{tmp_path}': 3 images not read (e.g. 'cat/more/0.png'): in a subfolder of a class folder, where edgekit "
+        "does not look; move them up into the class folder",
+        f"'{tmp_path}': 2 files not read (e.g. 'cat/notes.txt'): of a type edgekit does not read (it reads .bmp, "
+        ".gif, .jpeg, .jpg, .png, .webp); convert the images among them to PNG")
+
+
+def test_an_imagefolder_with_only_class_images_has_no_warnings(tmp_path):
+    _write_source(tmp_path, "imagefolder", np.zeros((60, 8, 8), np.uint8), np.arange(60) % 2)
+    ds = data.load_dataset(config.from_dict({"data": {"path": str(tmp_path), "image_size": 8}}))
+    assert ds.warnings == ()
+
+
 def test_missing_data_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "x.npz")}}))

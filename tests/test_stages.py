@@ -222,3 +222,19 @@ def test_a_split_without_some_class_is_warned_about(tmp_path, capsys):
                     "pruning and repairs int8 does not see it; raise data.val_fraction or add samples")
     record = train.run(Context(cfg, ds, tmp_path, []))
     assert record["warnings"][-1] == line and f"[train] warning: {line}" in capsys.readouterr().out
+
+
+def test_what_the_data_source_skipped_is_warned_about_before_training(tmp_path, capsys):
+    """An ImageFolder's skipped files (data.Dataset.warnings): said when the train stage starts, and recorded with its
+    other warnings (report.json, the summary, the page)."""
+    import dataclasses
+
+    from edgekit.stages import train
+
+    cfg = config.from_dict(tiny(data={"limit": 120}, train={"epochs": 1}))
+    skipped = "'imgs': 3 images not read (e.g. 'cat/more/0.png'): in a subfolder of a class folder, ..."
+    ds = dataclasses.replace(data.load_dataset(cfg), warnings=(skipped,))
+    record = train.run(Context(cfg, ds, tmp_path, []))
+    assert record["warnings"][0] == skipped
+    out = capsys.readouterr().out
+    assert out.startswith(f"[train] warning: {skipped}\n"), out[:300]  # before the epochs' lines

@@ -21,15 +21,18 @@ def run(ctx: Context) -> dict:
     training.seed_everything(cfg.train.seed)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)
     t = cfg.train
+    for line in data.warnings:  # files the data source skipped: said before the training, not after it
+        print(f"[{name}] warning: {line}", flush=True)
     if t.epochs == 0 and not cfg.model.checkpoint:
         print(f"[{name}] train.epochs is 0 and model.checkpoint is not set: the model keeps the weights its factory "
               "gave it (random, unless the factory loads some); set train.epochs or model.checkpoint")
     best_val = training.fit(model, data.train, data.val, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                             weight_decay=t.weight_decay, seed=t.seed, desc="train", workers=t.workers)
     near = near_chance(best_val, data.num_classes, len(data.val.y), majority_share(data.val.y))
-    warnings = ([near] if near else []) + split_gaps(data)
-    for line in warnings:
+    found = ([near] if near else []) + split_gaps(data)
+    for line in found:
         print(f"[{name}] warning: {line}", flush=True)
+    warnings = [*data.warnings, *found]
     return finish_torch_stage(ctx, name, model, val_accuracy=best_val, method="adam+cosine",
                               settings={"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size,
                                         "workers": t.workers}, **({"warnings": warnings} if warnings else {}))
