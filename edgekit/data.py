@@ -225,8 +225,8 @@ def _imagefolder(root: Path, size: int | list[int],
         raise DataError(f"class folder '{root / empty[0]}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                         "add images of that class or remove the folder")
     mode = "grayscale" if grayscale else "RGB"
-    return (np.stack(xs), np.asarray(ys, np.int64), classes, f"{mode}, resized to {height}x{width}, pixel / 255, CHW",
-            skipped)
+    how = f"{mode}, resized to {height}x{width} (Pillow bicubic), pixel / 255, CHW"
+    return np.stack(xs), np.asarray(ys, np.int64), classes, how, skipped
 
 
 def _image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -276,7 +276,7 @@ def _image(file: Path, height: int, width: int, grayscale: bool) -> np.ndarray:
 
     try:
         with Image.open(file) as img:
-            img = _eight_bit(img).convert("L" if grayscale else "RGB").resize((width, height))
+            img = _eight_bit(img).convert("L" if grayscale else "RGB").resize((width, height), Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's damaged-file errors
         raise DataError(f"'{file}' is not a readable image ({_one_line(exc)}); replace or remove it") from exc

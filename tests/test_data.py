@@ -135,7 +135,7 @@ def test_imagefolder(tmp_path):
     # [height, width]: a 20x12 (width x height) image keeps its aspect at 12x20
     cfg = config.from_dict({"data": {"source": "imagefolder", "path": str(tmp_path), "image_size": [12, 20]}})
     ds = data.load_dataset(cfg)
-    assert ds.sample_shape == (3, 12, 20) and "resized to 12x20" in ds.preprocessing
+    assert ds.sample_shape == (3, 12, 20) and "resized to 12x20 (Pillow bicubic)" in ds.preprocessing
 
 
 @pytest.mark.parametrize("grayscale", [True, False])
