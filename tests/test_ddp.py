@@ -170,6 +170,19 @@ def test_a_killed_worker_is_reported_not_waited_for():
     assert not multiprocessing.active_children()
 
 
+def test_a_diverging_loss_in_a_worker_is_edgekits_one_line_not_a_worker_failure():
+    """train.lr 1e30 in two workers: the worker's TrainingDiverged comes back as itself, saying what to do, not as
+    'stage train failed in edgekit: WorkerFailed ...'."""
+    from edgekit.errors import TrainingDiverged
+
+    ds = _digits(200)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))  # 1e30 x 1e30 overflows
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in stage train at epoch 1/2: the loss became "
+                       r"(nan|inf); lower train.lr \(now 1e\+30\)"):
+        training.fit(net, ds.train, ds.val, epochs=2, lr=1e30, batch_size=16, workers=2)
+    assert not multiprocessing.active_children()
+
+
 def _stage_in_workers(trained, tmp_path, stage, workers: int, **sections) -> tuple[dict, np.ndarray, dict]:
     """One stage run on the shared tiny trained model with `train.workers: workers`: its record, its test-split
     predictions and its training loop's record."""
