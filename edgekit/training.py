@@ -60,23 +60,30 @@ class _Orders(torch.utils.data.Sampler):
 
     Among data-parallel workers (edgekit.ddp) every worker draws the same shuffle and takes its own slice of
     each batch, so it reads only its share; the weight (share size x workers / batch size) makes the averaged
-    gradient the whole batch's when the last batch does not divide evenly."""
+    gradient the whole batch's when the last batch does not divide evenly.
+
+    A last batch that would give some worker a share of one sample (one sample in one process) joins the batch
+    before it: BatchNorm cannot train on one sample ("Expected more than 1 value per channel"); none is dropped."""
 
     def __init__(self, n: int, batch_size: int, group: ddp.Group | None = None) -> None:
         self.n, self.batch_size = n, batch_size
         self.rank, self.world = (group.rank, group.world) if group else (0, 1)
+        self.fold = n > batch_size and 0 < n % batch_size < 2 * self.world
 
     def __iter__(self):
         # lazily: a DataLoader makes a sampler iterator it never reads (_BaseDataLoaderIter, then _reset) and the
         # order must be drawn once per epoch, as the in-memory path draws it
-        for batch in torch.randperm(self.n).split(self.batch_size):
+        batches = list(torch.randperm(self.n).split(self.batch_size))
+        if self.fold:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        for batch in batches:
             if len(batch) < self.world:
-                continue  # a last batch too small to share: every worker skips it
+                continue  # the only batch, too small to share: every worker skips it
             rows = batch.tensor_split(self.world)[self.rank]
             yield rows, len(rows) * self.world / len(batch)
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-self.n // self.batch_size) - self.fold
 
 
 class Batches:

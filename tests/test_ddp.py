@@ -81,8 +81,24 @@ def test_each_worker_reads_only_its_share_of_every_batch():
         assert not set(rows0.tolist()) & set(rows1.tolist())
         assert torch.equal(torch.cat([rows0, rows1]), batch)
         assert (w0 + w1) / 2 == pytest.approx(1.0)  # the average weight: the whole batch's mean gradient
+    folded = []
+    for rank in (0, 1):  # a last batch of 3
+        torch.manual_seed(0)
+        folded.append(list(training._Orders(67, 32, ddp.Group(rank, 2))))
+    assert [[len(rows) for rows, _ in shares] for shares in folded] == [[16, 18], [16, 17]]  # joins the one before
+    assert sorted(torch.cat([rows for shares in folded for rows, _ in shares]).tolist()) == list(range(67))
+
+
+def test_no_worker_trains_batchnorm_on_a_share_of_one_sample():
+    """67 samples in batches of 32 in two workers: the last batch of 3 would leave worker 1 one sample, which
+    BatchNorm1d cannot train on; it joins the batch before it."""
+    rng = np.random.default_rng(0)
+    y = np.arange(67) % 2
+    split = data.Split((rng.normal(size=(67, 4)) + y[:, None]).astype(np.float32), y)
     torch.manual_seed(0)
-    assert len(list(training._Orders(65, 32, ddp.Group(1, 2)))) == 2  # a last batch of 1 sample: both skip it
+    net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    assert training.fit(net, split, split, epochs=2, lr=0.01, batch_size=32, workers=2) > 0.5
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.parametrize("readers", [0, 2])

@@ -242,6 +242,27 @@ def test_a_fit_stops_on_outputs_that_overflowed_in_the_last_step_and_on_nan_data
         training.fit(model, data.Split(x, ds.train.y), ds.val, epochs=1, lr=1e-3, batch_size=len(x), desc="qat")
 
 
+def _batchnorm1d_head() -> torch.nn.Module:
+    """BatchNorm1d on (batch, features) cannot train on one sample ("Expected more than 1 value per channel")."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 2))
+
+
+def test_a_last_batch_of_one_sample_joins_the_batch_before_it():
+    """129 samples in batches of 64: the last one sample is trained with the 64 before it, none is dropped."""
+    from edgekit import training
+
+    torch.manual_seed(0)
+    batches = [rows for rows, _ in training._Orders(129, 64)]
+    assert [len(rows) for rows in batches] == [64, 65] and sorted(torch.cat(batches).tolist()) == list(range(129))
+    assert len(training._Orders(129, 64)) == 2 and len(training._Orders(130, 64)) == 3
+    rng = np.random.default_rng(0)
+    y = np.arange(129) % 2
+    split = data.Split((rng.normal(size=(129, 4)) + y[:, None]).astype(np.float32), y)
+    assert training.fit(_batchnorm1d_head(), split, split, epochs=2, lr=0.01, batch_size=64) > 0.5
+
+
 def test_near_chance_advice_does_not_raise_an_already_huge_lr():
     from edgekit.stages.train import near_chance
 
