@@ -458,6 +458,11 @@ BUNDLE_CASES = [
      "'b': m.onnx is missing from the bundle; copy the whole bundle again"),
     ("report-unfinished-build", {"b/config.yaml": "{}\n", "b/stages/train/model.pt": b"x"}, ["report", "b"],
      "'b' is a build that did not finish (no report.json yet): continue it with `edgekit build --resume b`"),
+    ("report-results-not-utf8", {"b/manifest.json": manifest(), "b/results-pi.json": b"\xff\xfe garbage"},
+     ["report", "b", "--out", "r.html"], "'b/results-pi.json' cannot be read as JSON (UnicodeDecodeError); write it "
+     "again with `edgekit run`, or move it out of the bundle"),
+    ("report-results-file-not-utf8", {"r.json": b"\xff\xfe garbage"}, ["report", "r.json", "--out", "r.html"],
+     "'r.json' cannot be read as JSON (UnicodeDecodeError); pass a results.json written by `edgekit run`"),
     ("docker-unknown-target", {}, ["docker", "toaster"], "unknown target 'toaster'"),
     ("docker-no-target", {}, ["docker"], "name a target"),
     ("compare-csv-folder", {"r.json": {}, "cmp/x": "1"}, ["compare", "r.json", "--csv", "cmp"],
