@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from edgekit import cli, pipeline
+from edgekit import cli, config, models, pipeline
 from edgekit.errors import BuildDirError
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -116,8 +116,6 @@ def write(root: Path, files: dict) -> None:
 
 def saved_build(root: Path, cfg: str = "train: {epochs: 1}\n") -> None:
     """A build folder as a build that ran a stage leaves it (config.yaml, lock file, a stage)."""
-    from edgekit import config
-
     (root / "c.yaml").write_text(cfg)
     (root / "b" / "stages" / "train").mkdir(parents=True)
     (root / "b" / "config.yaml").write_text(config.dump(config.absolute(config.load(root / "c.yaml"))))
@@ -342,6 +340,10 @@ MODEL_CASES = [
     ("checkpoint-does-not-fit", {"c.yaml": "model: {checkpoint: w.pt}\n",
                                  "w.pt": lambda p: torch.save({"w": torch.zeros(1)}, p)},
      BUILD, "does not fit the model"),
+    ("checkpoint-other-class-count", {"c.yaml": "model: {checkpoint: w.pt}\n", "w.pt": lambda p: torch.save(
+        models.build_model(config.from_dict({}), (1, 8, 8), 4).state_dict(), p)}, BUILD,
+     "weight is shaped for 4 classes, the data has 10: give a checkpoint of a 10-class model, or load these weights "
+     "in your model.factory and give it a new classifier for num_classes there"),
     ("teacher-missing", {"c.yaml": "distill: {teachers: [teacher.pt]}\n"}, BUILD, "teacher.pt' not found"),
     ("prune-ignore-unknown", {"c.yaml": "prune: {ignore: [head]}\n"}, BUILD,
      "prune.ignore names 'head', which is not a module of the model; valid:"),
