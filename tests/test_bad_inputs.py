@@ -526,6 +526,16 @@ def test_resume_of_a_locked_folder(tmp_path, monkeypatch, capsys, held_lock):
     refused(capsys, ["build", "--resume", "b"], tmp_path, "another edgekit build or search is writing into 'b'")
 
 
+def test_second_build_into_a_folder_a_build_is_writing(tmp_path, monkeypatch, capsys, held_lock):
+    """Not "already holds a build; use --resume", which the running build's lock then refuses too."""
+    monkeypatch.chdir(tmp_path)
+    saved_build(tmp_path)
+    line = refused(capsys, ["build", "c.yaml", "--out", "b"], tmp_path,
+                   "another edgekit build or search is writing into 'b' (it holds b/.edgekit.lock); wait for it to end "
+                   "or pick another --out")
+    assert "--resume" not in line
+
+
 def test_racing_builds_one_wins(tmp_path):
     """Both pass the checks; the claim (mkdir + flock, then the emptiness check again) lets one through."""
     out = tmp_path / "b"
