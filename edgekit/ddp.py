@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgekit.errors import first_line
+from edgekit import errors
+from edgekit.errors import EdgekitError, first_line
 
 BACKEND = "gloo"  # edgekit trains on the CPU (fit never moves a model to a device), where NCCL cannot run
 THREADS_PER_WORKER = 1  # see above: more hangs in OpenMP once the parent has trained
@@ -157,6 +158,7 @@ def _worker(loop: Callable[[Group], dict], model: nn.Module, extra_params: list[
         frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(exc.__traceback__)]
         (folder / f"error-{rank}.json").write_text(json.dumps({
             "summary": f"{type(exc).__name__}: {first}", "frames": frames,
+            "edgekit_error": [type(exc).__name__, str(exc)] if isinstance(exc, EdgekitError) else None,
             "traceback": "".join(traceback.format_exception(exc))}))
         os._exit(1)
 
@@ -184,11 +186,17 @@ def _wait(procs: list, folder: Path, desc: str) -> None:
                 raise _failure(procs.index(proc), proc, len(procs), folder, desc)
 
 
-def _failure(rank: int, proc, world: int, folder: Path, desc: str) -> WorkerFailed:
+def _failure(rank: int, proc, world: int, folder: Path, desc: str) -> Exception:
+    """What the failed worker raised: edgekit's own error as it is (it says what to do: training diverged),
+    anything else as WorkerFailed naming the worker."""
     where = f"data-parallel {desc} loop: worker {rank} of {world} (pid {proc.pid})"
     error = folder / f"error-{rank}.json"
     if error.is_file():
         found = json.loads(error.read_text())
+        if found.get("edgekit_error"):
+            name, message = found["edgekit_error"]
+            kind = getattr(errors, name, EdgekitError)
+            return (kind if isinstance(kind, type) and issubclass(kind, EdgekitError) else EdgekitError)(message)
         frames = [traceback.FrameSummary(*frame, lookup_line=False) for frame in found["frames"]]
         exc = WorkerFailed(f"{where} failed: {found['summary']}", frames)
         exc.__cause__ = _RemoteTraceback(found["traceback"])

@@ -36,6 +36,11 @@ class TargetError(EdgekitError):
     """A target profile is missing or invalid."""
 
 
+class TrainingDiverged(EdgekitError):
+    """A training loop's loss or the model's outputs became NaN or infinite (too high a learning rate, or NaN in
+    the data); the stage ends unfinished."""
+
+
 class FidelityError(EdgekitError):
     """An exported artifact is not the model that was validated (it misses its target's thresholds)."""
 

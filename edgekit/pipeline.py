@@ -250,6 +250,8 @@ def check_out(cfg: Config, out: Path, resume: bool) -> None:
     """A new build needs a new or empty folder; a resumed one the folder of a build with the same config."""
     if out.exists() and not out.is_dir():
         raise BuildDirError(f"'{out}' is a file, not a folder; pick another --out")
+    if _lock_held(out):  # a build writing there: say that, not "already holds a build; use --resume"
+        raise _busy(out)
     if not resume:
         _check_empty(out)
         return
@@ -287,6 +289,28 @@ def changed_sections(cfg: Config, out: Path) -> list[str]:
 
 def _holds_search(out: Path) -> bool:
     return (out / "trials").is_dir()  # edgekit.search.run.TRIALS_DIR, beside its config.yaml
+
+
+def _lock_held(out: Path) -> bool:
+    """Whether a build or search holds `out`'s lock now (taken and let go at once; nothing is written)."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: nothing runs there
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a file system without flock: claim() says so when it locks
+    finally:
+        os.close(fd)
+    return False
+
+
+def _busy(out: Path) -> BuildDirError:
+    return BuildDirError(f"another edgekit build or search is writing into '{out}' (it holds {out / LOCK_FILE}); "
+                         "wait for it to end or pick another --out")
 
 
 def _check_empty(out: Path) -> None:
@@ -369,8 +393,7 @@ def _lock(held: Claim) -> None:
             held.fd = os.open(path, os.O_RDWR)
         fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
-        raise BuildDirError(f"another edgekit build or search is writing into '{held.out}' (it holds {path}); "
-                            "wait for it to end or pick another --out") from exc
+        raise _busy(held.out) from exc
     except OSError as exc:
         raise BuildDirError(f"cannot write into '{held.out}': {exc.strerror}; pick a writable --out") from exc
 

@@ -2,19 +2,22 @@
 
 In a log file or a pipe (`edgekit build > log.txt 2>&1`) tqdm's carriage returns leave every redraw of the
 bar in the file and put the next stage line on the bar's line; there a line is printed instead every tenth of
-the epochs (and after the last), each ending in a newline, on stdout with the stage lines.
+the epochs (and after the last), and after any epoch that ends QUIET_S or more after the last line (a long loop
+is never silent for long), each ending in a newline, on stdout with the stage lines.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from tqdm import tqdm
 
-LINES = 10  # lines per loop at most where the output is not a terminal
+LINES = 10  # lines per loop where the output is not a terminal, when epochs are quick
+QUIET_S = 30.0  # and a line after an epoch that ends this long after the last line, however many epochs that is
 
 
 def _is_terminal(stream: TextIO) -> bool:
@@ -35,10 +38,11 @@ def epochs(total: int, desc: str, *, disable: bool = False, file: TextIO | None 
 
 
 class EpochLines:
-    """One complete line after every `ceil(total / LINES)` epochs and after the last: `  finetune: epoch 3/6 ...`."""
+    """One complete line after every `ceil(total / LINES)` epochs, after the last, and after any epoch ending
+    QUIET_S or more (on `clock`) after the last line: `  finetune: epoch 3/6 ...`."""
 
-    def __init__(self, total: int, desc: str, file: TextIO) -> None:
-        self.total, self.desc, self.file = total, desc, file
+    def __init__(self, total: int, desc: str, file: TextIO, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.desc, self.file, self.clock = total, desc, file, clock
         self.every = max(1, math.ceil(total / LINES))
         self.postfix: dict[str, object] = {}
 
@@ -46,9 +50,11 @@ class EpochLines:
         self.postfix = values
 
     def __iter__(self) -> Iterator[int]:
+        last = self.clock()
         for epoch in range(self.total):
             yield epoch  # the loop body runs (and sets the postfix) before the line below
-            done = epoch + 1
-            if done % self.every == 0 or done == self.total:
+            done, now = epoch + 1, self.clock()
+            if done % self.every == 0 or done == self.total or now - last >= QUIET_S:
+                last = now
                 values = "".join(f" {k}={v}" for k, v in self.postfix.items())
                 print(f"{self.desc:>9}: epoch {done}/{self.total}{values}", file=self.file, flush=True)

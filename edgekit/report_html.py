@@ -37,11 +37,14 @@ class Source:
     sensitivity: dict | None = None  # sensitivity.json of `edgekit sensitivity --out DIR`
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path, fix: str = "rebuild it") -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgekitError(f"'{path}' cannot be read ({type(exc).__name__}); rebuild it") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # as `edgekit compare` reads them
+        raise EdgekitError(f"'{path}' cannot be read as JSON ({type(exc).__name__}); {fix}") from exc
+
+
+RESULTS_FIX = "write it again with `edgekit run`, or move it out of the bundle"
 
 
 def _bundle_results(bundle: Path, source: Source) -> None:
@@ -52,14 +55,14 @@ def _bundle_results(bundle: Path, source: Source) -> None:
     for path in sorted(bundle.glob("results*.json")):
         if path.name == "results.schema.json":
             continue
-        source.results.append((f"{bundle.name}/{path.stem}", _read(path)))
+        source.results.append((f"{bundle.name}/{path.stem}", _read(path, RESULTS_FIX)))
 
 
 def load(path: Path, label: str) -> Source:
     """A build folder (report.json), a bundle folder (manifest.json) or a results file."""
     source = Source(label, path)
     if path.is_file():
-        data = _read(path)
+        data = _read(path, "pass a results.json written by `edgekit run`")
         if "latency_ms" not in data:
             raise EdgekitError(f"'{path}' is not a results file; pass a build folder, a bundle folder or a "
                                "results.json written by `edgekit run`")

@@ -13,10 +13,21 @@ from torch import nn
 
 from edgekit import ddp, progress
 from edgekit.data import Split
+from edgekit.errors import TrainingDiverged
 from edgekit.metrics import accuracy, logits
 
 # loss(model outputs, labels, inputs) -> scalar; inputs let distillation ask the teacher
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# each loop (fit's `desc`, up to a space: "finetune round 2/3") -> its stage and the setting of its learning rate
+LOOPS = {"train": ("train", "train.lr"), "sparsity": ("prune", "prune.lr"), "finetune": ("prune", "prune.lr"),
+         "distill": ("distill", "distill.lr"), "qat": ("quantize", "quantize.lr")}
+HIGH_LR = 0.01  # Adam's usual learning rates are 1e-4 to 1e-2: above, "raise the lr" is not the advice
+
+
+def lr_advice(lr: float, setting: str = "train.lr") -> str:
+    """What to do with the learning rate when a model did not learn: raise it, unless it is already high."""
+    return f"lower {setting} ({lr:g} is above Adam's usual 1e-4 to 1e-2)" if lr > HIGH_LR else f"raise {setting}"
 
 
 def seed_everything(seed: int) -> None:
@@ -49,23 +60,30 @@ class _Orders(torch.utils.data.Sampler):
 
     Among data-parallel workers (edgekit.ddp) every worker draws the same shuffle and takes its own slice of
     each batch, so it reads only its share; the weight (share size x workers / batch size) makes the averaged
-    gradient the whole batch's when the last batch does not divide evenly."""
+    gradient the whole batch's when the last batch does not divide evenly.
+
+    A last batch that would give some worker a share of one sample (one sample in one process) joins the batch
+    before it: BatchNorm cannot train on one sample ("Expected more than 1 value per channel"); none is dropped."""
 
     def __init__(self, n: int, batch_size: int, group: ddp.Group | None = None) -> None:
         self.n, self.batch_size = n, batch_size
         self.rank, self.world = (group.rank, group.world) if group else (0, 1)
+        self.fold = n > batch_size and 0 < n % batch_size < 2 * self.world
 
     def __iter__(self):
         # lazily: a DataLoader makes a sampler iterator it never reads (_BaseDataLoaderIter, then _reset) and the
         # order must be drawn once per epoch, as the in-memory path draws it
-        for batch in torch.randperm(self.n).split(self.batch_size):
+        batches = list(torch.randperm(self.n).split(self.batch_size))
+        if self.fold:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        for batch in batches:
             if len(batch) < self.world:
-                continue  # a last batch too small to share: every worker skips it
+                continue  # the only batch, too small to share: every worker skips it
             rows = batch.tensor_split(self.world)[self.rank]
             yield rows, len(rows) * self.world / len(batch)
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-self.n // self.batch_size) - self.fold
 
 
 class Batches:
@@ -109,9 +127,9 @@ def fit(model: nn.Module, train: Split, val: Split, *, epochs: int, lr: float, b
         ddp.record(desc, workers=1)
         outcome = loop(None)
     if outcome["kept_start"]:  # the stage's output is its input: say so, and the stage's metrics record it
+        advice = "raise train.epochs or train.lr" if lr <= HIGH_LR else lr_advice(lr)
         note = (f"no epoch beat the starting model's validation accuracy {outcome['start']:.3f}; "
-                "kept the starting weights" + (", so nothing was trained (raise train.epochs or train.lr)"
-                                               if desc == "train" else ""))
+                "kept the starting weights" + (f", so nothing was trained ({advice})" if desc == "train" else ""))
         print(f"[{desc}] {note}", flush=True)
         ddp.note(start_val_accuracy=outcome["start"], kept_start_weights=True, warning=note)
     return outcome["best"]
@@ -134,11 +152,13 @@ def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *,
     start, improved = best_acc, False
     masks = [(p, p.detach() != 0) for p in model.parameters() if p.dim() > 1] if keep_zeros else []
     bar = progress.epochs(epochs, desc, disable=not lead)
-    for _ in bar:
+    for epoch in bar:
         model.train()
-        for xb, yb, share in batches:
+        for step, (xb, yb, share) in enumerate(batches):
             opt.zero_grad()
             loss = loss_fn(net(xb), yb, xb)
+            if not torch.isfinite(loss).all():
+                raise diverged(desc, epoch, epochs, lr, f"the loss became {loss.item()}", first=epoch == step == 0)
             (loss if share == 1.0 else loss * share).backward()
             if group is not None:
                 group.average_grads(extra_params)
@@ -149,10 +169,25 @@ def _fit(model: nn.Module, train: Split, val: Split, group: ddp.Group | None, *,
         sched.step()
         if not lead:
             continue
-        acc = accuracy(logits(model, val.x), val.y)
+        out = logits(model, val.x)
+        if not np.isfinite(out).all():  # weights that overflowed in the last step: no loss saw them yet
+            raise diverged(desc, epoch, epochs, lr, "the model's outputs on the validation split became "
+                           f"{out[~np.isfinite(out)].flat[0]}")
+        acc = accuracy(out, val.y)
         if acc > best_acc or not keep_best:
             best_acc, best_state, improved = acc, copy.deepcopy(model.state_dict()), True
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}", best=f"{best_acc:.3f}")
     if lead:
         model.load_state_dict(best_state)
     return {"best": best_acc, "start": start, "kept_start": lead and epochs > 0 and not improved}
+
+
+def diverged(desc: str, epoch: int, epochs: int, lr: float, what: str, first: bool = False) -> TrainingDiverged:
+    """The one line for a loop whose loss or outputs became NaN or infinite: where, and what to do. On the first
+    batch, before any step, the learning rate is not to blame."""
+    stage, setting = LOOPS.get(desc.split(" ")[0], ("train", "train.lr"))
+    where = f"stage {stage}" + (f" ({desc})" if desc != stage else "")
+    advice = "the model's outputs or the data hold NaN or infinite values before any step: check the data and " \
+        "the model (and model.checkpoint)" if first else \
+        f"lower {setting} (now {lr:g}) or check the data for NaN or infinite values"
+    return TrainingDiverged(f"training diverged in {where} at epoch {epoch + 1}/{epochs}: {what}; {advice}")

@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from edgekit import cli, pipeline
+from edgekit import cli, config, models, pipeline
 from edgekit.errors import BuildDirError
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -116,8 +116,6 @@ def write(root: Path, files: dict) -> None:
 
 def saved_build(root: Path, cfg: str = "train: {epochs: 1}\n") -> None:
     """A build folder as a build that ran a stage leaves it (config.yaml, lock file, a stage)."""
-    from edgekit import config
-
     (root / "c.yaml").write_text(cfg)
     (root / "b" / "stages" / "train").mkdir(parents=True)
     (root / "b" / "config.yaml").write_text(config.dump(config.absolute(config.load(root / "c.yaml"))))
@@ -353,6 +351,10 @@ MODEL_CASES = [
     ("checkpoint-does-not-fit", {"c.yaml": "model: {checkpoint: w.pt}\n",
                                  "w.pt": lambda p: torch.save({"w": torch.zeros(1)}, p)},
      BUILD, "does not fit the model"),
+    ("checkpoint-other-class-count", {"c.yaml": "model: {checkpoint: w.pt}\n", "w.pt": lambda p: torch.save(
+        models.build_model(config.from_dict({}), (1, 8, 8), 4).state_dict(), p)}, BUILD,
+     "weight is shaped for 4 classes, the data has 10: give a checkpoint of a 10-class model, or load these weights "
+     "in your model.factory and give it a new classifier for num_classes there"),
     ("teacher-missing", {"c.yaml": "distill: {teachers: [teacher.pt]}\n"}, BUILD, "teacher.pt' not found"),
     ("prune-ignore-unknown", {"c.yaml": "prune: {ignore: [head]}\n"}, BUILD,
      "prune.ignore names 'head', which is not a module of the model; valid:"),
@@ -475,6 +477,11 @@ BUNDLE_CASES = [
      "'b': m.onnx is missing from the bundle; copy the whole bundle again"),
     ("report-unfinished-build", {"b/config.yaml": "{}\n", "b/stages/train/model.pt": b"x"}, ["report", "b"],
      "'b' is a build that did not finish (no report.json yet): continue it with `edgekit build --resume b`"),
+    ("report-results-not-utf8", {"b/manifest.json": manifest(), "b/results-pi.json": b"\xff\xfe garbage"},
+     ["report", "b", "--out", "r.html"], "'b/results-pi.json' cannot be read as JSON (UnicodeDecodeError); write it "
+     "again with `edgekit run`, or move it out of the bundle"),
+    ("report-results-file-not-utf8", {"r.json": b"\xff\xfe garbage"}, ["report", "r.json", "--out", "r.html"],
+     "'r.json' cannot be read as JSON (UnicodeDecodeError); pass a results.json written by `edgekit run`"),
     ("docker-unknown-target", {}, ["docker", "toaster"], "unknown target 'toaster'"),
     ("docker-no-target", {}, ["docker"], "name a target"),
     ("compare-csv-folder", {"r.json": {}, "cmp/x": "1"}, ["compare", "r.json", "--csv", "cmp"],
@@ -534,6 +541,16 @@ def test_resume_of_a_locked_folder(tmp_path, monkeypatch, capsys, held_lock):
     monkeypatch.chdir(tmp_path)
     saved_build(tmp_path)
     refused(capsys, ["build", "--resume", "b"], tmp_path, "another edgekit build or search is writing into 'b'")
+
+
+def test_second_build_into_a_folder_a_build_is_writing(tmp_path, monkeypatch, capsys, held_lock):
+    """Not "already holds a build; use --resume", which the running build's lock then refuses too."""
+    monkeypatch.chdir(tmp_path)
+    saved_build(tmp_path)
+    line = refused(capsys, ["build", "c.yaml", "--out", "b"], tmp_path,
+                   "another edgekit build or search is writing into 'b' (it holds b/.edgekit.lock); wait for it to end "
+                   "or pick another --out")
+    assert "--resume" not in line
 
 
 def test_racing_builds_one_wins(tmp_path):

@@ -81,8 +81,24 @@ def test_each_worker_reads_only_its_share_of_every_batch():
         assert not set(rows0.tolist()) & set(rows1.tolist())
         assert torch.equal(torch.cat([rows0, rows1]), batch)
         assert (w0 + w1) / 2 == pytest.approx(1.0)  # the average weight: the whole batch's mean gradient
+    folded = []
+    for rank in (0, 1):  # a last batch of 3
+        torch.manual_seed(0)
+        folded.append(list(training._Orders(67, 32, ddp.Group(rank, 2))))
+    assert [[len(rows) for rows, _ in shares] for shares in folded] == [[16, 18], [16, 17]]  # joins the one before
+    assert sorted(torch.cat([rows for shares in folded for rows, _ in shares]).tolist()) == list(range(67))
+
+
+def test_no_worker_trains_batchnorm_on_a_share_of_one_sample():
+    """67 samples in batches of 32 in two workers: the last batch of 3 would leave worker 1 one sample, which
+    BatchNorm1d cannot train on; it joins the batch before it."""
+    rng = np.random.default_rng(0)
+    y = np.arange(67) % 2
+    split = data.Split((rng.normal(size=(67, 4)) + y[:, None]).astype(np.float32), y)
     torch.manual_seed(0)
-    assert len(list(training._Orders(65, 32, ddp.Group(1, 2)))) == 2  # a last batch of 1 sample: both skip it
+    net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    assert training.fit(net, split, split, epochs=2, lr=0.01, batch_size=32, workers=2) > 0.5
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.parametrize("readers", [0, 2])
@@ -167,6 +183,19 @@ def test_a_killed_worker_is_reported_not_waited_for():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(ddp.WorkerFailed, match=r"worker 1 of 2 \(pid \d+\) was killed by SIGKILL"):
         training.fit(net, ds.train, ds.val, epochs=1, lr=0.01, loss_fn=loss, workers=2)
+    assert not multiprocessing.active_children()
+
+
+def test_a_diverging_loss_in_a_worker_is_edgekits_one_line_not_a_worker_failure():
+    """train.lr 1e30 in two workers: the worker's TrainingDiverged comes back as itself, saying what to do, not as
+    'stage train failed in edgekit: WorkerFailed ...'."""
+    from edgekit.errors import TrainingDiverged
+
+    ds = _digits(200)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))  # 1e30 x 1e30 overflows
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in stage train at epoch 1/2: the loss became "
+                       r"(nan|inf); lower train.lr \(now 1e\+30\)"):
+        training.fit(net, ds.train, ds.val, epochs=2, lr=1e30, batch_size=16, workers=2)
     assert not multiprocessing.active_children()
 
 

@@ -102,3 +102,67 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(factory_file, tmp_path):
                                          r"does not have \(head.0.bias, head.0.weight\)") as err:
         models.build_model(cfg2, (1, 8, 8), 10)
     assert "\n" not in str(err.value)
+
+
+BUFFERED = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, channels=4):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, channels, 3), nn.BatchNorm2d(channels)
+        self.register_buffer("scale", torch.ones(1), persistent=False)  # not in a state_dict, in edgekit's model.pt
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)) * self.scale)
+
+
+def make(num_classes):
+    return Net(num_classes)
+
+
+def pruned(num_classes):
+    return Net(num_classes, channels=3)
+"""
+
+
+def test_a_model_pt_an_edgekit_build_saved_is_a_checkpoint(tmp_path):
+    """A build's stages/train/model.pt (edgekit's own format) restarts a build from its trained weights; a pruned
+    stage's model.pt cannot (the factory builds the unpruned shapes): one line naming the file to use."""
+    (tmp_path / "net.py").write_text(BUFFERED)
+    trained = models.build_model(config.from_dict({"model": {"factory": f"{tmp_path}/net.py:make"}}), (1, 8, 8), 4)
+    with torch.no_grad():
+        trained.conv.weight.add_(1.0)
+        trained.bn.running_mean.fill_(0.5)
+    models.save_model(trained, tmp_path / "train" / "model.pt")
+    cfg = config.from_dict({"model": {"factory": f"{tmp_path}/net.py:make",
+                                      "checkpoint": str(tmp_path / "train" / "model.pt")}})
+    loaded = models.build_model(cfg, (1, 8, 8), 4)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    pruned = models.build_model(config.from_dict({"model": {"factory": f"{tmp_path}/net.py:pruned"}}), (1, 8, 8), 4)
+    models.save_model(pruned, tmp_path / "prune" / "model.pt")
+    cfg = config.from_dict({"model": {"factory": f"{tmp_path}/net.py:make",
+                                      "checkpoint": str(tmp_path / "prune" / "model.pt")}})
+    with pytest.raises(ModelError) as err:
+        models.build_model(cfg, (1, 8, 8), 4)
+    assert str(err.value) == (
+        f"checkpoint '{tmp_path}/prune/model.pt' does not fit the model: it is a pruned model an edgekit build saved "
+        "(conv.weight is (3, 1, 3, 3), the model's (4, 1, 3, 3)), and model.checkpoint gives the weights of the model "
+        "the factory builds: use that build's stages/train/model.pt")
+
+
+def test_a_checkpoint_for_another_number_of_classes_says_so(factory_file, tmp_path):
+    """A 10-class checkpoint on 4-class data: not torch's 'size mismatch for 3.weight ...'."""
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make"}})
+    torch.save(models.build_model(cfg, (1, 8, 8), 10).state_dict(), tmp_path / "w10.pt")
+    cfg = config.from_dict({"model": {"factory": f"{factory_file}:make", "checkpoint": str(tmp_path / "w10.pt")}})
+    with pytest.raises(ModelError) as err:
+        models.build_model(cfg, (1, 8, 8), 4)
+    assert str(err.value) == (
+        f"checkpoint '{tmp_path}/w10.pt' does not fit the model: its 3.weight is shaped for 10 classes, the data has "
+        "4: give a checkpoint of a 4-class model, or load these weights in your model.factory and give it a new "
+        "classifier for num_classes there")

@@ -45,6 +45,19 @@ def test_many_epochs_give_about_ten_lines_ending_with_the_last():
     assert all(line.endswith("\n") for line in lines)
 
 
+def test_a_long_loop_prints_a_line_once_quiet_s_has_passed_since_the_last():
+    """A million quick epochs would print every 100,000th: 40 s epochs (on an injected clock) each get a line."""
+    now = [0.0]
+    log = io.StringIO()
+    lines = progress.EpochLines(10**6, "train", log, clock=lambda: now[0])
+    for epoch in lines:
+        now[0] += 0.001 if epoch < 5 else progress.QUIET_S + 10
+        lines.set_postfix(loss="0.5")
+        if epoch == 7:  # epochs 6 and 7 have ended
+            break
+    assert log.getvalue().splitlines() == [f"    train: epoch {k}/1000000 loss=0.5" for k in (6, 7)]
+
+
 def test_a_terminal_keeps_the_redrawn_bar(monkeypatch):
     assert "\r" in _fit_tiny(monkeypatch, Terminal(), epochs=2)
 

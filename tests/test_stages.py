@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
 from edgekit import config, data, metrics, models
@@ -204,6 +205,70 @@ def test_a_fit_where_no_epoch_beats_the_start_says_it_kept_the_starting_weights(
     assert record["training"][0]["kept_start_weights"]
     assert f"no epoch beat the starting model's validation accuracy {record['val_accuracy']:.3f}; kept the " \
            "starting weights, so nothing was trained (raise train.epochs or train.lr)" in record["warnings"]
+
+
+def test_a_diverging_fit_stops_at_the_first_non_finite_loss_and_the_stage_ends_unfinished(tmp_path, monkeypatch):
+    """train.lr 1e30: the loss is NaN in the first epoch. One line naming the stage, the epoch and what to do; the
+    train stage is not finished and not in the stage cache (before, the NaN model went on to every stage)."""
+    from edgekit import pipeline
+    from edgekit.errors import TrainingDiverged
+    from edgekit.stages import train
+
+    monkeypatch.setattr(pipeline, "STAGES", [train])
+    monkeypatch.setenv("EDGEKIT_STAGE_CACHE", str(tmp_path / "cache"))
+    cfg = config.from_dict(tiny(data={"limit": 200}, train={"epochs": 2, "lr": 1e30}, build={"stage_cache": True}))
+    with pytest.raises(TrainingDiverged) as err:
+        pipeline.run_stages(Context(cfg, data.load_dataset(cfg), tmp_path / "b", []), lambda line: None)
+    assert str(err.value) == ("training diverged in stage train at epoch 1/2: the loss became nan; lower train.lr "
+                              "(now 1e+30) or check the data for NaN or infinite values")
+    assert not (tmp_path / "b" / "stages" / "train" / "metrics.json").exists()
+    assert not list((tmp_path / "cache").rglob("*.pt")) and not list((tmp_path / "cache").rglob("metrics.json"))
+
+
+def test_a_fit_stops_on_outputs_that_overflowed_in_the_last_step_and_on_nan_data():
+    """One step at lr 1e30 leaves a finite loss behind but NaN outputs (no loss saw them): stopped at validation,
+    naming the loop's own lr setting. NaN in the data makes the very first loss NaN: the lr is not blamed."""
+    from edgekit import training
+    from edgekit.errors import TrainingDiverged
+
+    cfg, ds, model = _setup()
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in stage prune \(finetune round 2/3\) at epoch "
+                       r"1/1: the model's outputs on the validation split became nan; lower prune.lr \(now 1e\+30\)"):
+        training.fit(model, ds.train, ds.val, epochs=1, lr=1e30, batch_size=len(ds.train.y), desc="finetune round 2/3")
+    x = ds.train.x.copy()
+    x[5] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in stage quantize \(qat\) at epoch 1/1: the loss "
+                       "became nan; the model's outputs or the data hold NaN or infinite values before any step"):
+        training.fit(model, data.Split(x, ds.train.y), ds.val, epochs=1, lr=1e-3, batch_size=len(x), desc="qat")
+
+
+def _batchnorm1d_head() -> torch.nn.Module:
+    """BatchNorm1d on (batch, features) cannot train on one sample ("Expected more than 1 value per channel")."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 2))
+
+
+def test_a_last_batch_of_one_sample_joins_the_batch_before_it():
+    """129 samples in batches of 64: the last one sample is trained with the 64 before it, none is dropped."""
+    from edgekit import training
+
+    torch.manual_seed(0)
+    batches = [rows for rows, _ in training._Orders(129, 64)]
+    assert [len(rows) for rows in batches] == [64, 65] and sorted(torch.cat(batches).tolist()) == list(range(129))
+    assert len(training._Orders(129, 64)) == 2 and len(training._Orders(130, 64)) == 3
+    rng = np.random.default_rng(0)
+    y = np.arange(129) % 2
+    split = data.Split((rng.normal(size=(129, 4)) + y[:, None]).astype(np.float32), y)
+    assert training.fit(_batchnorm1d_head(), split, split, epochs=2, lr=0.01, batch_size=64) > 0.5
+
+
+def test_near_chance_advice_does_not_raise_an_already_huge_lr():
+    from edgekit.stages.train import near_chance
+
+    assert "raise train.lr" in near_chance(0.1, 10, 1000, lr=0.003)
+    huge = near_chance(0.1, 10, 1000, lr=1e30)
+    assert "raise train.lr" not in huge and "lower train.lr (1e+30 is above Adam's usual 1e-4 to 1e-2)" in huge
 
 
 def test_a_split_without_some_class_is_warned_about(tmp_path, capsys):

@@ -72,7 +72,9 @@ def _call_factory(factory: object, sample_shape: tuple[int, ...], num_classes: i
     return model
 
 
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
+def _load_checkpoint(model: nn.Module, path: Path, num_classes: int | None = None) -> None:
+    """A state_dict (or a training checkpoint around one, or a model.pt an edgekit build saved) into `model`;
+    one line when it does not fit (`num_classes`: the data's, to name a classifier made for another number)."""
     if not path.is_file():
         raise ModelError(f"checkpoint '{path}' not found")
     try:
@@ -89,11 +91,21 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
                              "torch.save(model.state_dict(), path) instead") from exc
         raise ModelError(f"checkpoint '{path}' cannot be read as a torch or safetensors file "
                          f"({type(exc).__name__}); save torch.save(model.state_dict(), path)") from exc
-    state = _unwrapped(state)
+    saved_by_edgekit = isinstance(state, dict) and state.get("format") == persist.FORMAT
+    state = _edgekit_weights(model, state) if saved_by_edgekit else _unwrapped(state)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"checkpoint '{path}' does not fit the model: {_misfit(model, state, exc)}") from exc
+        misfit = _misfit(model, state, exc, num_classes, saved_by_edgekit)
+        raise ModelError(f"checkpoint '{path}' does not fit the model: {misfit}") from exc
+
+
+def _edgekit_weights(model: nn.Module, saved: dict) -> dict:
+    """The state_dict in a model.pt edgekit saved (edgekit.models.persist: every parameter and buffer, with the
+    modules' attributes), so that a build's stages/train/model.pt restarts a build from its trained weights:
+    its tensors without the buffers a state_dict leaves out (non-persistent ones)."""
+    left_out = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    return {k: v for k, v in (saved.get("tensors") or {}).items() if k not in left_out}
 
 
 CHECKPOINT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {'model': state_dict, 'epoch': 3}
@@ -109,7 +121,8 @@ def _unwrapped(state: object) -> object:
     return state
 
 
-def _misfit(model: nn.Module, state: object, exc: BaseException) -> str:
+def _misfit(model: nn.Module, state: object, exc: BaseException, num_classes: int | None = None,
+            saved_by_edgekit: bool = False) -> str:
     """Which keys are missing or unexpected, or which shape does not match: one line."""
     if not isinstance(state, dict):
         return f"it holds a {type(state).__name__}, not a state_dict; save model.state_dict()"
@@ -121,8 +134,31 @@ def _misfit(model: nn.Module, state: object, exc: BaseException) -> str:
         parts = [f"{len(missing)} of the model's keys missing ({some(missing)})" if missing else "",
                  f"{len(extra)} keys the model does not have ({some(extra)})" if extra else ""]
         return "; ".join(p for p in parts if p) + "; save model.state_dict() of this architecture"
+    return _shape_misfit(model, state, num_classes, saved_by_edgekit) or _torch_says(exc)
+
+
+def _torch_says(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(exc).__name__)
+
+
+def _shape_misfit(model: nn.Module, state: dict, num_classes: int | None, saved_by_edgekit: bool) -> str | None:
+    """A classifier made for another number of classes, or a pruned model edgekit saved, said as such."""
+    want = model.state_dict()
+    other = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in want.items()
+             if isinstance(state.get(k), torch.Tensor) and state[k].shape != v.shape]
+    if not other:
+        return None
+    key, got, shape = other[0]
+    if num_classes is not None and all(g[1:] == s[1:] and s[0] == num_classes != g[0] for _, g, s in other):
+        return (f"its {key} is shaped for {got[0]} classes, the data has {num_classes}: give a checkpoint of a "
+                f"{num_classes}-class model, or load these weights in your model.factory and give it a new "
+                "classifier for num_classes there")
+    if saved_by_edgekit:
+        return (f"it is a pruned model an edgekit build saved ({key} is {got}, the model's {shape}), and "
+                "model.checkpoint gives the weights of the model the factory builds: use that build's "
+                "stages/train/model.pt")
+    return None
 
 
 def build_named(name: str, sample_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
@@ -142,7 +178,7 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...], num_classes: int, *,
         model = build_named(cfg.model.name, sample_shape, num_classes, width=cfg.model.width,
                             width_mult=cfg.model.width_mult)
     if with_checkpoint and cfg.model.checkpoint:
-        _load_checkpoint(model, cfg.resolve(cfg.model.checkpoint))
+        _load_checkpoint(model, cfg.resolve(cfg.model.checkpoint), num_classes)
     model.eval()
     try:
         with torch.no_grad():
