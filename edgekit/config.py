@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Literal
 
 import yaml
 
-from edgekit import targets
+from edgekit import targets, yamlfile
 from edgekit.errors import ConfigError
 from edgekit.search.space import SearchConfig
 from edgekit.search.space import check as check_search
@@ -160,7 +159,8 @@ class BuildConfig:
 EPOCH_KEYS = ("train.epochs", "prune.finetune_epochs", "prune.sparsity_epochs", "distill.epochs", "quantize.qat_epochs")
 # keys whose range the refusal states: (least, most, what). An image of 100 000 pixels a side took 5.8 GB in PIL's
 # resize before it stopped answering Ctrl-C; per-channel int8 (QuantizeLinear's axis, NNCF's and onnxruntime's Q/DQ)
-# needs opset 13, and 21 is the newest edgekit writes (int4's DequantizeLinear; torch.onnx exports up to 23)
+# needs opset 13, and 21 is the newest edgekit writes (int4's DequantizeLinear; torch.onnx's TorchScript exporter,
+# which edgekit uses, writes up to 20, and 21 with a warning)
 RANGES = {
     "data.image_size": (1, 4096, "pixels a side (N, or [height, width])"),
     "export.opset": (13, 21, "(per-channel int8 needs opset 13, and 21 is the newest edgekit writes)"),
@@ -280,9 +280,10 @@ def _check_ranges(cfg: Config) -> None:
     if cfg.data.source in ("digits", "digits32") and cfg.data.path:
         raise ConfigError(f"config: data.path is set but data.source '{cfg.data.source}' is built in and would "
                           "ignore it; set data.source to npz or imagefolder, or remove data.path")
-    if cfg.train.workers > cfg.train.batch_size:
-        raise ConfigError(f"config: train.workers ({cfg.train.workers}) is more than train.batch_size "
-                          f"({cfg.train.batch_size}); each worker takes a share of every batch, so lower workers")
+    if cfg.train.workers > 1 and cfg.train.batch_size < 2 * cfg.train.workers:
+        raise ConfigError(f"config: train.batch_size ({cfg.train.batch_size}) leaves some of the {cfg.train.workers} "
+                          "train.workers fewer than 2 samples of every batch (each takes a share; BatchNorm cannot "
+                          f"train on one): raise batch_size to {2 * cfg.train.workers} or lower workers")
     if not cfg.build.targets:
         raise ConfigError("config: build.targets is empty; list at least one target (see `edgekit targets`)")
 
@@ -341,45 +342,8 @@ def from_dict(raw: dict | None, base_dir: str | Path = ".", *, check_space: bool
     return cfg
 
 
-class DuplicateKey(yaml.YAMLError):
-    """A key given twice in one mapping, with the lines of both."""
-
-    def __init__(self, key: object, lines: tuple[int, int]) -> None:
-        super().__init__(f"{key!r} at lines {lines[0]} and {lines[1]}")
-        self.key, self.lines = key, lines
 
 
-class StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
-    one silently (a second `train:` section replaced the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given beside it override it, as meant
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in first:  # an unhashable key: PyYAML's own error
-                raise DuplicateKey(key, (first[key], line))
-            first[key] = line
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong with a config file PyYAML refused, and what to do."""
-    if isinstance(exc, DuplicateKey):
-        first, second = exc.lines
-        lines = f"lines {first} and {second}" if first != second else f"line {first}"
-        return f"gives {exc.key!r} twice in one mapping ({lines}); YAML would keep the last silently: give it once"
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}" if mark is not None else ""
-    tag = re.search(r"constructor for the tag '([^']+)'", str(getattr(exc, "problem", "")))
-    if not tag:
-        return f"is not valid YAML{where}; fix the syntax"
-    name = tag[1].replace("tag:yaml.org,2002:", "!!")  # a tag the safe loader refuses: not a syntax error
-    what, why = (("a Python object tag", "never loads (it would run code)") if name.startswith("!!python/")
-                 else ("a YAML tag", "does not load"))
-    return f"holds {what} ({name}){where}, which edgekit {why}; write plain values (numbers, text, lists, mappings)"
 
 
 def load(path: str | Path | None, log=None) -> Config:
@@ -392,9 +356,9 @@ def load(path: str | Path | None, log=None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; write one from `edgekit config --default`")
     try:
-        raw = yaml.load(path.read_text(), Loader=StrictLoader)  # a SafeLoader: plain values only
+        raw = yamlfile.load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' {_yaml_problem(exc)}") from exc
+        raise ConfigError(f"config file '{path}' {yamlfile.problem(exc)}") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file '{path}' cannot be read ({type(exc).__name__}); "
                           "write a YAML text file from `edgekit config --default`") from exc

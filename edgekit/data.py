@@ -232,12 +232,14 @@ def _imagefolder(root: Path, size: int | list[int],
 def _image_files(root: Path, classes: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
     """The images directly in each class folder, with its class id, and a warning for each kind of file skipped
     that may have been meant as data (SKIPPED: how many, one of them, why). Hidden files and folders (macOS's
-    ._x.png and .DS_Store, .ipynb_checkpoints) are metadata, skipped without a word."""
+    ._x.png and .DS_Store, .ipynb_checkpoints) and Windows' Thumbs.db and desktop.ini are metadata, skipped without
+    a word."""
     def image(path: Path) -> bool:  # a broken link is an image that cannot be read (_image says so)
         return path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir()
 
-    def hidden(path: Path) -> bool:
-        return any(part.startswith(".") for part in path.relative_to(root).parts)
+    def hidden(path: Path) -> bool:  # Windows' Explorer leaves Thumbs.db and desktop.ini, unhidden, in folders
+        return any(part.startswith(".") or part.lower() in ("thumbs.db", "desktop.ini")
+                   for part in path.relative_to(root).parts)
 
     found, skipped = [], {why: [] for why in SKIPPED}
     skipped["outside"] = [p for p in sorted(root.iterdir()) if image(p) and not hidden(p)]

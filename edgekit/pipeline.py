@@ -251,7 +251,7 @@ def check_out(cfg: Config, out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BuildDirError(f"'{out}' is a file, not a folder; pick another --out")
     if _lock_held(out):  # a build writing there: say that, not "already holds a build; use --resume"
-        raise _busy(out)
+        raise busy(out)
     if not resume:
         _check_empty(out)
         return
@@ -308,7 +308,7 @@ def _lock_held(out: Path) -> bool:
     return False
 
 
-def _busy(out: Path) -> BuildDirError:
+def busy(out: Path) -> BuildDirError:
     return BuildDirError(f"another edgekit build or search is writing into '{out}' (it holds {out / LOCK_FILE}); "
                          "wait for it to end or pick another --out")
 
@@ -393,7 +393,7 @@ def _lock(held: Claim) -> None:
             held.fd = os.open(path, os.O_RDWR)
         fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
-        raise _busy(held.out) from exc
+        raise busy(held.out) from exc
     except OSError as exc:
         raise BuildDirError(f"cannot write into '{held.out}': {exc.strerror}; pick a writable --out") from exc
 

@@ -57,10 +57,20 @@ _RESHAPES = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tenso
 
 
 def _splits_channels(before: torch.Size, after: torch.Size) -> bool:
-    """A reshape that cuts the channel axis (dim 1 of N, C, ...) into pieces: the first step of a channel shuffle
-    (view to N, groups, C/groups, H, W, transpose, reshape back) and of grouped views. A flatten (fewer axes,
-    dim 1 merged with the spatial ones) is not one: torch-pruning maps it."""
-    return len(before) >= 3 and len(after) >= len(before) and after[1] != before[1]
+    """A reshape that cuts the channel axis into pieces: dim 1 (N, C, ...: view to N, groups, C/groups, H, W, then
+    transpose and reshape back) or the last one (channels last, after a permute). A flatten (fewer axes, dim 1
+    merged with the spatial ones) is not one: torch-pruning maps it. Splitting a spatial last axis (N, C, L to
+    N, C, H, W) is caught too: its layer is kept whole, which costs pruning, never correctness."""
+    more_axes = len(after) > len(before) or (len(after) == len(before) and after[1] != before[1])
+    return len(before) >= 3 and more_axes and (after[1] != before[1] or after[-1] != before[-1])
+
+
+def _strided_channels(index) -> bool:
+    """x[:, 0::2], x[:, perm]: channels taken out of order or every other one (ShuffleNetV2's split)."""
+    if not isinstance(index, tuple) or len(index) < 2:
+        return False
+    pick = index[1]
+    return (isinstance(pick, slice) and pick.step not in (None, 1)) or isinstance(pick, torch.Tensor | list)
 
 
 class _Watch(TorchFunctionMode):
@@ -71,7 +81,8 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and (
-                func in _SHUFFLES or (func in _RESHAPES and _splits_channels(args[0].shape, out.shape))):
+                func in _SHUFFLES or (func in _RESHAPES and _splits_channels(args[0].shape, out.shape))
+                or (func is torch.Tensor.__getitem__ and args[0].dim() >= 3 and _strided_channels(args[1]))):
             self.found.append(out)
         return out
 
@@ -95,7 +106,7 @@ def shuffled_layers(model: nn.Module, shape: tuple[int, ...]) -> list[str]:
     watch, was_training = _Watch(), model.training
     try:
         with torch.enable_grad(), watch:
-            model.eval()(torch.zeros(2, *shape, requires_grad=True))
+            model.eval()(torch.zeros(2, *shape, requires_grad=True).clone())  # not a leaf: `x -= 0.5` may run
     finally:
         model.train(was_training)
         for h in hooks:

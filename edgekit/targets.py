@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from edgekit import formats
+from edgekit import formats, yamlfile
 from edgekit.errors import TargetError
 
 TARGETS_DIR = Path(__file__).resolve().parent / "profiles"  # the built-in profiles
@@ -251,8 +251,10 @@ def _thresholds(raw: dict, defaults: dict, where: str, source: str, extra: tuple
 
 def load_file(path: Path) -> Target:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raw = yamlfile.load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise TargetError(f"target file '{path}' {yamlfile.problem(exc)}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise TargetError(f"target file '{path}' cannot be read as YAML: {type(exc).__name__}") from exc
     return parse(raw, str(path))
 

@@ -438,6 +438,10 @@ TARGET_CASES = [
     ("target-file-missing", {}, ["targets", "--check", "t.yaml"], "cannot be read as YAML"),
     ("target-file-is-folder", {"t.yaml/x": "1"}, ["targets", "--check", "t.yaml"], "cannot be read as YAML"),
     ("target-file-binary", {"t.yaml": b"\xff\xfe\x00"}, ["targets", "--check", "t.yaml"], "cannot be read as YAML"),
+    ("target-key-twice", {"t.yaml": target() + "arch: x86_64\n"}, ["targets", "--check", "t.yaml"],
+     "gives 'arch' twice in one mapping"),
+    ("target-python-tag", {"t.yaml": "name: !!python/object/apply:os.getcwd []\n"}, ["targets", "--check", "t.yaml"],
+     "holds a Python object tag (!!python/object/apply:os.getcwd) at line 1, which edgekit never loads"),
 ]
 
 BUNDLE_CASES = [

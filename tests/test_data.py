@@ -170,6 +170,7 @@ def test_imagefolder_skips_metadata_unsaid_and_says_what_else_it_skipped(tmp_pat
             (tmp_path / cls / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
         Image.new("RGB", (8, 8)).save(tmp_path / cls / "more" / "0.png")
         (tmp_path / cls / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (tmp_path / cls / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")  # Windows Explorer's, unhidden
     Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "more" / "1.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "scan.tif")
     (tmp_path / "cat" / "notes.txt").write_text("collected 2024")

@@ -284,7 +284,8 @@ def test_qat_in_two_workers_trains_as_one_process(trained, tmp_path):
 
 @pytest.mark.parametrize("value, needle", [
     (0, "'train.workers' is out of range (got 0)"), (-2, "out of range"), ("2", "expected int"),
-    (1.5, "expected int"), (65, "train.workers (65) is more than train.batch_size (64)")])
+    (1.5, "expected int"), (65, "train.batch_size (64) leaves some of the 65 train.workers fewer than 2 samples"),
+    (33, "raise batch_size to 66 or lower workers")])
 def test_bad_worker_counts_are_one_line_errors(value, needle):
     with pytest.raises(ConfigError) as err:
         config.from_dict({"train": {"workers": value}})

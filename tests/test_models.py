@@ -115,9 +115,10 @@ class Net(nn.Module):
         self.conv, self.bn = nn.Conv2d(1, channels, 3), nn.BatchNorm2d(channels)
         self.register_buffer("scale", torch.ones(1), persistent=False)  # not in a state_dict, in edgekit's model.pt
         self.fc = nn.Linear(channels, num_classes)
+        self.head = self.fc  # one module under two names: edgekit's model.pt holds it once, a state_dict twice
 
     def forward(self, x):
-        return self.fc(self.bn(self.conv(x)).mean((2, 3)) * self.scale)
+        return self.head(self.bn(self.conv(x)).mean((2, 3)) * self.scale)
 
 
 def make(num_classes):
@@ -150,9 +151,10 @@ def test_a_model_pt_an_edgekit_build_saved_is_a_checkpoint(tmp_path):
     with pytest.raises(ModelError) as err:
         models.build_model(cfg, (1, 8, 8), 4)
     assert str(err.value) == (
-        f"checkpoint '{tmp_path}/prune/model.pt' does not fit the model: it is a pruned model an edgekit build saved "
-        "(conv.weight is (3, 1, 3, 3), the model's (4, 1, 3, 3)), and model.checkpoint gives the weights of the model "
-        "the factory builds: use that build's stages/train/model.pt")
+        f"checkpoint '{tmp_path}/prune/model.pt' does not fit the model: an edgekit build saved it for other shapes "
+        "(conv.weight is (3, 1, 3, 3), the model's (4, 1, 3, 3)): a pruned stage's model.pt, or a build of another "
+        "model config; model.checkpoint gives weights to the unpruned model this config builds: use "
+        "stages/train/model.pt of a build with this model config")
 
 
 def test_a_checkpoint_for_another_number_of_classes_says_so(factory_file, tmp_path):

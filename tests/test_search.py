@@ -387,7 +387,7 @@ def test_a_second_search_into_a_folder_a_search_is_running_in_stops_at_once(sear
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running search holds it
     try:
         for resume in (True, False):  # without --resume too: the running search is named, not "not empty"
-            with pytest.raises(BuildDirError, match=f"^another edgekit search is running in '{copy_}'"):
+            with pytest.raises(BuildDirError, match=f"^another edgekit build or search is writing into '{copy_}'"):
                 run.search(config.load(copy_ / "config.yaml"), target, copy_, trials=5, resume=resume, workers=1,
                            log=lambda _: None)
     finally:

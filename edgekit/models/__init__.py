@@ -104,8 +104,16 @@ def _edgekit_weights(model: nn.Module, saved: dict) -> dict:
     """The state_dict in a model.pt edgekit saved (edgekit.models.persist: every parameter and buffer, with the
     modules' attributes), so that a build's stages/train/model.pt restarts a build from its trained weights:
     its tensors without the buffers a state_dict leaves out (non-persistent ones)."""
-    left_out = {n for n, _ in model.named_buffers()} - set(model.state_dict())
-    return {k: v for k, v in (saved.get("tensors") or {}).items() if k not in left_out}
+    tensors = saved.get("tensors") or {}
+    # a module or weight reachable under two names is saved once, under its first name; state_dict wants both
+    first = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    aliases = {n: first.get(id(t)) for n, t in [*model.named_parameters(remove_duplicate=False),
+                                                  *model.named_buffers(remove_duplicate=False)]}
+    source = {k: aliases.get(k) or k for k in model.state_dict()}
+    state = {k: tensors[src] for k, src in source.items() if src in tensors}
+    left_out = {n for n, _ in model.named_buffers()} - set(source)  # non-persistent: no state_dict key
+    state.update({k: v for k, v in tensors.items() if k not in set(source.values()) | left_out})  # misfits named
+    return state
 
 
 CHECKPOINT_WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {'model': state_dict, 'epoch': 3}
@@ -155,9 +163,9 @@ def _shape_misfit(model: nn.Module, state: dict, num_classes: int | None, saved_
                 f"{num_classes}-class model, or load these weights in your model.factory and give it a new "
                 "classifier for num_classes there")
     if saved_by_edgekit:
-        return (f"it is a pruned model an edgekit build saved ({key} is {got}, the model's {shape}), and "
-                "model.checkpoint gives the weights of the model the factory builds: use that build's "
-                "stages/train/model.pt")
+        return (f"an edgekit build saved it for other shapes ({key} is {got}, the model's {shape}): a pruned "
+                "stage's model.pt, or a build of another model config; model.checkpoint gives weights to the "
+                "unpruned model this config builds: use stages/train/model.pt of a build with this model config")
     return None
 
 

@@ -154,18 +154,17 @@ def _claim(out: Path, base: dict, resume: bool) -> None:
 
 def _lock(out: Path) -> int:
     """An flock on `out`'s lock file (a build's: edgekit.pipeline.LOCK_FILE), or a one-line error when another
-    search holds it: two searches in one folder would each remove the other's unfinished trials."""
+    search or a build holds it: two searches in one folder would each remove the other's unfinished trials."""
     import fcntl
 
-    from edgekit.pipeline import LOCK_FILE
+    from edgekit.pipeline import LOCK_FILE, busy
 
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise BuildDirError(f"another edgekit search is running in '{out}' (it holds {out / LOCK_FILE}); wait for "
-                            "it to end, or search into another --out") from None
+        raise busy(out) from None
     return fd
 
 
