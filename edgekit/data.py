@@ -204,6 +204,25 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     return x, y, labels, f"{how} in the .npz, shape {x.shape[1:]}"
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux); None where there is none."""
+    try:
+        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
+def _check_memory(root: Path, images: int, values: int) -> None:
+    """An ImageFolder is read whole into memory, as float32, and stacked once (twice its size at the peak): refuse
+    one that cannot fit before reading it, rather than swap or a MemoryError traceback after minutes."""
+    need, free = 2 * images * values * 4, _available_bytes()
+    if free is not None and need > free:
+        raise DataError(f"'{root}': {images} images at data.image_size take {need / 2**30:.1f} GB while edgekit reads "
+                        f"them (float32), more than the {free / 2**30:.1f} GB of memory free; lower data.image_size, "
+                        "or write them to an .npy pair (data.source: npy), which edgekit memory-maps")
+
+
 def _imagefolder(root: Path, size: int | list[int],
                  grayscale: bool) -> tuple[np.ndarray, np.ndarray, list[str], str, list[str]]:
     height, width = size if isinstance(size, list) else (size, size)
@@ -215,6 +234,7 @@ def _imagefolder(root: Path, size: int | list[int],
         raise DataError(_other_source(root) or f"'{root}' has {len(classes)} class folder"
                         f"{'' if len(classes) == 1 else 's'}; an ImageFolder needs at least two")
     files, skipped = _image_files(root, classes)
+    _check_memory(root, len(files), (1 if grayscale else 3) * height * width)
     xs = [_image(file, height, width, grayscale) for file, _ in files]
     ys = [class_id for _, class_id in files]
     if not xs:

@@ -114,6 +114,24 @@ def quantize(fp32: Path | bytes, calib_x: np.ndarray, settings: Int8Settings,
     return payload, {"settings": asdict(settings), "kept_float": keep}
 
 
+def check_folds(fp32: bytes, chosen: list, what: str) -> None:
+    """Before training: a BatchNorm the fp32 export kept apart (after a pooling or a flatten, where no conv or
+    linear layer takes it into its weights) stops the ONNX int8 artifact after all the training; say so now."""
+    import onnx
+
+    from edgekit.errors import ModelError
+
+    shipping = [t.name for t in chosen if any(a.format == "onnx" and a.precision == "int8" for a in t.artifacts)]
+    graph = onnx.load_from_string(fp32).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    stray = [n.name for n in graph.node
+             if n.op_type == "BatchNormalization" and made_by.get(n.input[0]) not in ("Conv", "Gemm", "MatMul")]
+    if shipping and stray:
+        raise ModelError(f"{what} has a BatchNorm ({module_of(stray[0]) or stray[0]}) that follows no conv or linear "
+                         f"layer (after a pooling or a flatten), so it cannot fold into int8 weights for the ONNX "
+                         f"int8 artifacts of {', '.join(shipping)}: move it after a Linear or conv, or remove it")
+
+
 def check_int8(payload: bytes) -> None:
     """No BatchNormalization left and every weight that a QDQ pair guards is an int8 initializer."""
     import onnx

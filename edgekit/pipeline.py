@@ -219,7 +219,8 @@ def validate(cfg: Config, target_names: list[str] | None) -> tuple[list[targets.
     data = load_dataset(cfg)
     model = models.build_model(cfg, data.sample_shape, data.num_classes)  # factory, checkpoint, one forward pass
     what = f"model.factory '{cfg.model.factory}'" if cfg.model.factory else f"model.name '{cfg.model.name}'"
-    onnx.check_exportable(model, data.calib.x[:8], cfg.export.opset, what)  # once per build; 0.05-1 s
+    fp32 = onnx.check_exportable(model, data.calib.x[:8], cfg.export.opset, what)  # once per build; 0.05-1 s
+    onnx_int8.check_folds(fp32, chosen, what)
     tflite.check_convertible(model, chosen, what)
     tflite.check_converts(model, data.calib.x[:20], chosen, what, keys.model_structure(cfg, data), cfg.export.opset)
     if prune.enabled(cfg):

@@ -130,6 +130,14 @@ def make(num_classes, in_channels):
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 """
+BN_AFTER_POOL_NET = """from torch import nn
+
+
+def make(num_classes):  # a BatchNorm1d between the pooling and the classifier: nothing folds it
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.BatchNorm1d(8), nn.Linear(8, num_classes))
+"""
+
 NUMPY_NET = """import torch
 from torch import nn
 
@@ -375,6 +383,10 @@ MODEL_CASES = [
      "model.factory 'net.py:make': the ONNX export does not read its input: forward turns the input into numpy"),
     ("model-forward-branches-on-data", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": BRANCH_NET}, BUILD,
      "model.factory 'net.py:make': the ONNX export computes other outputs than the torch model on the same samples"),
+    ("model-batchnorm-after-pooling", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": BN_AFTER_POOL_NET},
+     BUILD + ["--target", "x86-64"], "model.factory 'net.py:make' has a BatchNorm (5) that follows no conv or linear "
+     "layer (after a pooling or a flatten), so it cannot fold into int8 weights for the ONNX int8 artifacts of "
+     "x86-64: move it after a Linear or conv, or remove it"),
     ("model-gelu-for-tflite", {"c.yaml": "model: {factory: 'net.py:make'}\n", "net.py": GELU_NET},
      BUILD + ["--target", "rpi5"], "model.factory 'net.py:make' cannot be converted to TFLite, which rpi5 ships: the "
      "TFLite converter failed: TFLite has no builtin op for TensorFlow's Erf (nn.GELU() exports Erf: use "

@@ -194,6 +194,18 @@ def test_an_imagefolder_with_only_class_images_has_no_warnings(tmp_path):
     assert ds.warnings == ()
 
 
+def test_an_imagefolder_too_large_for_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """4096x4096 images were allowed and took a MemoryError traceback (or the OOM killer) after minutes."""
+    _write_source(tmp_path, "imagefolder", np.zeros((60, 8, 8), np.uint8), np.arange(60) % 2)
+    read = []
+    monkeypatch.setattr(data, "_image", lambda *a: read.append(a))
+    monkeypatch.setattr(data, "_available_bytes", lambda: 2**30)  # 1 GB free: 60 RGB images at 2048 need 5.6
+    with pytest.raises(DataError, match=r"60 images at data.image_size take 5.6 GB while edgekit reads them "
+                                        r"\(float32\), more than the 1.0 GB of memory free; lower data.image_size"):
+        data.load_dataset(config.from_dict({"data": {"path": str(tmp_path), "image_size": 2048}}))
+    assert read == []
+
+
 def test_missing_data_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         data.load_dataset(config.from_dict({"data": {"source": "npz", "path": str(tmp_path / "x.npz")}}))

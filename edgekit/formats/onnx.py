@@ -64,10 +64,10 @@ def torch_to_onnx(model, example: np.ndarray, path: Path | io.BytesIO, opset: in
     return path
 
 
-def check_exportable(model, samples: np.ndarray, opset: int, what: str) -> None:
+def check_exportable(model, samples: np.ndarray, opset: int, what: str) -> bytes:
     """Export the (untrained) model once, into memory, as the export stage will, and run it on a few samples
     against torch: an op torch.onnx cannot export, or a forward the trace does not follow, stops the build before
-    it trains, in one line, rather than at quantize or export."""
+    it trains, in one line, rather than at quantize or export. Returns the ONNX, for the checks that follow."""
     example, buffer = samples[:1], io.BytesIO()
     try:
         with quiet.silenced():  # torch.onnx prints the whole graph when it fails
@@ -81,6 +81,7 @@ def check_exportable(model, samples: np.ndarray, opset: int, what: str) -> None:
         check_against_torch(buffer.getvalue(), model, samples)
     except EdgekitError as exc:
         raise ModelError(f"{what}: {exc}") from exc
+    return buffer.getvalue()
 
 
 def _pool_misfit(model, example: np.ndarray) -> str | None:
