@@ -207,13 +207,16 @@ def choose(rows: list[dict], samples: dict, tolerance_pp: float) -> tuple[dict, 
     return pick, f"{kind} ({_versus(pick, rival, ci)}): {why}"
 
 
-def recommend(folder: Path, entries: list[dict], target, x: np.ndarray, run_cfg) -> dict:
-    """The manifest's `recommended` record for one target."""
+def recommend(folder: Path, entries: list[dict], target, x: np.ndarray, run_cfg, time_here: bool = True) -> dict:
+    """The manifest's `recommended` record for one target; `time_here` False (build.run_local: false, as in a
+    search's trials, which are timed in a phase of their own) times nothing."""
     host = platform.machine()
-    if not target.runs_here:
+    if not target.runs_here or not time_here:
+        why = (f"the target is {target.arch} and this machine {host}" if not target.runs_here
+               else "build.run_local is false")
         return {"artifact": None, "measured": False, "candidates": [],
-                "reason": f"not measured: the target is {target.arch} and this machine {host}; run each artifact "
-                          "on the device (`runner.py BUNDLE --artifact NAME`) and compare"}
+                "reason": f"not measured: {why}; run each artifact on the device (`runner.py BUNDLE --artifact NAME`, "
+                          "or `edgekit run`) and compare"}
     samples = measure(folder, entries, x, target.threads, run_cfg)
     timing = {name: latency_stats(s) for name, s in samples.items()}
     rows = candidates(entries, timing, bootstrap(samples))

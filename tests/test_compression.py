@@ -1,6 +1,8 @@
 """Pruning methods and targets, distillation losses, calibration choices and the harder task: real effects."""
 
 
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -338,6 +340,9 @@ def test_magnitude_sparsity_zeroes_weights_and_survives_distill_and_qat(tmp_path
     report = pipeline.build(cfg, tmp_path / "b", log=lambda *_: None)
     stages = {s["name"]: s for s in report["stages"]}
     assert stages["prune"]["sparsity"] >= 0.59 and stages["prune"]["macs"] == stages["train"]["macs"]
+    manifest = tmp_path / "b" / "bundles" / "x86-64" / "manifest.json"  # run_local: false times nothing here
+    rec = json.loads(manifest.read_text())["recommended"]
+    assert not rec["measured"] and "build.run_local is false" in rec["reason"]
     ctx = pipeline.make_context(cfg, tmp_path / "b", None)
     for name in ("prune", "distill", "quantize"):
         assert prune.weight_sparsity(ctx.load_model(name)) >= 0.59, name

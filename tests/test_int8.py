@@ -144,6 +144,9 @@ def test_recommendation_names_a_measured_artifact(setup):
     assert rec["reason"].startswith(("faster beyond noise", "tie within noise", "no clear winner"))
     (rpi,) = targets.get(["rpi5"])
     assert recommend.recommend(tmp, entries, rpi, ds.test.x, run_cfg)["artifact"] is None
+    # build.run_local: false (a search's trials, timed in their own phase) times nothing, even for this machine
+    off = recommend.recommend(tmp, entries, x86, ds.test.x, run_cfg, time_here=False)
+    assert off["artifact"] is None and not off["measured"] and "build.run_local is false" in off["reason"]
 
 
 def test_build_ships_fused_int8_and_a_measured_recommendation(e2e_build):

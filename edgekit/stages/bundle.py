@@ -18,7 +18,7 @@ from edgekit.stages.base import Context, always
 from edgekit.targets import Target
 
 name = "bundle"
-reads = ("run", "targets", "export")  # export.primary: which artifact comes first
+reads = ("run", "targets", "export", "build")  # export.primary: which artifact comes first; build.run_local: timed?
 needs = ("export", "verify")
 enabled = always
 RUNNER_SRC = Path(runner.__file__)
@@ -113,7 +113,7 @@ def build_bundle(ctx: Context, target: Target, dest: Path) -> Path:
     files = {p.name: runner.sha256(p) for p in sorted(tmp.iterdir())}
     for e in entries:
         e["sha256"] = files[e["file"]]
-    recommended = recommend.recommend(tmp, entries, target, ctx.data.test.x, ctx.cfg.run)
+    recommended = recommend.recommend(tmp, entries, target, ctx.data.test.x, ctx.cfg.run, ctx.cfg.build.run_local)
     write_json(tmp / "manifest.json", _manifest(ctx, target, entries, files, recommended))
     readable(tmp)
     shutil.rmtree(dest, ignore_errors=True)
