@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     out, t0 = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     command = "nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.compression_fashion" + \
-        (f" --scale {args.scale}" if args.scale != "cpu" else "")
+        (f" --scale {args.scale}" if args.scale != "cpu" else "") + (f" --seeds {args.seeds}" if args.seeds else "")
     md = out / f"{scale.results}.md"
 
     def log(s: str) -> None:
