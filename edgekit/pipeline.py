@@ -251,7 +251,7 @@ def check_out(cfg: Config, out: Path, resume: bool) -> None:
     """A new build needs a new or empty folder; a resumed one the folder of a build with the same config."""
     if out.exists() and not out.is_dir():
         raise BuildDirError(f"'{out}' is a file, not a folder; pick another --out")
-    if _lock_held(out):  # a build writing there: say that, not "already holds a build; use --resume"
+    if lock_held(out):  # a build writing there: say that, not "already holds a build; use --resume"
         raise busy(out)
     if not resume:
         _check_empty(out)
@@ -292,7 +292,7 @@ def _holds_search(out: Path) -> bool:
     return (out / "trials").is_dir()  # edgekit.search.run.TRIALS_DIR, beside its config.yaml
 
 
-def _lock_held(out: Path) -> bool:
+def lock_held(out: Path) -> bool:
     """Whether a build or search holds `out`'s lock now (taken and let go at once; nothing is written)."""
     try:
         fd = os.open(out / LOCK_FILE, os.O_RDONLY)

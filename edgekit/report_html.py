@@ -77,6 +77,11 @@ def load(path: Path, label: str) -> Source:
     elif (path / "manifest.json").is_file():
         _bundle_results(path, source)
     elif (path / "config.yaml").is_file() and (path / "stages").is_dir():  # a build that stopped before its report
+        from edgekit.pipeline import lock_held  # lazily: the pipeline's report stage imports this module
+
+        if lock_held(path):
+            raise EdgekitError(f"'{path}' is a build still running (it holds its lock, no report.json yet): report it "
+                               "when it has finished")
         raise EdgekitError(f"'{path}' is a build that did not finish (no report.json yet): continue it with "
                            f"`edgekit build --resume {path}` (--allow-fidelity-miss when it stopped at the fidelity "
                            "gate), then report it")

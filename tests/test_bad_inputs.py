@@ -569,6 +569,15 @@ def test_second_build_into_a_folder_a_build_is_writing(tmp_path, monkeypatch, ca
     assert "--resume" not in line
 
 
+def test_report_of_a_folder_a_build_is_writing(tmp_path, monkeypatch, capsys, held_lock):
+    """Not "continue it with edgekit build --resume", which the running build's lock refuses."""
+    monkeypatch.chdir(tmp_path)
+    saved_build(tmp_path)
+    line = refused(capsys, ["report", "b"], tmp_path, "'b' is a build still running (it holds its lock, no "
+                   "report.json yet): report it when it has finished")
+    assert "--resume" not in line
+
+
 def test_racing_builds_one_wins(tmp_path):
     """Both pass the checks; the claim (mkdir + flock, then the emptiness check again) lets one through."""
     out = tmp_path / "b"
