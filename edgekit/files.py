@@ -112,3 +112,23 @@ def _record_path(section: str, key: str) -> Path:
     if not key.isalnum():
         raise ValueError(f"a cache key is a hex digest, not '{key}'")
     return cache_dir() / section / key[:2] / f"{key}.json"
+
+
+LOCK_FILE = ".edgekit.lock"  # flock'ed by the build or search writing into a folder
+
+
+def lock_held(out: Path) -> bool:
+    """Whether a build or search holds `out`'s lock now (taken and let go at once; nothing is written)."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: nothing runs there
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a file system without flock: claim() says so when it locks
+    finally:
+        os.close(fd)
+    return False

@@ -22,7 +22,7 @@ from edgekit import config, ddp, models, onnx_int8, prunable, stop, targets
 from edgekit.config import Config
 from edgekit.data import Dataset, load_dataset
 from edgekit.errors import WRITE_ERRORS, BuildDirError, ConfigError, EdgekitError, StageFailed, first_line
-from edgekit.files import write_bytes, write_json
+from edgekit.files import LOCK_FILE, lock_held, write_bytes, write_json
 from edgekit.formats import onnx, tflite
 from edgekit.runner import runner
 from edgekit.stages import (
@@ -46,7 +46,6 @@ EDGEKIT_DIR = Path(__file__).resolve().parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 _MODULES = (train, prune, distill, quantize, export, verify, bundle, measure, check, report)
 STAGES = [{m.name: m for m in _MODULES}[n] for n in ORDER]
-LOCK_FILE = ".edgekit.lock"  # flock'ed by the build writing into the folder
 CONFIG_FILE = "config.yaml"
 
 
@@ -290,23 +289,6 @@ def changed_sections(cfg: Config, out: Path) -> list[str]:
 
 def _holds_search(out: Path) -> bool:
     return (out / "trials").is_dir()  # edgekit.search.run.TRIALS_DIR, beside its config.yaml
-
-
-def lock_held(out: Path) -> bool:
-    """Whether a build or search holds `out`'s lock now (taken and let go at once; nothing is written)."""
-    try:
-        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
-    except OSError:  # no lock file: nothing runs there
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False  # a file system without flock: claim() says so when it locks
-    finally:
-        os.close(fd)
-    return False
 
 
 def busy(out: Path) -> BuildDirError:

@@ -17,7 +17,7 @@ import yaml
 
 from edgekit import report, report_plots
 from edgekit.errors import EdgekitError
-from edgekit.files import stage_files
+from edgekit.files import lock_held, stage_files
 from edgekit.runner.runner import latency_of
 
 TEMPLATE = "report.html.j2"
@@ -77,8 +77,6 @@ def load(path: Path, label: str) -> Source:
     elif (path / "manifest.json").is_file():
         _bundle_results(path, source)
     elif (path / "config.yaml").is_file() and (path / "stages").is_dir():  # a build that stopped before its report
-        from edgekit.pipeline import lock_held  # lazily: the pipeline's report stage imports this module
-
         if lock_held(path):
             raise EdgekitError(f"'{path}' is a build still running (it holds its lock, no report.json yet): report it "
                                "when it has finished")
