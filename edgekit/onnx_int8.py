@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, ModelError
 from edgekit.targets import Int8Settings
 
 INT8_OPS = ("QLinearConv", "QLinearAdd", "QLinearMul", "QLinearMatMul", "QGemm", "QLinearGlobalAveragePool",
@@ -118,8 +118,6 @@ def check_folds(fp32: bytes, chosen: list, what: str) -> None:
     """Before training: a BatchNorm the fp32 export kept apart (after a pooling or a flatten, where no conv or
     linear layer takes it into its weights) stops the ONNX int8 artifact after all the training; say so now."""
     import onnx
-
-    from edgekit.errors import ModelError
 
     shipping = [t.name for t in chosen if any(a.format == "onnx" and a.precision == "int8" for a in t.artifacts)]
     graph = onnx.load_from_string(fp32).graph
